@@ -1,0 +1,1 @@
+//! The journal: runs of named, idempotent steps, persisted in SQLite.

@@ -1,0 +1,18 @@
+//! thinimg: container images in S3 → devicemapper thin devices.
+//!
+//! Data flows one way: `cli` → `cmd` (one file per command, parsing only) →
+//! `pipeline` (journaled steps) → the mechanisms (`s3`, `blobs`, `extract`,
+//! `dm`, `loopdev`, `pool`) → kernel and network. Mechanisms never call the
+//! pipeline or the CLI and never touch the database; `store` and `journal`
+//! own all SQL.
+
+pub mod cli;
+pub mod cmd;
+pub mod docs;
+pub mod error;
+pub mod magic;
+pub mod journal;
+pub mod ops;
+pub mod store;
+
+pub use error::{Error, Kind, Result};

@@ -1,0 +1,63 @@
+//! Entry point: parse, dispatch, map errors to documented exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use thinimg::cli::{self, Parsed};
+use thinimg::error::Kind;
+
+fn main() -> ExitCode {
+    let parsed = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("thinimg: {}", e.full_message());
+            return ExitCode::from(e.kind().exit_code());
+        }
+    };
+    let inv = match parsed {
+        Parsed::Help(text) => return print_ok(&text),
+        Parsed::Generate(text) => return print_ok(&text),
+        Parsed::Version => return print_ok(&format!("thinimg {}\n", env!("CARGO_PKG_VERSION"))),
+        Parsed::Run(inv) => inv,
+    };
+    thinimg::ops::log::init(&inv);
+    match thinimg::cmd::dispatch(&inv) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.kind().exit_code();
+            if inv.json() {
+                let v = serde_json::json!({
+                    "error": { "kind": e.kind().as_str(), "message": e.full_message(), "exit_code": code }
+                });
+                let _ = writeln!(std::io::stdout(), "{v}");
+            }
+            log::error!("{}", e.full_message());
+            if matches!(e.kind(), Kind::Software) {
+                log::error!("this is a bug in thinimg; please report it with the output of 'thinimg runs --all --json'");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn print_ok(text: &str) -> ExitCode {
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(Kind::Io.exit_code()),
+    }
+}
+
+fn is_broken_pipe(e: &thinimg::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = cur {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return true;
+            }
+        }
+        cur = s.source();
+    }
+    false
+}

@@ -1,0 +1,56 @@
+//! Fault injection for crash tests: `THINIMG_FAULT=POINT` makes the process
+//! SIGKILL itself when it reaches POINT, exactly as `kill -9` would (no
+//! destructors, no flushing). `THINIMG_FAULT_SKIP=N` lets the first N hits
+//! pass. POINT is matched against `before:STEP`, `after:STEP` and named
+//! points inside steps; a trailing `*` matches a prefix. Unset, this costs
+//! one environment lookup per process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+static HITS: AtomicU64 = AtomicU64::new(0);
+
+fn spec() -> &'static Option<(String, u64)> {
+    SPEC.get_or_init(|| {
+        let p = std::env::var("THINIMG_FAULT").ok().filter(|s| !s.is_empty())?;
+        let skip = std::env::var("THINIMG_FAULT_SKIP").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        Some((p, skip))
+    })
+}
+
+fn matches(pattern: &str, point: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => point.starts_with(prefix),
+        None => pattern == point,
+    }
+}
+
+/// Declare a crash point. If THINIMG_FAULT names it, the process dies here.
+pub fn point(name: &str) {
+    let Some((pat, skip)) = spec() else { return };
+    if !matches(pat, name) {
+        return;
+    }
+    let n = HITS.fetch_add(1, Ordering::SeqCst);
+    if n < *skip {
+        return;
+    }
+    eprintln!("thinimg: THINIMG_FAULT: killing self at {name}");
+    // SAFETY: kill(2) on our own pid with a valid signal number has no memory
+    // effects; SIGKILL cannot be caught, so this does not return.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pattern_matching() {
+        assert!(super::matches("before:build*", "before:build:3"));
+        assert!(super::matches("after:fetch", "after:fetch"));
+        assert!(!super::matches("after:fetch", "after:fetch:1"));
+    }
+}

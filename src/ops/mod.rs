@@ -1,0 +1,7 @@
+//! Operational plumbing: logging, the state-dir lock, signals, fault
+//! injection, output helpers. Nothing here knows about images or devices.
+
+pub mod fault;
+pub mod lock;
+pub mod log;
+pub mod output;
