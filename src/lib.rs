@@ -13,6 +13,7 @@ pub mod error;
 pub mod magic;
 pub mod journal;
 pub mod ops;
+pub mod pipeline;
 pub mod store;
 
 pub use error::{Error, Kind, Result};
