@@ -128,14 +128,15 @@ impl StepCx<'_> {
 
     /// Durably record what the step is about to do, before doing it.
     pub fn record_intent(&mut self, v: Value) -> Result<()> {
-        self.record_intent_with(v, |_| Ok(()))
+        self.record_intent_with(|_| Ok(v))
     }
 
     /// Record the intent together with domain rows (e.g. a `creating` device
-    /// row) in one transaction.
-    pub fn record_intent_with(&mut self, v: Value, f: impl FnOnce(&Transaction) -> Result<()>) -> Result<()> {
+    /// row) in one transaction; the closure writes the rows and returns the
+    /// intent (which may name what it allocated).
+    pub fn record_intent_with(&mut self, f: impl FnOnce(&Transaction) -> Result<Value>) -> Result<()> {
         let tx = self.conn.transaction()?;
-        f(&tx)?;
+        let v = f(&tx)?;
         tx.execute(
             "UPDATE steps SET intent = ?1 WHERE run_id = ?2 AND idx = ?3",
             params![v.to_string(), self.run_id, self.idx],

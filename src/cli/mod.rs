@@ -16,7 +16,7 @@ pub use table::{Command, Flag};
 
 /// What the user asked for. Values are resolved with the precedence
 /// command line > environment > config file > table default.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Invocation {
     pub command: &'static Command,
     pub args: Vec<String>,

@@ -6,6 +6,13 @@
 //! Calls the mechanisms (s3/fetch, extract, dm/pool); never parses argv and
 //! never prints results (that is `cmd`'s job).
 
+pub mod activate;
+pub mod devices;
+pub mod gc;
+pub mod mount;
+pub mod pull;
+pub mod sources;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,10 +27,58 @@ pub fn wait_of(inv: &Invocation) -> Result<Option<Duration>> {
     Ok(inv.u64_opt("wait")?.map(Duration::from_secs))
 }
 
-/// Everything steps need besides the database connection.
+/// Options the steps need, read once from the invocation.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Virtual size of each image's thin device, bytes.
+    pub device_size: u64,
+    pub extract: crate::extract::Options,
+    pub download_jobs: usize,
+    pub max_blob_size: u64,
+}
+
+impl Opts {
+    pub fn from_invocation(inv: &Invocation) -> Result<Opts> {
+        let device_size = inv.u64_or("device-size", 8 << 30)?;
+        if device_size < (64 << 20) || device_size % 4096 != 0 {
+            return Err(Error::usage("--device-size must be a multiple of 4K and at least 64M"));
+        }
+        Ok(Opts {
+            device_size,
+            extract: crate::extract::Options {
+                limits: crate::extract::Limits::from_invocation(inv)?,
+                jobs: match inv.u64_opt("jobs")? {
+                    Some(0) => return Err(Error::usage("--jobs must be at least 1")),
+                    Some(n) => n as usize,
+                    None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                },
+            },
+            download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
+            max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
+        })
+    }
+}
+
+/// Everything steps need besides the database connection. Mechanisms
+/// (the pool, the S3 client) are opened on first use, so commands that
+/// never touch them never fail for their sake.
 pub struct Ctx {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub inv: Invocation,
+    pub opts: Opts,
+    devices: Option<devices::Devices>,
+}
+
+impl Ctx {
+    /// The pool and its devices, assembled (or, if none is recorded, created
+    /// as a loop pool) on first use.
+    pub fn devices(&mut self, conn: &rusqlite::Connection) -> Result<&devices::Devices> {
+        if self.devices.is_none() {
+            self.devices = Some(devices::Devices::open(&self.inv, conn)?);
+        }
+        self.devices.as_ref().ok_or_else(|| Error::software("pool vanished"))
+    }
 }
 
 /// A writer's environment: the lock, the database and the context.
@@ -43,7 +98,7 @@ impl Env {
         let lock = StateLock::acquire(&state_dir, wait_of(inv)?)?;
         crate::ops::signals::install();
         let db = Db::open(&state_dir)?;
-        let ctx = Ctx { state_dir, run_dir: inv.run_dir() };
+        let ctx = Ctx { state_dir, run_dir: inv.run_dir(), inv: inv.clone(), opts: Opts::from_invocation(inv)?, devices: None };
         let mut env = Env { db, ctx, policy: RetryPolicy::default(), _lock: lock };
         env.resume_all()?;
         Ok(env)
@@ -84,6 +139,62 @@ impl Env {
     }
 }
 
-fn executor_for<'a>(kind: &str, _ctx: &'a mut Ctx) -> Result<Box<dyn Executor + 'a>> {
-    Err(Error::software(format!("unknown run kind {kind:?} in the journal (written by a newer thinimg?)")))
+fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + 'a>> {
+    Ok(match kind {
+        "pull" => Box::new(pull::Pull { ctx }),
+        "activate" => Box::new(activate::Activate { ctx }),
+        "deactivate" => Box::new(activate::Deactivate { ctx }),
+        "rm" => Box::new(Remove { ctx }),
+        _ => return Err(Error::software(format!("unknown run kind {kind:?} in the journal (written by a newer thinimg?)"))),
+    })
+}
+
+/// `rm IMAGE [--force]`: steps `activations` (with --force: deactivate and
+/// delete every activation of the image), `forget` (delete the image row;
+/// its chains become unused and `gc` frees them).
+pub struct Remove<'a> {
+    pub ctx: &'a mut Ctx,
+}
+
+pub fn rm_spec(image: &str, force: bool) -> RunSpec {
+    RunSpec {
+        kind: "rm".into(),
+        subject: image.into(),
+        request: serde_json::json!({ "force": force }),
+        steps: vec!["activations".into(), "forget".into()],
+    }
+}
+
+impl Executor for Remove<'_> {
+    fn step(&mut self, cx: &mut journal::StepCx<'_>) -> Result<()> {
+        use crate::store::images as q;
+        let image = cx.subject.clone();
+        match cx.step.as_str() {
+            "activations" => {
+                let acts = q::activations_of(cx.conn, &image)?;
+                if acts.is_empty() {
+                    return Ok(());
+                }
+                if !cx.request["force"].as_bool().unwrap_or(false) {
+                    let names: Vec<&str> = acts.iter().map(|a| a.name.as_str()).collect();
+                    return Err(Error::new(
+                        Kind::TempFail,
+                        format!("image {image} has activations ({}); deactivate them or pass --force", names.join(", ")),
+                    ));
+                }
+                for a in acts {
+                    let spec = activate::deactivate_spec(&a.name, true);
+                    let (id, _) = journal::start(cx.conn, &spec)?;
+                    let mut d = activate::Deactivate { ctx: self.ctx };
+                    journal::drive(cx.conn, id, &mut d, &RetryPolicy::default())?;
+                }
+                Ok(())
+            }
+            "forget" => cx.complete(move |tx| {
+                q::delete_image(tx, &image)?;
+                Ok(journal::Completion::default())
+            }),
+            other => Err(Error::software(format!("rm: unknown step {other:?}"))),
+        }
+    }
 }

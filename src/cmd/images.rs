@@ -1,0 +1,217 @@
+//! `pull`, `activate`, `deactivate`, `rm`, `images`, `activations`, `gc`.
+
+use serde_json::json;
+
+use crate::cli::Invocation;
+use crate::error::{Error, Kind, Result};
+use crate::ops::output;
+use crate::pipeline::{activate, gc, pull, sources, Env};
+use crate::store::{images as q, Db};
+
+fn quiet(inv: &Invocation) -> bool {
+    inv.flag("quiet")
+}
+
+pub fn pull(inv: &Invocation) -> Result<u8> {
+    let mut env = Env::open(inv)?;
+    let mut done = Vec::new();
+    for r in &inv.args {
+        let image = sources::image_name(inv, r)?;
+        env.run(&pull::spec(&image, r))?;
+        done.push(image_json(&env.db.conn, &image)?);
+    }
+    if inv.json() {
+        output::json(&json!({ "images": done }))?;
+    } else if !quiet(inv) {
+        for d in &done {
+            println!("{} ready ({} layers, top chain {})", d["name"].as_str().unwrap_or("?"), d["layers"].as_array().map(|a| a.len()).unwrap_or(0), d["top_chain"].as_str().map(|s| &s[..12.min(s.len())]).unwrap_or("-"));
+        }
+    }
+    Ok(0)
+}
+
+fn image_json(conn: &rusqlite::Connection, name: &str) -> Result<serde_json::Value> {
+    let img = q::image(conn, name)?.ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no image {name}")))?;
+    let layers = q::layers(conn, name)?;
+    let acts: Vec<String> = q::activations_of(conn, name)?.into_iter().map(|a| a.name).collect();
+    Ok(json!({
+        "name": img.name,
+        "family": img.family,
+        "state": img.state,
+        "top_layer": img.top_layer,
+        "top_chain": img.top_chain,
+        "layers": layers,
+        "activations": acts,
+    }))
+}
+
+pub fn activate(inv: &Invocation) -> Result<u8> {
+    let name = inv
+        .get("name")
+        .ok_or_else(|| Error::usage("activate needs --name NAME (the activation's stable name)"))?
+        .to_string();
+    activate::check_name(&name)?;
+    let reference = &inv.args[0];
+    let image = sources::image_name(inv, reference)?;
+    let mut env = Env::open(inv)?;
+    if let Some(a) = q::activation(&env.db.conn, &name)? {
+        if a.image != image {
+            return Err(Error::new(
+                Kind::CantCreate,
+                format!("activation {name} already exists for image {}; deactivate --delete it first", a.image),
+            ));
+        }
+    }
+    let ready = activate::info(&env.ctx, &env.db.conn, &name)?
+        .filter(|i| i.state == "active" && std::path::Path::new(&i.path).exists() && i.minor.is_some());
+    let info = match ready {
+        Some(i) => i,
+        None => {
+            env.run(&activate::spec(&name, &image, reference))?;
+            activate::info(&env.ctx, &env.db.conn, &name)?
+                .ok_or_else(|| Error::software(format!("activation {name} missing after a successful run")))?
+        }
+    };
+    if inv.json() {
+        output::json(&info)?;
+    } else {
+        log::info!(
+            "activation {} of {}: {} ({})",
+            info.name,
+            info.image,
+            info.path,
+            info.dev_path.as_deref().unwrap_or("?")
+        );
+        println!("{}", info.path);
+    }
+    Ok(0)
+}
+
+pub fn deactivate(inv: &Invocation) -> Result<u8> {
+    let name = &inv.args[0];
+    let mut env = Env::open(inv)?;
+    if q::activation(&env.db.conn, name)?.is_none() {
+        return Err(Error::new(Kind::NoSuchImage, format!("no activation named {name}")));
+    }
+    let delete = inv.flag("delete");
+    env.run(&activate::deactivate_spec(name, delete))?;
+    if inv.json() {
+        output::json(&json!({ "name": name, "deleted": delete }))?;
+    } else if !quiet(inv) {
+        println!("{name} {}", if delete { "deleted" } else { "deactivated" });
+    }
+    Ok(0)
+}
+
+pub fn rm(inv: &Invocation) -> Result<u8> {
+    let image = sources::image_name(inv, &inv.args[0])?;
+    let mut env = Env::open(inv)?;
+    if q::image(&env.db.conn, &image)?.is_none() {
+        return Err(Error::new(Kind::NoSuchImage, format!("no image {image}")));
+    }
+    env.run(&crate::pipeline::rm_spec(&image, inv.flag("force")))?;
+    if inv.json() {
+        output::json(&json!({ "removed": image }))?;
+    } else if !quiet(inv) {
+        println!("{image} removed; 'thinimg gc' frees chains no other image uses");
+    }
+    Ok(0)
+}
+
+pub fn images(inv: &Invocation) -> Result<u8> {
+    let Some(db) = Db::open_existing(&inv.state_dir())? else {
+        return empty(inv, "images");
+    };
+    let mut all = Vec::new();
+    for i in q::images(&db.conn)? {
+        all.push(image_json(&db.conn, &i.name)?);
+    }
+    if inv.json() {
+        output::json(&json!({ "images": all }))?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|i| {
+            vec![
+                i["name"].as_str().unwrap_or("").to_string(),
+                i["state"].as_str().unwrap_or("").to_string(),
+                i["top_layer"].to_string(),
+                i["top_chain"].as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into()),
+                i["activations"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["IMAGE", "STATE", "LAYERS", "TOP CHAIN", "ACTIVATIONS"], &rows)?;
+    Ok(0)
+}
+
+fn empty(inv: &Invocation, what: &str) -> Result<u8> {
+    if inv.json() {
+        output::json(&json!({ what: [] }))?;
+    }
+    Ok(0)
+}
+
+pub fn activations(inv: &Invocation) -> Result<u8> {
+    let Some(db) = Db::open_existing(&inv.state_dir())? else {
+        return empty(inv, "activations");
+    };
+    let ctx_dirs = (inv.state_dir(), inv.run_dir());
+    let mut all = Vec::new();
+    for a in q::activations(&db.conn)? {
+        if let Some(i) = activate::info_for(&ctx_dirs.0, &ctx_dirs.1, &db.conn, &a.name)? {
+            all.push(i);
+        }
+    }
+    if inv.json() {
+        output::json(&json!({ "activations": all }))?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.image.clone(),
+                a.state.clone(),
+                a.thin_id.to_string(),
+                a.path.clone(),
+                a.dev_path.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    output::table(&["NAME", "IMAGE", "STATE", "THIN", "PATH", "DEV"], &rows)?;
+    Ok(0)
+}
+
+pub fn gc(inv: &Invocation) -> Result<u8> {
+    let mut env = Env::open(inv)?;
+    let dry = inv.flag("dry-run");
+    let Env { db, ctx, .. } = &mut env;
+    let rep = gc::run(ctx, &mut db.conn, dry)?;
+    if inv.json() {
+        output::json(&rep)?;
+    } else if !quiet(inv) {
+        let verb = if dry { "would remove" } else { "removed" };
+        println!(
+            "gc: {verb} {} stray mount(s), {} unknown device(s), {} unused chain(s), {} orphan thin id(s), {} unused blob(s) ({}), {} stray file(s); re-activated {}",
+            rep.stray_mounts.len(),
+            rep.unknown_devices.len(),
+            rep.unused_chains.len(),
+            rep.dead_thin_ids.len(),
+            rep.unused_blobs.len(),
+            output::bytes(rep.freed_blob_bytes),
+            rep.stray_files.len(),
+            rep.reactivated.len()
+        );
+        for e in &rep.errors {
+            log::error!("gc: {e}");
+        }
+    }
+    if rep.errors.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::new(Kind::TempFail, format!("gc: {} item(s) could not be removed; see above", rep.errors.len())))
+    }
+}

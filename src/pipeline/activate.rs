@@ -1,0 +1,257 @@
+//! Activations: writable thin snapshots of an image's top chain.
+//!
+//! `activate` run (subject = activation name): `image` (pull the image if
+//! it is not ready, as a nested pull run), `snapshot` (intent: thin id and
+//! a `creating` activation row; then create_snap of the top chain's
+//! device), `device` (activate the snapshot as a dm device under its stable
+//! name). `deactivate` run: `remove` (the dm device) and, with --delete,
+//! `delete` (the thin device and the row). Idempotence by name lives in the
+//! command: a ready activation is answered from the database without any
+//! device-mapper work.
+
+use serde_json::{json, Value};
+
+use super::Ctx;
+use crate::error::{Error, Kind, Result};
+use crate::journal::{Completion, Executor, RunSpec, StepCx};
+use crate::ops::fault;
+use crate::store::images as q;
+
+/// Activation names become dm names and file names: keep them boring.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::usage(format!(
+            "activation name {name:?} is invalid: use 1-100 of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+pub fn spec(name: &str, image: &str, reference: &str) -> RunSpec {
+    RunSpec {
+        kind: "activate".into(),
+        subject: name.into(),
+        request: json!({ "image": image, "ref": reference }),
+        steps: vec!["image".into(), "snapshot".into(), "device".into()],
+    }
+}
+
+pub fn deactivate_spec(name: &str, delete: bool) -> RunSpec {
+    let mut steps = vec!["remove".to_string()];
+    if delete {
+        steps.push("delete".into());
+    }
+    RunSpec { kind: "deactivate".into(), subject: name.into(), request: json!({ "delete": delete }), steps }
+}
+
+pub struct Activate<'a> {
+    pub ctx: &'a mut Ctx,
+}
+
+impl Executor for Activate<'_> {
+    fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        let name = cx.subject.clone();
+        let image = cx.request["image"].as_str().unwrap_or_default().to_string();
+        let reference = cx.request["ref"].as_str().unwrap_or(&image).to_string();
+        match cx.step.as_str() {
+            "image" => {
+                let ready = q::image(cx.conn, &image)?.map(|i| i.state == "ready" && i.top_chain.is_some());
+                if ready != Some(true) {
+                    // A nested run on its own subject: resumable on its own.
+                    let spec = super::pull::spec(&image, &reference);
+                    let (id, _) = crate::journal::start(cx.conn, &spec)?;
+                    let mut pull = super::pull::Pull { ctx: self.ctx };
+                    crate::journal::drive(cx.conn, id, &mut pull, &crate::journal::RetryPolicy::default())?;
+                }
+                Ok(())
+            }
+            "snapshot" => self.snapshot(cx, &name, &image),
+            "device" => {
+                let act = q::activation(cx.conn, &name)?
+                    .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
+                let size = thin_size(cx.conn, act.thin_id)?;
+                let dev = self.ctx.devices(cx.conn)?;
+                dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
+                fault::point("activate:device");
+                cx.complete(move |tx| {
+                    q::set_activation_state(tx, &name, "active")?;
+                    Ok(Completion::default())
+                })
+            }
+            other => Err(Error::software(format!("activate: unknown step {other:?}"))),
+        }
+    }
+
+    fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        if cx.step == "snapshot" {
+            if let Some(intent) = cx.intent().cloned() {
+                let dev = self.ctx.devices(cx.conn)?;
+                undo_snapshot(dev, cx.conn, &intent)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn thin_size(conn: &rusqlite::Connection, thin_id: u32) -> Result<u64> {
+    Ok(conn.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get::<_, i64>(0))?
+        as u64)
+}
+
+fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
+    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+        return Ok(());
+    };
+    let name = intent.get("name").and_then(|v| v.as_str()).unwrap_or_default();
+    let state: Option<String> = conn
+        .query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))
+        .ok();
+    if state.as_deref() == Some("ready") || state.is_none() {
+        return Ok(());
+    }
+    log::info!("cleaning up an interrupted snapshot for activation {name} (thin {thin_id})");
+    dev.deactivate(&dev.activation_name(name))?;
+    dev.delete_thin(thin_id)?;
+    let tx = conn.unchecked_transaction()?;
+    tx.execute("DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2", rusqlite::params![name, thin_id])?;
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
+    Ok(())
+}
+
+impl Activate<'_> {
+    fn snapshot(&mut self, cx: &mut StepCx<'_>, name: &str, image: &str) -> Result<()> {
+        if let Some(intent) = cx.intent().cloned() {
+            let dev = self.ctx.devices(cx.conn)?;
+            undo_snapshot(dev, cx.conn, &intent)?;
+        }
+        if let Some(a) = q::activation(cx.conn, name)? {
+            if a.state != "creating" {
+                // Already snapshotted (e.g. an inactive activation being re-activated).
+                return Ok(());
+            }
+        }
+        let img = q::image(cx.conn, image)?
+            .filter(|i| i.state == "ready")
+            .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("image {image} is not pulled")))?;
+        let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
+        let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
+        let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
+        let size = thin_size(cx.conn, origin)?;
+        let dev = self.ctx.devices(cx.conn)?;
+        dev.check_usable()?;
+        dev.ensure_space(0)?;
+        let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
+        cx.record_intent_with(|tx| {
+            let thin_id = q::alloc_thin_id(tx, "activation", Some(origin), size)?;
+            q::insert_activation(tx, &n, &i, &t, thin_id)?;
+            Ok(json!({ "thin_id": thin_id, "name": n, "origin": origin }))
+        })?;
+        let thin_id = cx.intent().and_then(|v| v["thin_id"].as_u64()).map(|v| v as u32)
+            .ok_or_else(|| Error::software("intent lost its thin id"))?;
+        fault::point("snapshot:intent");
+        // The origin is an image chain, never active (read-only once built),
+        // so no suspend is needed; the pool layer suspends if it finds it active.
+        dev.snapshot(thin_id, origin)?;
+        fault::point("snapshot:created");
+        cx.complete(move |tx| {
+            q::set_thin_state(tx, thin_id, "ready")?;
+            Ok(Completion::with_outcome(json!({ "thin_id": thin_id, "origin": origin })))
+        })
+    }
+}
+
+pub struct Deactivate<'a> {
+    pub ctx: &'a mut Ctx,
+}
+
+impl Executor for Deactivate<'_> {
+    fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        let name = cx.subject.clone();
+        let Some(act) = q::activation(cx.conn, &name)? else {
+            return Ok(()); // already gone: deleting is idempotent
+        };
+        let dev = self.ctx.devices(cx.conn)?;
+        match cx.step.as_str() {
+            "remove" => {
+                dev.deactivate(&dev.activation_name(&name))?;
+                fault::point("deactivate:removed");
+                cx.complete(move |tx| {
+                    q::set_activation_state(tx, &name, "inactive")?;
+                    Ok(Completion::default())
+                })
+            }
+            "delete" => {
+                let thin_id = act.thin_id;
+                cx.record_intent_with(|tx| {
+                    q::set_thin_state(tx, thin_id, "deleting")?;
+                    Ok(json!({ "thin_id": thin_id }))
+                })?;
+                dev.delete_thin(thin_id)?;
+                fault::point("deactivate:deleted");
+                cx.complete(move |tx| {
+                    q::delete_activation(tx, &name)?;
+                    q::delete_thin_row(tx, thin_id)?;
+                    Ok(Completion::default())
+                })
+            }
+            other => Err(Error::software(format!("deactivate: unknown step {other:?}"))),
+        }
+    }
+}
+
+/// What `activate` prints.
+#[derive(Debug, serde::Serialize)]
+pub struct ActivationInfo {
+    pub name: String,
+    pub image: String,
+    pub state: String,
+    pub thin_id: u32,
+    pub dm_name: String,
+    /// Stable path under the run directory.
+    pub path: String,
+    /// /dev/dm-N, when the device is active.
+    pub dev_path: Option<String>,
+    pub major: Option<u32>,
+    pub minor: Option<u32>,
+    pub size_bytes: u64,
+}
+
+pub fn info(ctx: &Ctx, conn: &rusqlite::Connection, name: &str) -> Result<Option<ActivationInfo>> {
+    info_for(&ctx.state_dir, &ctx.run_dir, conn, name)
+}
+
+/// Read-only: needs no pool, only the directories and the database.
+pub fn info_for(
+    state_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+    conn: &rusqlite::Connection,
+    name: &str,
+) -> Result<Option<ActivationInfo>> {
+    let Some(a) = q::activation(conn, name)? else { return Ok(None) };
+    let dm_name = super::devices::activation_name_for(state_dir, name);
+    let path = super::devices::node_path(run_dir, &dm_name);
+    let (major, minor) = match super::devices::node_numbers(&path) {
+        Some((ma, mi)) if a.state == "active" => (Some(ma), Some(mi)),
+        _ => (None, None),
+    };
+    let size = thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    Ok(Some(ActivationInfo {
+        name: a.name,
+        image: a.image,
+        state: a.state,
+        thin_id: a.thin_id,
+        dm_name,
+        path: path.display().to_string(),
+        dev_path: minor.map(|m| format!("/dev/dm-{m}")),
+        major,
+        minor,
+        size_bytes: size,
+    }))
+}
+

@@ -1,0 +1,141 @@
+//! Reconciliation and garbage collection.
+//!
+//! Compares the database with the kernel in both directions and removes
+//! only what is provably ours and unused: dm devices with our name prefix
+//! that no row accounts for, chains no image or activation uses (children
+//! first), blobs no image layer references, partial downloads no download
+//! row owns, stray mounts under our run directory. Everything found is
+//! reported; `--dry-run` changes nothing. Runs under the state lock after
+//! interrupted runs were resumed, so no step is mid-flight.
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::{mount, Ctx};
+use crate::error::Result;
+use crate::store::images as q;
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub stray_mounts: Vec<String>,
+    pub unknown_devices: Vec<String>,
+    pub missing_devices: Vec<String>,
+    pub reactivated: Vec<String>,
+    pub unused_chains: Vec<String>,
+    pub dead_thin_ids: Vec<u32>,
+    pub unused_blobs: Vec<String>,
+    pub stray_files: Vec<String>,
+    pub freed_blob_bytes: u64,
+    pub errors: Vec<String>,
+}
+
+pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Result<GcReport> {
+    let mut rep = GcReport { dry_run, ..Default::default() };
+
+    // 1. Stray mounts under our run directory (no step is running now).
+    for m in mount::mounts_under(&mount::mount_root(&ctx.run_dir))? {
+        rep.stray_mounts.push(m.display().to_string());
+        if !dry_run {
+            if let Err(e) = mount::unmount(&m) {
+                rep.errors.push(e.full_message());
+            }
+        }
+    }
+
+    let has_pool = crate::store::pool::load(conn)?.is_some();
+    if has_pool {
+        let dev = ctx.devices(conn)?;
+        // 2. Kernel -> database: our-prefixed dm devices nothing accounts for.
+        let acts = q::activations(conn)?;
+        let wanted: Vec<String> =
+            acts.iter().filter(|a| a.state == "active").map(|a| dev.activation_name(&a.name)).collect();
+        for name in dev.list_ours()? {
+            if name == dev.pool_name() || wanted.contains(&name) {
+                continue;
+            }
+            // Build devices and deactivated activations: nothing should be open.
+            rep.unknown_devices.push(name.clone());
+            if !dry_run {
+                if let Err(e) = dev.deactivate(&name) {
+                    rep.errors.push(e.full_message());
+                }
+            }
+        }
+        // 3. Database -> kernel: active activations whose device is gone.
+        let present = dev.list_ours()?;
+        for a in acts.iter().filter(|a| a.state == "active") {
+            let n = dev.activation_name(&a.name);
+            if !present.contains(&n) {
+                rep.missing_devices.push(a.name.clone());
+                if !dry_run {
+                    let size: i64 = conn.query_row(
+                        "SELECT size_sectors FROM thin_devices WHERE thin_id = ?1",
+                        [a.thin_id],
+                        |r| r.get(0),
+                    )?;
+                    match dev.activate(&n, a.thin_id, size as u64) {
+                        Ok(_) => rep.reactivated.push(a.name.clone()),
+                        Err(e) => rep.errors.push(e.full_message()),
+                    }
+                }
+            }
+        }
+        // 4. Unused chains, deepest first so a parent is only freed after its children.
+        loop {
+            let mut progressed = false;
+            for c in q::unused_chains(conn)? {
+                if q::has_children(conn, &c.chain_id)? || rep.unused_chains.contains(&c.chain_id) {
+                    continue;
+                }
+                rep.unused_chains.push(c.chain_id.clone());
+                if dry_run {
+                    continue;
+                }
+                if let Some(t) = c.thin_id {
+                    q::set_thin_state(conn, t, "deleting")?;
+                    if let Err(e) = dev.deactivate(&dev.build_name(t)).and_then(|_| dev.delete_thin(t)) {
+                        rep.errors.push(e.full_message());
+                        continue;
+                    }
+                }
+                let tx = conn.transaction()?;
+                q::delete_chain(&tx, &c.chain_id)?;
+                if let Some(t) = c.thin_id {
+                    q::delete_thin_row(&tx, t)?;
+                }
+                tx.commit()?;
+                progressed = true;
+            }
+            if dry_run || !progressed {
+                break;
+            }
+        }
+        // 5. Thin rows no chain or activation owns (e.g. a failed deletion).
+        for t in q::thin_devices(conn)? {
+            let owned: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM chains WHERE thin_id = ?1) OR EXISTS (SELECT 1 FROM activations WHERE thin_id = ?1)",
+                [t.thin_id],
+                |r| r.get(0),
+            )?;
+            if owned {
+                continue;
+            }
+            rep.dead_thin_ids.push(t.thin_id);
+            if !dry_run {
+                match dev.delete_thin(t.thin_id) {
+                    Ok(()) => q::delete_thin_row(conn, t.thin_id)?,
+                    Err(e) => rep.errors.push(e.full_message()),
+                }
+            }
+        }
+    }
+
+    // 6. Blobs no image layer references, and files the store does not know.
+    let (blobs, bytes, strays) = super::sources::gc_blobs(ctx, conn, dry_run)?;
+    rep.unused_blobs = blobs;
+    rep.freed_blob_bytes = bytes;
+    rep.stray_files = strays;
+    log::debug!("gc: {}", json!(&rep));
+    Ok(rep)
+}

@@ -1,0 +1,388 @@
+//! The `pull` run: fetch an image's blobs, then build its layer chain.
+//!
+//! Steps: `fetch` (resolve the ref with one listing, download what is
+//! missing, record the image and its layers, plan one `chain:N` step per
+//! layer), `chain:1` … `chain:N` (find or build that chain's thin device),
+//! `finish` (mark the image ready). A chain shared with another image is
+//! found, not rebuilt.
+//!
+//! Building a chain, intent first: allocate a thin id and record
+//! {thin_id, chain_id} with a `building` chain row in one transaction; then
+//! create the thin device (fresh or a snapshot of the parent chain),
+//! activate it under a build name, mkfs (first layer only), mount
+//! nosuid,nodev, unpack, create missing mount points, unmount, deactivate,
+//! and mark device and chain ready together with the step. A step that
+//! finds an intent from a dead attempt tears that attempt's work down
+//! (unmount, deactivate, delete the thin id, delete its rows) and starts over.
+
+use std::io::Read;
+use std::path::Path;
+
+use rusqlite::Connection;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{devices::Devices, mount, Ctx};
+use crate::error::{Error, Kind, Result};
+use crate::journal::{Completion, Executor, RunSpec, StepCx};
+use crate::ops::fault;
+use crate::store::images as q;
+
+/// The run spec for pulling `image` (a normalized ref).
+pub fn spec(image: &str, reference: &str) -> RunSpec {
+    RunSpec {
+        kind: "pull".into(),
+        subject: image.into(),
+        request: json!({ "ref": reference }),
+        steps: vec!["fetch".into()],
+    }
+}
+
+/// OCI chain ids for an ordered list of layer digests (hex, uncompressed
+/// tar = DiffID): ChainID(L1) = DiffID(L1); ChainID(L1..n) =
+/// sha256(ChainID(L1..n-1) + " " + DiffID(Ln)), ids written as "sha256:<hex>".
+pub fn chain_ids(digests: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(digests.len());
+    for d in digests {
+        let id = match out.last() {
+            None => d.clone(),
+            Some(parent) => {
+                let mut h = Sha256::new();
+                h.update(format!("sha256:{parent} sha256:{d}").as_bytes());
+                hex(&h.finalize())
+            }
+        };
+        out.push(id);
+    }
+    out
+}
+
+pub fn hex(b: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(H[(x >> 4) as usize] as char);
+        s.push(H[(x & 15) as usize] as char);
+    }
+    s
+}
+
+pub struct Pull<'a> {
+    pub ctx: &'a mut Ctx,
+}
+
+impl Executor for Pull<'_> {
+    fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        let step = cx.step.clone();
+        if step == "fetch" {
+            return self.fetch(cx);
+        }
+        if step == "finish" {
+            return finish(cx);
+        }
+        if let Some(n) = step.strip_prefix("chain:") {
+            let pos: i64 = n.parse().map_err(|_| Error::software(format!("bad step name {step:?}")))?;
+            return self.chain(cx, pos);
+        }
+        Err(Error::software(format!("pull: unknown step {step:?}")))
+    }
+
+    fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        if let Some(intent) = cx.intent().cloned() {
+            let dev = self.ctx.devices(cx.conn)?;
+            teardown_attempt(&self.ctx.run_dir, dev, cx.conn, &intent)?;
+        }
+        Ok(())
+    }
+}
+
+impl Pull<'_> {
+    fn fetch(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        let reference = cx.request["ref"].as_str().unwrap_or(&cx.subject).to_string();
+        let image = cx.subject.clone();
+        let fetched = super::sources::fetch_image(self.ctx, cx.conn, &reference)?;
+        // A layer rejected before is not unpacked again until its content changes.
+        for l in &fetched.layers {
+            if let Some(reason) = q::blob_rejection(cx.conn, &l.digest)? {
+                return Err(Error::bad_data(format!("image {image}: layer {}: rejected earlier: {reason}", l.key)));
+            }
+        }
+        let n = fetched.layers.len();
+        cx.complete(|tx| {
+            let rows: Vec<(i64, String, String)> =
+                fetched.layers.iter().map(|l| (l.position, l.key.clone(), l.digest.clone())).collect();
+            q::put_image_pulling(tx, &image, &fetched.family, &rows)?;
+            let mut append: Vec<String> = (1..=n).map(|i| format!("chain:{i}")).collect();
+            append.push("finish".into());
+            Ok(Completion {
+                outcome: Some(json!({
+                    "family": fetched.family,
+                    "layers": fetched.layers.iter().map(|l| json!({"key": l.key, "digest": l.digest, "size": l.size, "how": l.how})).collect::<Vec<_>>(),
+                })),
+                append,
+            })
+        })
+    }
+
+    fn chain(&mut self, cx: &mut StepCx<'_>, pos: i64) -> Result<()> {
+        let image = cx.subject.clone();
+        let layers = q::layers(cx.conn, &image)?;
+        let digests: Vec<String> = layers
+            .iter()
+            .map(|l| l.digest.clone().ok_or_else(|| Error::software(format!("image {image}: layer {} has no blob", l.key))))
+            .collect::<Result<_>>()?;
+        let ids = chain_ids(&digests);
+        let idx = (pos - 1) as usize;
+        let (Some(layer), Some(chain_id)) = (layers.get(idx), ids.get(idx)) else {
+            return Err(Error::software(format!("image {image}: no layer {pos}")));
+        };
+        let parent = if idx == 0 { None } else { ids.get(idx - 1).cloned() };
+
+        // A dead attempt of this step may have left work behind.
+        if let Some(intent) = cx.intent().cloned() {
+            let dev = self.ctx.devices(cx.conn)?;
+            teardown_attempt(&self.ctx.run_dir, dev, cx.conn, &intent)?;
+        }
+
+        if let Some(c) = q::chain(cx.conn, chain_id)? {
+            if c.state == "ready" {
+                log::debug!("image {image}: layer {pos} ({}) shares chain {}", layer.key, short(chain_id));
+                let (img, cid) = (image.clone(), chain_id.clone());
+                return cx.complete(move |tx| {
+                    q::set_layer_chain(tx, &img, pos, &cid)?;
+                    Ok(Completion::with_outcome(json!({"chain": cid, "built": false})))
+                });
+            }
+            // A 'building' row owned by no live intent: a dead run of another
+            // image. Its own resume cleans it up; we must not build twice.
+            return Err(Error::new(
+                Kind::TempFail,
+                format!("chain {} is being built by another run; retry later", short(chain_id)),
+            ));
+        }
+        let parent_thin = match &parent {
+            None => None,
+            Some(p) => {
+                let pc = q::chain(cx.conn, p)?
+                    .filter(|c| c.state == "ready")
+                    .ok_or_else(|| Error::software(format!("image {image}: parent chain of layer {pos} is not built")))?;
+                Some(pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?)
+            }
+        };
+
+        let blob_path = super::sources::ensure_blob(self.ctx, cx.conn, &layer.key, &digests[idx])?;
+        let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
+        let size_sectors = self.ctx.opts.device_size / 512;
+        let run_dir = self.ctx.run_dir.clone();
+        let opts = self.ctx.opts.extract.clone();
+        let dev = self.ctx.devices(cx.conn)?;
+        dev.check_usable()?;
+        // Unpacked data takes about the blob's size; metadata is gated inside.
+        dev.ensure_space(blob_size + blob_size / 4)?;
+
+        // Intent: thin id + building chain row, durably, before any kernel work.
+        let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
+        let mnt_root = run_dir.clone();
+        cx.record_intent_with(|tx| {
+            let thin_id = q::alloc_thin_id(tx, "chain", parent_thin, size_sectors)?;
+            q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
+            Ok(json!({
+                "thin_id": thin_id,
+                "chain_id": cid,
+                "dm_name": dev.build_name(thin_id),
+                "mount": mount::mount_point(&mnt_root, thin_id),
+            }))
+        })?;
+        let intent = cx.intent().cloned().unwrap_or(Value::Null);
+        let thin_id = intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
+        fault::point("chain:intent");
+
+        let result = build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts);
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // Tear down this attempt now; a permanent failure leaves nothing.
+                if let Err(te) = teardown_attempt(&run_dir, dev, cx.conn, &intent) {
+                    log::error!("cleaning up after a failed build of chain {}: {}", short(chain_id), te.full_message());
+                    return Err(e);
+                }
+                cx.record_intent(Value::Null)?;
+                if e.kind() == Kind::BadData {
+                    q::reject_blob(cx.conn, &digests[idx], e.message())?;
+                }
+                return Err(e.context(format!("image {image}: layer {}", layer.key)));
+            }
+        };
+        fault::point("chain:built");
+        let (img, cid) = (image.clone(), chain_id.clone());
+        cx.complete(move |tx| {
+            q::set_thin_state(tx, thin_id, "ready")?;
+            q::set_chain_ready(tx, &cid, &report)?;
+            q::set_layer_chain(tx, &img, pos, &cid)?;
+            Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
+        })
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The kernel and filesystem work of one chain build.
+#[allow(clippy::too_many_arguments)]
+fn build(
+    dev: &Devices,
+    run_dir: &Path,
+    thin_id: u32,
+    parent_thin: Option<u32>,
+    size_sectors: u64,
+    blob_path: &Path,
+    key: &str,
+    digest: &str,
+    opts: &crate::extract::Options,
+) -> Result<Value> {
+    match parent_thin {
+        None => dev.create_thin(thin_id)?,
+        Some(p) => dev.snapshot(thin_id, p)?,
+    }
+    fault::point("chain:thin-created");
+    let node = dev.activate(&dev.build_name(thin_id), thin_id, size_sectors)?;
+    if parent_thin.is_none() {
+        mkfs_ext4(&node)?;
+    }
+    let mnt = mount::mount_point(run_dir, thin_id);
+    mount::mount_ext4(&node, &mnt)?;
+    fault::point("chain:mounted");
+
+    let file = std::fs::File::open(blob_path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
+    let mut reader = HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: Sha256::new() };
+    let unpacked = crate::extract::apply_layer(&mnt, &mut reader, key, opts);
+    // Hash the rest (end-of-archive padding) so the digest covers every byte.
+    let drained = std::io::copy(&mut reader, &mut std::io::sink());
+    let report = unpacked?;
+    drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
+    let got = hex(&reader.hasher.finalize());
+    if got != digest {
+        let _ = std::fs::remove_file(blob_path);
+        return Err(Error::new(
+            Kind::Io,
+            format!("blob of {key} is corrupt on disk (sha256 {got}, expected {digest}); removed, it is fetched again"),
+        ));
+    }
+    fault::point("chain:unpacked");
+    let created = mount::ensure_layout(&mnt)?;
+    let missing = mount::missing_layout(&mnt);
+    mount::unmount(&mnt)?;
+    dev.deactivate(&dev.build_name(thin_id))?;
+    let mut v = serde_json::to_value(&report).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("created_mount_points".into(), json!(created));
+        m.insert("missing".into(), json!(missing));
+    }
+    Ok(v)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+pub fn mkfs_ext4(node: &Path) -> Result<()> {
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", "-m", "0"])
+        .arg(node)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound { Kind::Unavailable } else { Kind::Io };
+            Error::new(kind, "running mkfs.ext4 (package e2fsprogs)").with_source(e)
+        })?;
+    if !out.status.success() {
+        return Err(Error::new(
+            Kind::CantCreate,
+            format!(
+                "mkfs.ext4 {} failed ({}): {}",
+                node.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Undo whatever an attempt recorded in `intent`: unmount, deactivate,
+/// delete the thin id from the pool and its rows from the database.
+/// Every part tolerates "already gone".
+pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent: &Value) -> Result<()> {
+    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+        return Ok(());
+    };
+    let ready: bool = conn
+        .query_row("SELECT state = 'ready' FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))
+        .unwrap_or(false);
+    if ready {
+        // Completed and committed: nothing of this attempt is half-done.
+        return Ok(());
+    }
+    log::info!("cleaning up an interrupted build of thin device {thin_id}");
+    mount::unmount(&mount::mount_point(run_dir, thin_id))?;
+    dev.deactivate(&dev.build_name(thin_id))?;
+    dev.delete_thin(thin_id)?;
+    let tx = conn.unchecked_transaction()?;
+    if let Some(cid) = intent.get("chain_id").and_then(|v| v.as_str()) {
+        tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
+    }
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn finish(cx: &mut StepCx<'_>) -> Result<()> {
+    let image = cx.subject.clone();
+    let layers = q::layers(cx.conn, &image)?;
+    let top = layers
+        .last()
+        .and_then(|l| l.chain_id.clone())
+        .ok_or_else(|| Error::software(format!("image {image}: top layer has no chain")))?;
+    if let Some(c) = q::chain(cx.conn, &top)? {
+        if let Some(missing) = c.report.as_ref().and_then(|r| r.get("missing")).and_then(|m| m.as_array()) {
+            if !missing.is_empty() {
+                log::warn!(
+                    "image {image}: top layer lacks {} — it may not boot as a root filesystem",
+                    missing.iter().filter_map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+    }
+    cx.complete(move |tx| {
+        q::set_image_ready(tx, &image, &top)?;
+        Ok(Completion::with_outcome(json!({"top_chain": top})))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_oci() {
+        let a = "a".repeat(64);
+        let b = "b".repeat(64);
+        let ids = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(ids[0], a);
+        let mut h = Sha256::new();
+        h.update(format!("sha256:{a} sha256:{b}"));
+        assert_eq!(ids[1], hex(&h.finalize()));
+        // Same prefix, same ids: that is what makes chains shareable.
+        assert_eq!(chain_ids(&[a.clone()])[0], ids[0]);
+    }
+}

@@ -1,0 +1,338 @@
+//! Typed queries over images, image layers, chains, activations and the
+//! thin devices they own. Callers pass a `Connection` or a `Transaction`
+//! (which derefs to one), so a step can group these writes with its
+//! journal completion.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::error::{Error, Kind, Result};
+use crate::ops::output::now;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRow {
+    pub name: String,
+    pub family: String,
+    pub top_layer: i64,
+    pub top_chain: Option<String>,
+    pub state: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRow {
+    pub position: i64,
+    pub key: String,
+    pub digest: Option<String>,
+    pub chain_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainRow {
+    pub chain_id: String,
+    pub parent: Option<String>,
+    pub blob: String,
+    pub depth: i64,
+    pub thin_id: Option<u32>,
+    pub state: String,
+    pub report: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivationRow {
+    pub name: String,
+    pub image: String,
+    pub chain_id: String,
+    pub thin_id: u32,
+    pub state: String,
+    pub created_at: i64,
+}
+
+pub fn image(c: &Connection, name: &str) -> Result<Option<ImageRow>> {
+    Ok(c.query_row(
+        "SELECT name, family, top_layer, top_chain, state, updated_at FROM images WHERE name = ?1",
+        [name],
+        |r| {
+            Ok(ImageRow {
+                name: r.get(0)?,
+                family: r.get(1)?,
+                top_layer: r.get(2)?,
+                top_chain: r.get(3)?,
+                state: r.get(4)?,
+                updated_at: r.get(5)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
+    let mut st = c.prepare("SELECT name, family, top_layer, top_chain, state, updated_at FROM images ORDER BY name")?;
+    let rows = st.query_map([], |r| {
+        Ok(ImageRow {
+            name: r.get(0)?,
+            family: r.get(1)?,
+            top_layer: r.get(2)?,
+            top_chain: r.get(3)?,
+            state: r.get(4)?,
+            updated_at: r.get(5)?,
+        })
+    })?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+/// Create or update an image being pulled, replacing its layer list.
+/// Existing chains stay referenced through `chain_id` until rebuilt.
+pub fn put_image_pulling(c: &Connection, name: &str, family: &str, layers: &[(i64, String, String)]) -> Result<()> {
+    let top = layers.len() as i64;
+    c.execute(
+        "INSERT INTO images (name, family, top_layer, top_chain, state, updated_at) VALUES (?1, ?2, ?3, NULL, 'pulling', ?4)
+         ON CONFLICT (name) DO UPDATE SET family = excluded.family, top_layer = excluded.top_layer,
+             state = CASE WHEN images.top_chain IS NULL THEN 'pulling' ELSE images.state END, updated_at = excluded.updated_at",
+        params![name, family, top, now()],
+    )?;
+    c.execute("DELETE FROM image_layers WHERE image = ?1", [name])?;
+    for (pos, key, digest) in layers {
+        c.execute(
+            "INSERT INTO image_layers (image, position, key, digest, chain_id) VALUES (?1, ?2, ?3, ?4, NULL)",
+            params![name, pos, key, digest],
+        )?;
+    }
+    Ok(())
+}
+
+pub fn layers(c: &Connection, image: &str) -> Result<Vec<LayerRow>> {
+    let mut st =
+        c.prepare("SELECT position, key, digest, chain_id FROM image_layers WHERE image = ?1 ORDER BY position")?;
+    let rows = st.query_map([image], |r| {
+        Ok(LayerRow { position: r.get(0)?, key: r.get(1)?, digest: r.get(2)?, chain_id: r.get(3)? })
+    })?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn set_layer_chain(c: &Connection, image: &str, pos: i64, chain: &str) -> Result<()> {
+    c.execute(
+        "UPDATE image_layers SET chain_id = ?1 WHERE image = ?2 AND position = ?3",
+        params![chain, image, pos],
+    )?;
+    Ok(())
+}
+
+pub fn set_image_ready(c: &Connection, image: &str, top_chain: &str) -> Result<()> {
+    c.execute(
+        "UPDATE images SET state = 'ready', top_chain = ?1, updated_at = ?2 WHERE name = ?3",
+        params![top_chain, now(), image],
+    )?;
+    Ok(())
+}
+
+pub fn delete_image(c: &Connection, image: &str) -> Result<()> {
+    c.execute("DELETE FROM images WHERE name = ?1", [image])?;
+    Ok(())
+}
+
+fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
+    let report: Option<String> = r.get(6)?;
+    Ok(ChainRow {
+        chain_id: r.get(0)?,
+        parent: r.get(1)?,
+        blob: r.get(2)?,
+        depth: r.get(3)?,
+        thin_id: r.get(4)?,
+        state: r.get(5)?,
+        report: report.and_then(|s| serde_json::from_str(&s).ok()),
+    })
+}
+
+pub fn chain(c: &Connection, id: &str) -> Result<Option<ChainRow>> {
+    Ok(c.query_row(
+        "SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains WHERE chain_id = ?1",
+        [id],
+        chain_from_row,
+    )
+    .optional()?)
+}
+
+pub fn chains(c: &Connection) -> Result<Vec<ChainRow>> {
+    let mut st = c.prepare("SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains ORDER BY depth DESC")?;
+    let rows = st.query_map([], chain_from_row)?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn insert_chain_building(
+    c: &Connection,
+    id: &str,
+    parent: Option<&str>,
+    blob: &str,
+    depth: i64,
+    thin_id: u32,
+) -> Result<()> {
+    c.execute(
+        "INSERT INTO chains (chain_id, parent, blob, depth, thin_id, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'building', ?6)",
+        params![id, parent, blob, depth, thin_id, now()],
+    )?;
+    Ok(())
+}
+
+pub fn set_chain_ready(c: &Connection, id: &str, report: &serde_json::Value) -> Result<()> {
+    c.execute(
+        "UPDATE chains SET state = 'ready', report = ?1 WHERE chain_id = ?2",
+        params![report.to_string(), id],
+    )?;
+    Ok(())
+}
+
+pub fn delete_chain(c: &Connection, id: &str) -> Result<()> {
+    c.execute("DELETE FROM chains WHERE chain_id = ?1", [id])?;
+    Ok(())
+}
+
+/// Chains that no image layer, no activation and no kept child references.
+pub fn unused_chains(c: &Connection) -> Result<Vec<ChainRow>> {
+    let mut st = c.prepare(
+        "SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains ch
+         WHERE NOT EXISTS (SELECT 1 FROM image_layers l WHERE l.chain_id = ch.chain_id)
+           AND NOT EXISTS (SELECT 1 FROM images i WHERE i.top_chain = ch.chain_id)
+           AND NOT EXISTS (SELECT 1 FROM activations a WHERE a.chain_id = ch.chain_id)
+         ORDER BY depth DESC",
+    )?;
+    let rows = st.query_map([], chain_from_row)?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn has_children(c: &Connection, id: &str) -> Result<bool> {
+    Ok(c.query_row("SELECT EXISTS (SELECT 1 FROM chains WHERE parent = ?1)", [id], |r| r.get(0))?)
+}
+
+fn act_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ActivationRow> {
+    Ok(ActivationRow {
+        name: r.get(0)?,
+        image: r.get(1)?,
+        chain_id: r.get(2)?,
+        thin_id: r.get(3)?,
+        state: r.get(4)?,
+        created_at: r.get(5)?,
+    })
+}
+
+pub fn activation(c: &Connection, name: &str) -> Result<Option<ActivationRow>> {
+    Ok(c.query_row(
+        "SELECT name, image, chain_id, thin_id, state, created_at FROM activations WHERE name = ?1",
+        [name],
+        act_from_row,
+    )
+    .optional()?)
+}
+
+pub fn activations(c: &Connection) -> Result<Vec<ActivationRow>> {
+    let mut st = c.prepare("SELECT name, image, chain_id, thin_id, state, created_at FROM activations ORDER BY name")?;
+    let rows = st.query_map([], act_from_row)?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn activations_of(c: &Connection, image: &str) -> Result<Vec<ActivationRow>> {
+    Ok(activations(c)?.into_iter().filter(|a| a.image == image).collect())
+}
+
+pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &str, thin_id: u32) -> Result<()> {
+    c.execute(
+        "INSERT INTO activations (name, image, chain_id, thin_id, state, created_at) VALUES (?1, ?2, ?3, ?4, 'creating', ?5)",
+        params![name, image, chain, thin_id, now()],
+    )?;
+    Ok(())
+}
+
+pub fn set_activation_state(c: &Connection, name: &str, state: &str) -> Result<()> {
+    let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state, name])?;
+    if n != 1 {
+        return Err(Error::new(Kind::Software, format!("activation {name} vanished from the database")));
+    }
+    Ok(())
+}
+
+pub fn delete_activation(c: &Connection, name: &str) -> Result<()> {
+    c.execute("DELETE FROM activations WHERE name = ?1", [name])?;
+    Ok(())
+}
+
+/// Thin device rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinRow {
+    pub thin_id: u32,
+    pub role: String,
+    pub state: String,
+    pub origin: Option<u32>,
+    pub size_sectors: u64,
+}
+
+pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
+    let mut st = c.prepare("SELECT thin_id, role, state, origin, size_sectors FROM thin_devices ORDER BY thin_id")?;
+    let rows = st.query_map([], |r| {
+        Ok(ThinRow { thin_id: r.get(0)?, role: r.get(1)?, state: r.get(2)?, origin: r.get(3)?, size_sectors: r.get(4)? })
+    })?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
+    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
+    Ok(())
+}
+
+pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
+    c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
+    Ok(())
+}
+
+/// Allocate the smallest thin id not in use and record it in state
+/// `creating` (intent: it may or may not exist in the pool yet).
+pub fn alloc_thin_id(c: &Connection, role: &str, origin: Option<u32>, size_sectors: u64) -> Result<u32> {
+    let id: i64 = c.query_row(
+        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM thin_devices WHERE thin_id = 0) THEN 0 ELSE
+            (SELECT MIN(t.thin_id + 1) FROM thin_devices t
+             WHERE NOT EXISTS (SELECT 1 FROM thin_devices u WHERE u.thin_id = t.thin_id + 1)) END",
+        [],
+        |r| r.get(0),
+    )?;
+    if id > 0xff_ffff {
+        return Err(Error::new(Kind::TempFail, "all 2^24 thin ids are in use; run 'thinimg gc'"));
+    }
+    c.execute(
+        "INSERT INTO thin_devices (thin_id, role, state, origin, size_sectors, created_at) VALUES (?1, ?2, 'creating', ?3, ?4, ?5)",
+        params![id, role, origin, size_sectors as i64, now()],
+    )?;
+    Ok(id as u32)
+}
+
+/// Mark a blob as rejected (hostile or invalid) with the reason.
+pub fn reject_blob(c: &Connection, digest: &str, reason: &str) -> Result<()> {
+    c.execute("UPDATE blobs SET state = 'rejected', reason = ?1 WHERE digest = ?2", params![reason, digest])?;
+    Ok(())
+}
+
+pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
+    Ok(c
+        .query_row("SELECT reason FROM blobs WHERE digest = ?1 AND state = 'rejected'", [digest], |r| {
+            r.get::<_, Option<String>>(0)
+        })
+        .optional()?
+        .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_ids_fill_the_smallest_gap() {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::store::schema::migrate(&mut c).unwrap();
+        assert_eq!(alloc_thin_id(&c, "chain", None, 8).unwrap(), 0);
+        assert_eq!(alloc_thin_id(&c, "chain", Some(0), 8).unwrap(), 1);
+        assert_eq!(alloc_thin_id(&c, "chain", Some(1), 8).unwrap(), 2);
+        delete_thin_row(&c, 1).unwrap();
+        assert_eq!(alloc_thin_id(&c, "activation", Some(0), 8).unwrap(), 1);
+        assert_eq!(alloc_thin_id(&c, "activation", Some(0), 8).unwrap(), 3);
+        delete_thin_row(&c, 0).unwrap();
+        assert_eq!(alloc_thin_id(&c, "chain", None, 8).unwrap(), 0);
+    }
+}
