@@ -1,0 +1,137 @@
+//! The pipeline's view of the pool: naming of our dm devices, and the
+//! pool opened (re-assembled after a reboot, or created as a loop pool on
+//! first use) from what the database recorded.
+//!
+//! Names: every dm device of a state dir starts with `thinimg-<tag>-`
+//! (tag from the state dir's path, see `pool::default_dm_name`): the pool
+//! `…pool`, chain build devices `…c<thin-id>`, activations `…a-<name>`.
+//! Nodes are made under `<run-dir>/dev/<dm-name>`.
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::Invocation;
+use crate::dm::{DmName, Sectors, ThinId};
+use crate::error::{Error, Result};
+use crate::pool::{Created, Pool};
+
+pub struct Devices {
+    pool: Pool,
+    prefix: String,
+}
+
+/// `thinimg-<tag>-` for a state dir.
+pub fn prefix_for(state_dir: &Path) -> String {
+    match crate::pool::default_dm_name(state_dir) {
+        Ok(n) => n.as_str().trim_end_matches("pool").to_string(),
+        Err(_) => "thinimg-unknown-".to_string(),
+    }
+}
+
+pub fn activation_name_for(state_dir: &Path, name: &str) -> String {
+    format!("{}a-{name}", prefix_for(state_dir))
+}
+
+pub fn node_path(run_dir: &Path, dm_name: &str) -> PathBuf {
+    run_dir.join("dev").join(dm_name)
+}
+
+/// (major, minor) of a block device node, if it is one.
+pub fn node_numbers(p: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(p).ok()?;
+    if !m.file_type().is_block_device() {
+        return None;
+    }
+    let rdev = m.rdev();
+    Some((libc::major(rdev), libc::minor(rdev)))
+}
+
+fn name(s: &str) -> Result<DmName> {
+    DmName::new(s.to_string())
+}
+
+fn thin(id: u32) -> Result<ThinId> {
+    ThinId::new(u64::from(id))
+}
+
+impl Devices {
+    /// Assemble the recorded pool, or create the default loop pool when
+    /// none is recorded yet.
+    pub fn open(inv: &Invocation, conn: &rusqlite::Connection) -> Result<Devices> {
+        let pool = crate::cmd_pool_support::open_or_create(inv, conn)?;
+        let prefix = pool.name().as_str().trim_end_matches("pool").to_string();
+        Ok(Devices { pool, prefix })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn pool_name(&self) -> String {
+        self.pool.name().as_str().to_string()
+    }
+
+    pub fn build_name(&self, thin_id: u32) -> String {
+        format!("{}c{thin_id}", self.prefix)
+    }
+
+    pub fn activation_name(&self, act: &str) -> String {
+        format!("{}a-{act}", self.prefix)
+    }
+
+    pub fn check_usable(&self) -> Result<()> {
+        self.pool.check_usable().map(|_| ())
+    }
+
+    pub fn ensure_space(&self, data_bytes: u64) -> Result<()> {
+        self.pool.ensure_space(data_bytes)
+    }
+
+    /// A fresh thin device. One that exists already under an id we just
+    /// allocated holds nothing we can trust: delete and create it again.
+    pub fn create_thin(&self, id: u32) -> Result<()> {
+        if self.pool.create_thin(thin(id)?)? == Created::Exists {
+            log::warn!("thin id {id} already existed in the pool; recreating it");
+            self.pool.delete_thin(thin(id)?)?;
+            if self.pool.create_thin(thin(id)?)? == Created::Exists {
+                return Err(Error::software(format!("thin id {id} exists again right after deletion")));
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot of `origin`; suspends the origin if it happens to be active.
+    pub fn snapshot(&self, id: u32, origin: u32) -> Result<()> {
+        let active = [self.build_name(origin)]
+            .into_iter()
+            .map(|n| name(&n))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .find(|n| matches!(self.pool.dm().try_info(n), Ok(Some(_))));
+        if self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())? == Created::Exists {
+            log::warn!("thin id {id} already existed in the pool; recreating the snapshot");
+            self.pool.delete_thin(thin(id)?)?;
+            if self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())? == Created::Exists {
+                return Err(Error::software(format!("thin id {id} exists again right after deletion")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn delete_thin(&self, id: u32) -> Result<()> {
+        self.pool.delete_thin(thin(id)?).map(|_| ())
+    }
+
+    pub fn activate(&self, dm_name: &str, id: u32, size_sectors: u64) -> Result<PathBuf> {
+        Ok(self.pool.activate(&name(dm_name)?, thin(id)?, Sectors(size_sectors))?.path)
+    }
+
+    pub fn deactivate(&self, dm_name: &str) -> Result<()> {
+        self.pool.deactivate(&name(dm_name)?).map(|_| ())
+    }
+
+    /// Names of the dm devices of this state dir (pool included).
+    pub fn list_ours(&self) -> Result<Vec<String>> {
+        Ok(self.pool.list_ours(&self.prefix)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect())
+    }
+}

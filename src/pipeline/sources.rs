@@ -1,0 +1,149 @@
+//! The pipeline's view of S3 and the blob store: resolve a ref to its
+//! layers and make their blobs present; re-fetch one that went missing or
+//! corrupt; collect blobs no image needs.
+
+use std::path::PathBuf;
+
+use rusqlite::Connection;
+
+use super::Ctx;
+use crate::blobs::{BlobDigest, BlobStore};
+use crate::cli::Invocation;
+use crate::error::{Error, Kind, Result};
+use crate::fetch::{self, FetchOptions};
+use crate::s3::S3Client;
+
+/// The local image name of a ref: `golang` for a whole family, `golang/3`
+/// for a family up to layer 3 (given as `golang/3`, `golang/3.tar` or the
+/// full key `images/golang/3.tar`).
+pub fn image_name(inv: &Invocation, r: &str) -> Result<String> {
+    let prefix = inv.get("prefix").unwrap_or("images/");
+    let rel = r.strip_prefix(prefix).filter(|s| s.contains('/')).unwrap_or(r);
+    let (family, layer) = match rel.split_once('/') {
+        None => (rel, None),
+        Some((f, l)) => {
+            let l = if l.ends_with(".tar") { l.to_string() } else { format!("{l}.tar") };
+            let n = crate::remote::layer_number(&l).map_err(|why| {
+                Error::usage(format!("reference {r:?}: {why}; expected FAMILY, FAMILY/N or {prefix}FAMILY/N.tar"))
+            })?;
+            (f, Some(n))
+        }
+    };
+    if let Some(why) = crate::remote::family_name_problem(family) {
+        return Err(Error::usage(format!("reference {r:?}: {why}")));
+    }
+    Ok(match layer {
+        None => family.to_string(),
+        Some(n) => format!("{family}/{n}"),
+    })
+}
+
+#[derive(Debug)]
+pub struct FetchedLayer {
+    pub position: i64,
+    pub key: String,
+    pub digest: String,
+    pub size: u64,
+    pub how: String,
+}
+
+#[derive(Debug)]
+pub struct Fetched {
+    pub family: String,
+    pub layers: Vec<FetchedLayer>,
+}
+
+fn s3(ctx: &Ctx) -> Result<S3Client> {
+    S3Client::from_invocation(&ctx.inv)
+}
+
+fn fetch_opts(ctx: &Ctx) -> FetchOptions {
+    FetchOptions {
+        jobs: ctx.opts.download_jobs,
+        max_blob_size: ctx.opts.max_blob_size,
+        verify: false,
+        progress: !ctx.inv.flag("quiet"),
+    }
+}
+
+/// Resolve `reference` with one listing and make every layer's blob present.
+pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Result<Fetched> {
+    let client = s3(ctx)?;
+    let store = BlobStore::open(&ctx.state_dir)?;
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[reference.to_string()], &fetch_opts(ctx))?;
+    let img = report
+        .images
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::software(format!("fetch of {reference} returned no image")))?;
+    Ok(Fetched {
+        family: img.family,
+        layers: img
+            .layers
+            .into_iter()
+            .map(|l| FetchedLayer {
+                position: i64::from(l.n),
+                key: l.key,
+                digest: l.digest.as_str().to_string(),
+                size: l.size,
+                how: serde_json::to_value(l.source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            })
+            .collect(),
+    })
+}
+
+/// The blob's path, fetching it again if it went missing or changed size.
+/// (Content corruption is caught while unpacking, which hashes every byte.)
+pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {
+    let store = BlobStore::open(&ctx.state_dir)?;
+    let d = BlobDigest::parse(digest)?;
+    let size: Option<i64> = conn
+        .query_row("SELECT size FROM blobs WHERE digest = ?1 AND state = 'present'", [digest], |r| r.get(0))
+        .ok();
+    if let Some(size) = size {
+        if store.size_ok(&d, size as u64)? {
+            return Ok(store.blob_path(&d));
+        }
+    }
+    log::warn!("blob {digest} of {key} is missing from the store; fetching it again");
+    let client = s3(ctx)?;
+    // The key as listed now must still hold the same content.
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &fetch_opts(ctx))?;
+    let got = report.images.first().and_then(|i| i.layers.iter().find(|l| l.key == key)).map(|l| l.digest.as_str().to_string());
+    match got {
+        Some(g) if g == digest => Ok(store.blob_path(&d)),
+        Some(g) => Err(Error::new(
+            Kind::TempFail,
+            format!("{key} changed in the bucket while being pulled (now sha256 {g}, was {digest}); pull again"),
+        )),
+        None => Err(Error::new(Kind::NoSuchImage, format!("{key} is no longer in the bucket"))),
+    }
+}
+
+/// Remove blobs no image layer references, and store files nothing knows.
+/// Returns (digests removed, bytes freed, stray files).
+pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(Vec<String>, u64, Vec<String>)> {
+    let store = BlobStore::open(&ctx.state_dir)?;
+    let mut st = conn.prepare(
+        "SELECT digest, size FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM image_layers l WHERE l.digest = b.digest)
+           AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob = b.digest)",
+    )?;
+    let rows: Vec<(String, i64)> =
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
+    drop(st);
+    let mut removed = Vec::new();
+    let mut bytes = 0u64;
+    for (d, size) in rows {
+        removed.push(d.clone());
+        bytes += size.max(0) as u64;
+        if !dry_run {
+            let digest = BlobDigest::parse(&d)?;
+            store.remove_blob(&digest)?;
+            conn.execute("DELETE FROM blobs WHERE digest = ?1", [&d])?;
+        }
+    }
+    let keep: std::collections::HashSet<String> =
+        crate::store::blobs::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
+    let strays = if dry_run { Vec::new() } else { vec![format!("{} partial file(s)", store.remove_stale_partials(&keep)?)] };
+    Ok((removed, bytes, strays.into_iter().filter(|s| !s.starts_with("0 ")).collect()))
+}
