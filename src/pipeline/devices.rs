@@ -14,6 +14,17 @@ use crate::dm::{DmName, Sectors, ThinId};
 use crate::error::{Error, Result};
 use crate::pool::{Created, Pool};
 
+/// Device-mapper calls of all threads of this process go one at a time:
+/// the kernel serializes pool metadata changes anyway, and interleaved
+/// suspend/message/resume sequences from two threads would be unsafe.
+static DM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn dm_lock() -> std::sync::MutexGuard<'static, ()> {
+    // A poisoned lock only means another thread panicked mid-call; the
+    // kernel state is still consistent, so carry on.
+    DM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub struct Devices {
     pool: Pool,
     prefix: String,
@@ -80,16 +91,19 @@ impl Devices {
     }
 
     pub fn check_usable(&self) -> Result<()> {
+        let _g = dm_lock();
         self.pool.check_usable().map(|_| ())
     }
 
     pub fn ensure_space(&self, data_bytes: u64) -> Result<()> {
+        let _g = dm_lock();
         self.pool.ensure_space(data_bytes)
     }
 
     /// A fresh thin device. One that exists already under an id we just
     /// allocated holds nothing we can trust: delete and create it again.
     pub fn create_thin(&self, id: u32) -> Result<()> {
+        let _g = dm_lock();
         if self.pool.create_thin(thin(id)?)? == Created::Exists {
             log::warn!("thin id {id} already existed in the pool; recreating it");
             self.pool.delete_thin(thin(id)?)?;
@@ -102,6 +116,7 @@ impl Devices {
 
     /// A snapshot of `origin`; suspends the origin if it happens to be active.
     pub fn snapshot(&self, id: u32, origin: u32) -> Result<()> {
+        let _g = dm_lock();
         let active = [self.build_name(origin)]
             .into_iter()
             .map(|n| name(&n))
@@ -119,14 +134,17 @@ impl Devices {
     }
 
     pub fn delete_thin(&self, id: u32) -> Result<()> {
+        let _g = dm_lock();
         self.pool.delete_thin(thin(id)?).map(|_| ())
     }
 
     pub fn activate(&self, dm_name: &str, id: u32, size_sectors: u64) -> Result<PathBuf> {
+        let _g = dm_lock();
         Ok(self.pool.activate(&name(dm_name)?, thin(id)?, Sectors(size_sectors))?.path)
     }
 
     pub fn deactivate(&self, dm_name: &str) -> Result<()> {
+        let _g = dm_lock();
         self.pool.deactivate(&name(dm_name)?).map(|_| ())
     }
 

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod mount;
 pub mod pull;
 pub mod sources;
+pub mod sync;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,6 +72,10 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    pub fn new(inv: &Invocation, opts: Opts) -> Ctx {
+        Ctx { state_dir: inv.state_dir(), run_dir: inv.run_dir(), inv: inv.clone(), opts, devices: None }
+    }
+
     /// The pool and its devices, assembled (or, if none is recorded, created
     /// as a loop pool) on first use.
     pub fn devices(&mut self, conn: &rusqlite::Connection) -> Result<&devices::Devices> {

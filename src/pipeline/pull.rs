@@ -138,6 +138,10 @@ impl Pull<'_> {
         };
         let parent = if idx == 0 { None } else { ids.get(idx - 1).cloned() };
 
+        // Threads of this process pulling images that share this chain
+        // build it once: the others wait here, then find it ready.
+        let _claim = ChainClaim::acquire(chain_id)?;
+
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
             let dev = self.ctx.devices(cx.conn)?;
@@ -221,6 +225,37 @@ impl Pull<'_> {
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
         })
+    }
+}
+
+/// An in-process claim on building one chain (the state lock already
+/// keeps other processes out).
+struct ChainClaim(String);
+
+static CLAIMS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static CLAIM_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl ChainClaim {
+    fn acquire(id: &str) -> Result<ChainClaim> {
+        let mut held = CLAIMS.lock().map_err(|_| Error::software("chain claim lock poisoned"))?;
+        while held.iter().any(|h| h == id) {
+            crate::ops::signals::check()?;
+            held = CLAIM_FREED
+                .wait_timeout(held, std::time::Duration::from_millis(200))
+                .map_err(|_| Error::software("chain claim lock poisoned"))?
+                .0;
+        }
+        held.push(id.to_string());
+        Ok(ChainClaim(id.to_string()))
+    }
+}
+
+impl Drop for ChainClaim {
+    fn drop(&mut self) {
+        if let Ok(mut held) = CLAIMS.lock() {
+            held.retain(|h| h != &self.0);
+        }
+        CLAIM_FREED.notify_all();
     }
 }
 

@@ -92,6 +92,19 @@ pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Res
     })
 }
 
+/// Download the blobs of several refs in one go (parallel, deduplicated).
+pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result<()> {
+    let client = s3(ctx)?;
+    let store = BlobStore::open(&ctx.state_dir)?;
+    let objects = client.list(client.prefix())?;
+    let cat = crate::remote::Catalog::build(client.bucket(), client.prefix(), objects);
+    let keys: Vec<String> = refs.iter().filter(|r| cat.resolve(r).is_ok()).cloned().collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &fetch_opts(ctx)).map(|_| ())
+}
+
 /// The blob's path, fetching it again if it went missing or changed size.
 /// (Content corruption is caught while unpacking, which hashes every byte.)
 pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {

@@ -1,0 +1,225 @@
+//! `sync`: bring the host to a wanted set of images.
+//!
+//! One listing decides what the refs mean. Blobs of all wanted images are
+//! prefetched together (bounded by --download-jobs, deduplicated), then the
+//! images are pulled by --unpack-jobs threads, each with its own database
+//! connection and pool handle; device-mapper calls are serialized inside
+//! `devices`, and a chain wanted by two images is built by one thread while
+//! the other waits for it. One image's failure never stops the others.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use super::{pull, Ctx, Env};
+use crate::error::{Error, Kind, Result};
+use crate::journal;
+use crate::store::{images as q, Db};
+
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    pub kind: &'static str,
+    pub exit_code: u8,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ItemReport {
+    pub reference: String,
+    pub image: String,
+    pub ok: bool,
+    pub error: Option<Failure>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SyncReport {
+    pub images: Vec<ItemReport>,
+    pub pruned: Vec<String>,
+    pub kept_with_activations: Vec<String>,
+    pub ok: usize,
+    pub failed: usize,
+}
+
+impl SyncReport {
+    /// The exit code of the most severe failure (0 when none failed).
+    pub fn exit_code(&self) -> u8 {
+        const SEVERITY: [Kind; 10] = [
+            Kind::HostFatal,
+            Kind::Software,
+            Kind::NoPerm,
+            Kind::Unavailable,
+            Kind::Io,
+            Kind::CantCreate,
+            Kind::BadData,
+            Kind::NoSuchImage,
+            Kind::TempFail,
+            Kind::Usage,
+        ];
+        let kinds: Vec<&str> = self.images.iter().filter_map(|i| i.error.as_ref().map(|e| e.kind)).collect();
+        for k in SEVERITY {
+            if kinds.contains(&k.as_str()) {
+                return k.exit_code();
+            }
+        }
+        if kinds.is_empty() {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+fn failure(e: &Error) -> Failure {
+    Failure { kind: e.kind().as_str(), exit_code: e.kind().exit_code(), message: e.full_message() }
+}
+
+/// Refs from a file (or "-" for stdin): one per line, `#` comments.
+pub fn read_refs(path: &str) -> Result<Vec<String>> {
+    let text = if path == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| Error::io("reading refs from stdin", e))?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading refs from {path}"), e))?
+    };
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// Every family in the bucket (valid or not: invalid ones are reported as failures).
+pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
+    let client = crate::s3::S3Client::from_invocation(&ctx.inv)?;
+    let objects = client.list(client.prefix())?;
+    let cat = crate::remote::Catalog::build(client.bucket(), client.prefix(), objects);
+    for i in &cat.ignored {
+        log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::remote::show_key(&i.key), i.reason);
+    }
+    Ok(cat.families.keys().cloned().collect())
+}
+
+pub fn sync(env: &mut Env, refs: Vec<String>, unpack_jobs: usize, prune: bool) -> Result<SyncReport> {
+    // Normalize; a malformed ref is that ref's failure, not the whole sync's.
+    let mut items: Vec<ItemReport> = Vec::new();
+    let mut todo: Vec<(usize, String, String)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for r in refs {
+        match super::sources::image_name(&env.ctx.inv, &r) {
+            Ok(image) => {
+                if seen.insert(image.clone()) {
+                    todo.push((items.len(), r.clone(), image.clone()));
+                    items.push(ItemReport { reference: r, image, ok: false, error: None });
+                }
+            }
+            Err(e) => items.push(ItemReport { reference: r.clone(), image: r, ok: false, error: Some(failure(&e)) }),
+        }
+    }
+
+    // Prefetch everything together: parallel, deduplicated downloads. A
+    // failure here is only logged; each image's own pull reports it.
+    let good: Vec<String> = todo.iter().map(|(_, r, _)| r.clone()).collect();
+    if good.len() > 1 {
+        if let Err(e) = super::sources::prefetch(&mut env.ctx, &mut env.db.conn, &good) {
+            log::debug!("prefetch: {}", e.full_message());
+        }
+    }
+
+    let queue = Mutex::new(todo.into_iter().rev().collect::<Vec<_>>());
+    let results: Mutex<Vec<(usize, Option<Error>)>> = Mutex::new(Vec::new());
+    let jobs = unpack_jobs.max(1);
+    let state_dir = env.ctx.state_dir.clone();
+    let inv = env.ctx.inv.clone();
+    let opts = env.ctx.opts.clone();
+    let policy = env.policy;
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| {
+                let mut local: Option<(Db, Ctx)> = None;
+                loop {
+                    if crate::ops::signals::pending().is_some() {
+                        return;
+                    }
+                    let next = match queue.lock() {
+                        Ok(mut q) => q.pop(),
+                        Err(_) => return,
+                    };
+                    let Some((idx, reference, image)) = next else { return };
+                    if local.is_none() {
+                        match Db::open(&state_dir) {
+                            Ok(db) => local = Some((db, Ctx::new(&inv, opts.clone()))),
+                            Err(e) => {
+                                if let Ok(mut r) = results.lock() {
+                                    r.push((idx, Some(e)));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    let Some((db, ctx)) = local.as_mut() else { return };
+                    crate::ops::log::set_context("image", Some(image.clone()));
+                    let res = (|| -> Result<()> {
+                        let (id, _) = journal::start(&mut db.conn, &pull::spec(&image, &reference))?;
+                        let mut exec = pull::Pull { ctx };
+                        journal::drive(&mut db.conn, id, &mut exec, &policy)?;
+                        Ok(())
+                    })();
+                    if let Err(e) = &res {
+                        log::error!("{image}: {}", e.full_message());
+                    } else {
+                        log::info!("{image}: ready");
+                    }
+                    if let Ok(mut r) = results.lock() {
+                        r.push((idx, res.err()));
+                    }
+                }
+            });
+        }
+    });
+    crate::ops::log::set_context("image", None);
+    if let Ok(rs) = results.into_inner() {
+        for (idx, err) in rs {
+            if let Some(item) = items.get_mut(idx) {
+                item.ok = err.is_none();
+                item.error = err.as_ref().map(failure);
+            }
+        }
+    }
+    // Host-fatal conditions and interruptions end the whole sync.
+    if let Some(e) = items.iter().filter_map(|i| i.error.as_ref()).find(|e| e.kind == Kind::HostFatal.as_str()) {
+        return Err(Error::new(Kind::HostFatal, e.message.clone()));
+    }
+    crate::ops::signals::check()?;
+    for it in items.iter_mut() {
+        if it.error.is_none() && !it.ok {
+            it.error = Some(Failure { kind: "interrupted", exit_code: 75, message: "not attempted".into() });
+        }
+    }
+
+    let mut pruned = Vec::new();
+    let mut kept = Vec::new();
+    if prune {
+        let wanted: BTreeSet<String> = items.iter().map(|i| i.image.clone()).collect();
+        for img in q::images(&env.db.conn)? {
+            if wanted.contains(&img.name) {
+                continue;
+            }
+            if !q::activations_of(&env.db.conn, &img.name)?.is_empty() {
+                kept.push(img.name);
+                continue;
+            }
+            env.run(&super::rm_spec(&img.name, false))?;
+            pruned.push(img.name);
+        }
+        if !pruned.is_empty() {
+            let Env { db, ctx, .. } = env;
+            super::gc::run(ctx, &mut db.conn, false)?;
+        }
+    }
+    let ok = items.iter().filter(|i| i.ok).count();
+    let failed = items.len() - ok;
+    Ok(SyncReport { images: items, pruned, kept_with_activations: kept, ok, failed })
+}
