@@ -505,7 +505,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: None,
         summary: "Bring the host to the wanted set of images (for cron and timers).",
-        description: "Pulls every wanted image on bounded queues; one bad image does not stop the others. The exit code is that of the worst failure and the summary names each.",
+        description: "Pulls every wanted image on bounded queues; one bad image does not stop the others. The exit code is that of the most severe failure (e.g. 65 for a hostile layer, 66 for a missing image) and the summary names each.",
         flags: &[SYNC, DOWNLOAD, EXTRACT, POOL_SIZE],
         writes: true,
     },
@@ -534,7 +534,7 @@ pub static COMMANDS: &[Command] = &[
 /// Documented exit codes, for `--help` and the man page.
 pub static EXIT_CODES: &[(u8, &str)] = &[
     (0, "success"),
-    (1, "sync: some wanted images failed (see summary); other commands never use it"),
+    (1, "doctor: some check warned (a failed check exits 71)"),
     (64, "usage error"),
     (65, "bad data: a blob or layer was rejected (hostile, malformed, not a tar)"),
     (66, "no such image, layer or activation"),

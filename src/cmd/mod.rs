@@ -2,13 +2,42 @@
 //! print the result. No business logic lives here.
 
 mod images;
+mod ops;
 mod runs;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
 
-/// Run the command; `Ok(code)` is the exit code (0, or 1 for a partial sync).
+/// Run the command; `Ok(code)` is the exit code (non-zero without an error
+/// only for `sync` with failed images and `doctor` with warnings). With
+/// --metrics-file, the metrics are written whatever the outcome.
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
+    let t0 = std::time::Instant::now();
+    let res = run(inv);
+    if let Some(path) = inv.path("metrics-file") {
+        let code = match &res {
+            Ok(c) => *c,
+            Err(e) => e.kind().exit_code(),
+        };
+        let w = crate::pipeline::health::write_metrics(
+            &path,
+            &inv.state_dir(),
+            &inv.run_dir(),
+            inv.command.name,
+            code,
+            t0.elapsed().as_secs_f64(),
+        );
+        if let Err(e) = w {
+            log::error!("{}", e.full_message());
+            if res.is_ok() {
+                return Err(e);
+            }
+        }
+    }
+    res
+}
+
+fn run(inv: &Invocation) -> Result<u8> {
     match inv.command.name {
         "runs" => runs::list(inv),
         "cancel" => runs::cancel(inv),
@@ -19,6 +48,9 @@ pub fn dispatch(inv: &Invocation) -> Result<u8> {
         "images" => images::images(inv),
         "activations" => images::activations(inv),
         "gc" => images::gc(inv),
+        "sync" => ops::sync(inv),
+        "status" => ops::status(inv),
+        "doctor" => ops::doctor(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }

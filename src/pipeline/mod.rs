@@ -9,6 +9,7 @@
 pub mod activate;
 pub mod devices;
 pub mod gc;
+pub mod health;
 pub mod mount;
 pub mod pull;
 pub mod sources;

@@ -1,0 +1,377 @@
+//! Read-only views of the host for `status` and `doctor`: pool usage,
+//! object counts, runs in flight, and health checks with advice. Nothing
+//! here changes the pool, the kernel or the database.
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::store::Db;
+
+#[derive(Debug, Serialize, Clone)]
+pub struct PoolView {
+    pub name: String,
+    pub kind: String,
+    pub present: bool,
+    pub mode: Option<String>,
+    pub needs_check: Option<bool>,
+    pub data_used_pct: Option<f64>,
+    pub meta_used_pct: Option<f64>,
+    pub data_used_bytes: Option<u64>,
+    pub data_total_bytes: Option<u64>,
+    pub thin_devices: usize,
+    pub error: Option<String>,
+}
+
+/// The recorded pool and, if its dm device is up, its status. Never assembles.
+pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>> {
+    let Some(spec) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
+    let thin: i64 = db.conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
+    let mut v = PoolView {
+        name: spec.dm_name.as_str().to_string(),
+        kind: spec.kind.as_str().to_string(),
+        present: false,
+        mode: None,
+        needs_check: None,
+        data_used_pct: None,
+        meta_used_pct: None,
+        data_used_bytes: None,
+        data_total_bytes: None,
+        thin_devices: thin.max(0) as usize,
+        error: None,
+    };
+    match crate::pool::Pool::find(&spec, run_dir) {
+        Ok(Some(p)) => {
+            v.present = true;
+            match p.status() {
+                Ok(crate::pool::PoolStatus::Active(u)) => {
+                    let block = spec.block_sectors.0 * 512;
+                    v.mode = Some(format!("{:?}", u.mode).to_lowercase());
+                    v.needs_check = Some(u.needs_check);
+                    v.data_used_pct = Some(pct(u.data_used, u.data_total));
+                    v.meta_used_pct = Some(pct(u.meta_used, u.meta_total));
+                    v.data_used_bytes = Some(u.data_used * block);
+                    v.data_total_bytes = Some(u.data_total * block);
+                }
+                Ok(other) => v.mode = Some(format!("{other:?}").to_lowercase()),
+                Err(e) => v.error = Some(e.full_message()),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => v.error = Some(e.full_message()),
+    }
+    Ok(Some(v))
+}
+
+fn pct(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        (used as f64 * 1000.0 / total as f64).round() / 10.0
+    }
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Counts {
+    pub blobs: i64,
+    pub blob_bytes: i64,
+    pub rejected_blobs: i64,
+    pub chains: i64,
+    pub images: i64,
+    pub images_ready: i64,
+    pub activations: i64,
+    pub activations_active: i64,
+    pub runs_active: i64,
+    pub runs_failed: i64,
+}
+
+pub fn counts(db: &Db) -> Result<Counts> {
+    let one = |sql: &str| -> Result<i64> { Ok(db.conn.query_row(sql, [], |r| r.get(0))?) };
+    Ok(Counts {
+        blobs: one("SELECT COUNT(*) FROM blobs WHERE state = 'present'")?,
+        blob_bytes: one("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'present'")?,
+        rejected_blobs: one("SELECT COUNT(*) FROM blobs WHERE state = 'rejected'")?,
+        chains: one("SELECT COUNT(*) FROM chains WHERE state = 'ready'")?,
+        images: one("SELECT COUNT(*) FROM images")?,
+        images_ready: one("SELECT COUNT(*) FROM images WHERE state = 'ready'")?,
+        activations: one("SELECT COUNT(*) FROM activations")?,
+        activations_active: one("SELECT COUNT(*) FROM activations WHERE state = 'active'")?,
+        runs_active: one("SELECT COUNT(*) FROM runs WHERE state IN ('active', 'cancelling')")?,
+        runs_failed: one("SELECT COUNT(*) FROM runs WHERE state = 'failed'")?,
+    })
+}
+
+#[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Level,
+    pub detail: String,
+    pub advice: Option<String>,
+}
+
+fn check(name: &'static str, status: Level, detail: impl Into<String>, advice: Option<&str>) -> Check {
+    Check { name, status, detail: detail.into(), advice: advice.map(String::from) }
+}
+
+/// All doctor checks, in order.
+pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    // Kernel support.
+    if std::path::Path::new("/dev/mapper/control").exists() {
+        match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {
+            Ok(v) => out.push(check("device-mapper", Level::Ok, format!("interface {}.{}.{}", v[0], v[1], v[2]), None)),
+            Err(e) => out.push(check("device-mapper", Level::Fail, e.full_message(), Some("run as root; load dm-mod"))),
+        }
+    } else {
+        out.push(check(
+            "device-mapper",
+            Level::Fail,
+            "/dev/mapper/control does not exist",
+            Some("modprobe dm-mod dm-thin-pool (kernel needs CONFIG_DM_THIN_PROVISIONING)"),
+        ));
+    }
+    let thin = std::fs::read_to_string("/proc/devices").map(|s| s.contains("device-mapper")).unwrap_or(false)
+        && std::fs::read_to_string("/proc/modules").map(|s| s.contains("dm_thin_pool")).unwrap_or(true);
+    if !thin {
+        out.push(check("thin-pool target", Level::Warn, "dm_thin_pool is not loaded", Some("modprobe dm-thin-pool")));
+    }
+    match which("mkfs.ext4") {
+        true => out.push(check("mkfs.ext4", Level::Ok, "found", None)),
+        false => out.push(check("mkfs.ext4", Level::Fail, "not on PATH", Some("install e2fsprogs"))),
+    }
+
+    // The database and the pool.
+    match Db::open_existing(state_dir) {
+        Ok(None) => out.push(check("database", Level::Ok, format!("{} has no database yet", state_dir.display()), None)),
+        Ok(Some(db)) => {
+            match db.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+                Ok(s) if s == "ok" => out.push(check("database", Level::Ok, "quick_check ok", None)),
+                Ok(s) => out.push(check("database", Level::Fail, s, Some("restore state.db from backup; run gc"))),
+                Err(e) => out.push(check("database", Level::Fail, e.to_string(), None)),
+            }
+            if let Ok(c) = counts(&db) {
+                if c.runs_failed > 0 {
+                    out.push(check(
+                        "runs",
+                        Level::Warn,
+                        format!("{} failed run(s)", c.runs_failed),
+                        Some("see 'thinimg runs'; cancel or fix the input and rerun"),
+                    ));
+                }
+            }
+            match pool_view(&db, run_dir) {
+                Ok(None) => out.push(check("pool", Level::Ok, "no pool created yet", None)),
+                Ok(Some(p)) if !p.present => out.push(check(
+                    "pool",
+                    Level::Warn,
+                    format!("pool {} is not assembled (after a reboot?)", p.name),
+                    Some("any writing command (e.g. 'thinimg gc') re-assembles it"),
+                )),
+                Ok(Some(p)) => {
+                    let mode = p.mode.clone().unwrap_or_default();
+                    if p.needs_check == Some(true) || mode.contains("fail") || mode.contains("ro") || mode.contains("error") {
+                        out.push(check(
+                            "pool",
+                            Level::Fail,
+                            format!("pool {} mode {mode}, needs_check {:?}", p.name, p.needs_check),
+                            Some("stop using the pool; run thin_check/thin_repair on its metadata"),
+                        ));
+                    } else {
+                        out.push(check("pool", Level::Ok, format!("pool {} mode {mode}", p.name), None));
+                    }
+                    for (what, v) in [("data", p.data_used_pct), ("metadata", p.meta_used_pct)] {
+                        let v = v.unwrap_or(0.0);
+                        let (lvl, adv) = if v >= 95.0 {
+                            (Level::Fail, Some("free space: 'thinimg gc', remove images, or grow the pool"))
+                        } else if v >= 80.0 {
+                            (Level::Warn, Some("run 'thinimg gc' or grow the pool soon"))
+                        } else {
+                            (Level::Ok, None)
+                        };
+                        out.push(check(if what == "data" { "pool data space" } else { "pool metadata space" }, lvl, format!("{v:.1}% used"), adv));
+                    }
+                }
+                Err(e) => out.push(check("pool", Level::Fail, e.full_message(), None)),
+            }
+        }
+        Err(e) => out.push(check("database", Level::Fail, e.full_message(), Some("check permissions of the state dir"))),
+    }
+
+    // Processes stuck in uninterruptible sleep (often I/O on a full or failed pool).
+    let stuck = d_state_processes();
+    if stuck.is_empty() {
+        out.push(check("D-state processes", Level::Ok, "none", None));
+    } else {
+        out.push(check(
+            "D-state processes",
+            Level::Warn,
+            stuck.join(", "),
+            Some("processes blocked in the kernel; check the pool's space and the kernel log"),
+        ));
+    }
+    // Kernel log.
+    match kernel_log_errors() {
+        Some(lines) if !lines.is_empty() => out.push(check(
+            "kernel log",
+            Level::Warn,
+            lines.join(" | "),
+            Some("recent device-mapper errors; see dmesg"),
+        )),
+        Some(_) => out.push(check("kernel log", Level::Ok, "no recent device-mapper errors", None)),
+        None => out.push(check("kernel log", Level::Warn, "cannot read /dev/kmsg", Some("run as root"))),
+    }
+    // Pressure.
+    for (res, name) in [("memory", "memory pressure"), ("io", "I/O wait")] {
+        match psi_avg10(res) {
+            Some(v) if v >= 40.0 => out.push(check(name, Level::Fail, format!("{res} pressure some avg10 {v:.1}%"), Some("the host is thrashing; postpone image work"))),
+            Some(v) if v >= 10.0 => out.push(check(name, Level::Warn, format!("{res} pressure some avg10 {v:.1}%"), None)),
+            Some(v) => out.push(check(name, Level::Ok, format!("{res} pressure some avg10 {v:.1}%"), None)),
+            None => out.push(check(name, Level::Ok, "pressure stall information not available", None)),
+        }
+    }
+    out
+}
+
+fn which(cmd: &str) -> bool {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    path.split(':').chain(["/sbin", "/usr/sbin"]).any(|d| std::path::Path::new(d).join(cmd).exists())
+}
+
+fn d_state_processes() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // comm may hold spaces: the state follows the last ')'.
+        let Some(close) = stat.rfind(')') else { continue };
+        if stat[close + 1..].trim_start().starts_with('D') {
+            let comm = stat.find('(').map(|o| &stat[o + 1..close]).unwrap_or("?");
+            let wchan = std::fs::read_to_string(e.path().join("wchan")).unwrap_or_default();
+            out.push(format!("{pid} ({comm}) in {}", if wchan.is_empty() { "?" } else { wchan.trim() }));
+        }
+    }
+    out
+}
+
+fn kernel_log_errors() -> Option<Vec<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg").ok()?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..100_000 {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let rec = String::from_utf8_lossy(&buf[..n]);
+                let msg = rec.split_once(';').map(|(_, m)| m).unwrap_or(&rec).trim().to_string();
+                let l = msg.to_ascii_lowercase();
+                if (l.contains("device-mapper") || l.contains("thin")) && (l.contains("error") || l.contains("fail") || l.contains("needs_check") || l.contains("out of data space") || l.contains("read-only")) {
+                    out.push(msg);
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // overwritten records
+            Err(_) => break,
+        }
+    }
+    let n = out.len();
+    Some(out.into_iter().skip(n.saturating_sub(5)).collect())
+}
+
+fn psi_avg10(res: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/pressure/{res}")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("some"))?;
+    line.split_whitespace().find_map(|kv| kv.strip_prefix("avg10=")).and_then(|v| v.parse().ok())
+}
+
+/// Prometheus textfile (node_exporter textfile collector format), written
+/// atomically (temp file + fsync + rename) so the collector never reads a
+/// half-written file. Counts and totals come from the database (they are
+/// cumulative over the host's history); the last command's outcome and
+/// duration from this process.
+pub fn write_metrics(
+    path: &std::path::Path,
+    state_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+    command: &str,
+    exit_code: u8,
+    seconds: f64,
+) -> Result<()> {
+    use std::fmt::Write as _;
+    let mut m = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(m, "{name}{labels} {v}");
+        }
+    };
+    let now = crate::ops::output::now() as f64;
+    let cmd = command.replace('\\', "\\\\").replace('"', "\\\"");
+    gauge("thinimg_last_run_timestamp_seconds", "When the last thinimg command ended.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), now)]);
+    gauge("thinimg_last_run_exit_code", "Exit code of the last thinimg command.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), f64::from(exit_code))]);
+    gauge("thinimg_last_run_duration_seconds", "Wall time of the last thinimg command.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), seconds)]);
+    if let Ok(Some(db)) = Db::open_existing(state_dir) {
+        if let Ok(c) = counts(&db) {
+            gauge("thinimg_blobs", "Blobs in the local store.", "gauge", &[(String::new(), c.blobs as f64)]);
+            gauge("thinimg_blob_bytes", "Bytes of blobs in the local store.", "gauge", &[(String::new(), c.blob_bytes as f64)]);
+            gauge("thinimg_rejected_blobs", "Blobs rejected as hostile or invalid.", "gauge", &[(String::new(), c.rejected_blobs as f64)]);
+            gauge("thinimg_chains", "Layer chains built (thin devices).", "gauge", &[(String::new(), c.chains as f64)]);
+            gauge(
+                "thinimg_images",
+                "Local images by state.",
+                "gauge",
+                &[("{state=\"ready\"}".into(), c.images_ready as f64), ("{state=\"pulling\"}".into(), (c.images - c.images_ready) as f64)],
+            );
+            gauge(
+                "thinimg_activations",
+                "Activations by state.",
+                "gauge",
+                &[("{state=\"active\"}".into(), c.activations_active as f64), ("{state=\"other\"}".into(), (c.activations - c.activations_active) as f64)],
+            );
+        }
+        if let Ok(mut st) = db.conn.prepare("SELECT kind, state, COUNT(*) FROM runs GROUP BY kind, state ORDER BY kind, state") {
+            let rows: Vec<(String, f64)> = st
+                .query_map([], |r| {
+                    Ok((format!("{{kind=\"{}\",state=\"{}\"}}", r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, i64>(2)? as f64))
+                })
+                .map(|it| it.flatten().collect())
+                .unwrap_or_default();
+            gauge("thinimg_runs", "Journaled runs by kind and state.", "gauge", &rows);
+        }
+        if let Ok(Some(p)) = pool_view(&db, run_dir) {
+            gauge("thinimg_pool_up", "1 if the pool's dm device is present.", "gauge", &[(String::new(), if p.present { 1.0 } else { 0.0 })]);
+            if let (Some(u), Some(t)) = (p.data_used_bytes, p.data_total_bytes) {
+                gauge("thinimg_pool_data_used_bytes", "Pool data space used.", "gauge", &[(String::new(), u as f64)]);
+                gauge("thinimg_pool_data_total_bytes", "Pool data space.", "gauge", &[(String::new(), t as f64)]);
+            }
+            if let Some(v) = p.meta_used_pct {
+                gauge("thinimg_pool_metadata_used_ratio", "Pool metadata space used, 0..1.", "gauge", &[(String::new(), v / 100.0)]);
+            }
+            if let Some(nc) = p.needs_check {
+                gauge("thinimg_pool_needs_check", "1 if the pool's metadata needs checking.", "gauge", &[(String::new(), if nc { 1.0 } else { 0.0 })]);
+            }
+        }
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().and_then(|s| s.to_str()).unwrap_or("metrics"), std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(m.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        crate::Error::io(format!("writing metrics file {}", path.display()), e)
+    })
+}
