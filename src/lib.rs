@@ -8,11 +8,14 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod dm;
 pub mod docs;
 pub mod error;
 pub mod magic;
 pub mod journal;
+pub mod loopdev;
 pub mod ops;
+pub mod pool;
 pub mod store;
 
 pub use error::{Error, Kind, Result};
