@@ -16,6 +16,7 @@ pub mod journal;
 pub mod loopdev;
 pub mod ops;
 pub mod pool;
+pub mod poolctl;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

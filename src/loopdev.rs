@@ -90,11 +90,14 @@ impl LoopInfo64 {
     }
 }
 
-/// A bound loop device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A bound loop device, held open: with autoclear, closing the last fd of
+/// a device nothing else holds unbinds it, so the binding lives at least as
+/// long as this value (and after, for as long as a dm table uses it).
+#[derive(Debug)]
 pub struct Loop {
     pub path: PathBuf,
     pub dev: DevId,
+    _hold: File,
 }
 
 /// ioctl with an integer argument.
@@ -169,7 +172,7 @@ pub fn find(backing: &Path) -> Result<Option<Loop>> {
         // lo_device is the kernel's new_encode_dev of st_dev, which equals
         // glibc's dev_t for the values that occur in practice.
         if info.lo_inode == want_ino && DevId::from_rdev(info.lo_device) == DevId::from_rdev(want_dev) {
-            return Ok(Some(Loop { dev: loop_dev_id(&path)?, path }));
+            return Ok(Some(Loop { dev: loop_dev_id(&path)?, path, _hold: f }));
         }
     }
     Ok(None)
@@ -231,7 +234,7 @@ pub fn attach(backing: &Path, read_only: bool) -> Result<Loop> {
                 return Err(Error::io(format!("LOOP_CONFIGURE {} for {}", path.display(), backing.display()), e.into()))
             }
         }
-        return Ok(Loop { dev: loop_dev_id(&path)?, path });
+        return Ok(Loop { dev: loop_dev_id(&path)?, path, _hold: dev });
     }
     Err(Error::new(Kind::TempFail, format!("no free loop device for {} after 16 attempts", backing.display())))
 }

@@ -93,9 +93,8 @@ fn low_water_for(data_blocks: u64) -> u64 {
     (data_blocks / 100).max(1)
 }
 
-/// Create (or keep, when a rerun finds them with the right size) the sparse
-/// data and metadata files of a loop pool under `dir`.
-pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sectors: u64) -> Result<PoolSpec> {
+/// The spec of a loop pool under `dir` (no files touched).
+pub fn loop_spec(dir: &Path, dm_name: DmName, data_size: u64, block_sectors: u64) -> Result<PoolSpec> {
     check_block_sectors(block_sectors)?;
     let block_bytes = block_sectors * 512;
     let data_bytes = data_size / block_bytes * block_bytes;
@@ -103,10 +102,25 @@ pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sect
         return Err(Error::usage(format!("pool data size {data_size} is too small (at least 16 blocks of {block_bytes} bytes)")));
     }
     let meta_bytes = metadata_bytes(data_bytes, block_sectors);
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let data_path = dir.join("data.img");
-    let meta_path = dir.join("meta.img");
-    for (p, size) in [(&data_path, data_bytes), (&meta_path, meta_bytes)] {
+    Ok(PoolSpec {
+        dm_name,
+        kind: PoolKind::Loop,
+        data_path: dir.join("data.img"),
+        meta_path: dir.join("meta.img"),
+        data_sectors: Sectors(data_bytes / 512),
+        meta_sectors: Sectors(meta_bytes / 512),
+        block_sectors: Sectors(block_sectors),
+        low_water: low_water_for(data_bytes / block_bytes),
+    })
+}
+
+/// Create the sparse files of a loop pool spec, keeping files a rerun finds
+/// with the right size (their content is the pool's).
+pub fn make_loop_files(spec: &PoolSpec) -> Result<()> {
+    if let Some(dir) = spec.data_path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    for (p, size) in [(&spec.data_path, spec.data_sectors.bytes()), (&spec.meta_path, spec.meta_sectors.bytes())] {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -119,23 +133,21 @@ pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sect
             if have > size {
                 return Err(Error::new(
                     Kind::CantCreate,
-                    format!("pool file {} exists with {have} bytes, larger than the {size} asked for; refusing to shrink it", p.display()),
+                    format!("pool file {} exists with {have} bytes, more than the {size} asked for; refusing to shrink it", p.display()),
                 ));
             }
             f.set_len(size).map_err(|e| Error::io(format!("sizing {}", p.display()), e))?;
         }
         f.sync_all().map_err(|e| Error::io(format!("fsync {}", p.display()), e))?;
     }
-    Ok(PoolSpec {
-        dm_name,
-        kind: PoolKind::Loop,
-        data_path,
-        meta_path,
-        data_sectors: Sectors(data_bytes / 512),
-        meta_sectors: Sectors(meta_bytes / 512),
-        block_sectors: Sectors(block_sectors),
-        low_water: low_water_for(data_bytes / block_bytes),
-    })
+    Ok(())
+}
+
+/// [`loop_spec`] + [`make_loop_files`]: sparse data and metadata files under `dir`.
+pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sectors: u64) -> Result<PoolSpec> {
+    let spec = loop_spec(dir, dm_name, data_size, block_sectors)?;
+    make_loop_files(&spec)?;
+    Ok(spec)
 }
 
 /// A pool spec on existing block devices (sizes read from the devices).

@@ -1,12 +1,16 @@
 //! One function per command: read the invocation, call into the library,
 //! print the result. No business logic lives here.
 
+pub mod pool;
+
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
 
 /// Run the command; `Ok(code)` is the exit code (0, or 1 for a partial sync).
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
     match inv.command.name {
+        "pool create" => crate::cmd::pool::create(inv),
+        "pool status" => crate::cmd::pool::status(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }
