@@ -779,6 +779,23 @@ mod tests {
         assert_eq!(u.meta_low_water, Some(256));
     }
 
+    /// Lines captured from Debian's 6.1 kernel in the test VM.
+    #[test]
+    fn status_parse_real_kernel_lines() {
+        let PoolStatus::Active(u) =
+            PoolStatus::parse("0 60/512 0/4096 - rw discard_passdown error_if_no_space - 128 ").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((u.meta_used, u.meta_total, u.data_used, u.data_total), (60, 512, 0, 4096));
+        assert_eq!((u.mode, u.meta_low_water), (PoolMode::Rw, Some(128)));
+        let full = PoolStatus::parse("0 64/512 512/512 - out_of_data_space discard_passdown error_if_no_space - 128 ").unwrap();
+        let PoolStatus::Active(u) = &full else { panic!() };
+        assert_eq!((u.data_used, u.data_total, u.mode), (512, 512, PoolMode::OutOfDataSpace));
+        let n = DmName::new("p").unwrap();
+        assert_eq!(full.usable(&n).unwrap_err().kind(), Kind::TempFail);
+    }
+
     #[test]
     fn status_parse_variants() {
         let PoolStatus::Active(u) =

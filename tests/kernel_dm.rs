@@ -261,6 +261,8 @@ fn full_pool_errors_cleanly_and_recovers_after_delete() {
     let err = fill(&nb.path, 64 * MIB).expect_err("writing 72 MiB into a 32 MiB pool must fail");
     let errno = err.raw_os_error();
     assert!(errno == Some(libc::EIO) || errno == Some(libc::ENOSPC), "write error {err:?}");
+    let line = &Dm::open().unwrap().status(p.name(), false).unwrap()[0].params;
+    println!("real full thin-pool status: {line:?}");
     let u = usage(p);
     assert_eq!(u.mode, PoolMode::OutOfDataSpace, "{u:?}");
     assert_eq!(u.data_used, u.data_total);
