@@ -8,12 +8,16 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod dm;
 pub mod docs;
 pub mod error;
 pub mod magic;
 pub mod journal;
+pub mod loopdev;
 pub mod ops;
 pub mod pipeline;
+pub mod pool;
+pub mod poolctl;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -425,7 +425,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Show pool usage, mode and health.",
-        description: "Prints data and metadata usage, mode (rw, ro, out_of_data_space, fail), needs_check and the number of thin devices.",
+        description: "Prints data and metadata usage, mode (rw, ro, out_of_data_space, fail), needs_check and the number of thin devices. Exits 71 when the pool is unusable (fail, read-only, needs_check) and 75 when it is out of data space.",
         flags: &[],
         writes: false,
     },

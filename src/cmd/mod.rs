@@ -4,6 +4,7 @@
 mod images;
 mod ops;
 mod runs;
+pub mod pool;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
@@ -51,6 +52,8 @@ fn run(inv: &Invocation) -> Result<u8> {
         "sync" => ops::sync(inv),
         "status" => ops::status(inv),
         "doctor" => ops::doctor(inv),
+        "pool create" => crate::cmd::pool::create(inv),
+        "pool status" => crate::cmd::pool::status(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }

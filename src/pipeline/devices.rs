@@ -69,9 +69,55 @@ impl Devices {
     /// Assemble the recorded pool, or create the default loop pool when
     /// none is recorded yet.
     pub fn open(inv: &Invocation, conn: &rusqlite::Connection) -> Result<Devices> {
-        let pool = crate::cmd_pool_support::open_or_create(inv, conn)?;
+        use crate::store::pool::{self as spool, PoolState};
+        let (state_dir, run_dir) = (inv.state_dir(), inv.run_dir());
+        let _g = dm_lock();
+        let (pool, was_down) = match spool::load(conn)? {
+            Some((spec, PoolState::Ready)) => match Pool::find(&spec, &run_dir)? {
+                Some(p) => (p, false),
+                None => {
+                    log::info!("assembling thin-pool {} (not in the kernel: after a reboot?)", spec.dm_name);
+                    (Pool::assemble(&spec, &run_dir)?, true)
+                }
+            },
+            _ => {
+                // First use (or an interrupted creation): the default pool.
+                let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
+                    (Some(d), Some(m)) => Some((d, m)),
+                    (None, None) => None,
+                    _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
+                };
+                let req = crate::poolctl::CreateRequest {
+                    devices,
+                    data_size: inv.u64_or("data-size", 20 << 30)?,
+                    block_sectors: inv.u64_or("block-size", 128)?,
+                };
+                (crate::poolctl::create(conn, &state_dir, &run_dir, &req)?.0, false)
+            }
+        };
         let prefix = pool.name().as_str().trim_end_matches("pool").to_string();
-        Ok(Devices { pool, prefix })
+        drop(_g);
+        let d = Devices { pool, prefix };
+        if was_down {
+            d.reactivate_all(conn)?;
+        }
+        Ok(d)
+    }
+
+    /// After a reboot: bring back every activation recorded as active.
+    fn reactivate_all(&self, conn: &rusqlite::Connection) -> Result<()> {
+        for a in crate::store::images::activations(conn)? {
+            if a.state != "active" {
+                continue;
+            }
+            let size: i64 =
+                conn.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [a.thin_id], |r| r.get(0))?;
+            match self.activate(&self.activation_name(&a.name), a.thin_id, size as u64) {
+                Ok(p) => log::info!("re-activated {} at {}", a.name, p.display()),
+                Err(e) => log::error!("re-activating {}: {}", a.name, e.full_message()),
+            }
+        }
+        Ok(())
     }
 
     pub fn pool(&self) -> &Pool {

@@ -24,7 +24,7 @@ pub struct PoolView {
 
 /// The recorded pool and, if its dm device is up, its status. Never assembles.
 pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>> {
-    let Some(spec) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
+    let Some((spec, _)) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
     let thin: i64 = db.conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
     let mut v = PoolView {
         name: spec.dm_name.as_str().to_string(),

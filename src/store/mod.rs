@@ -5,6 +5,8 @@
 //! timeout). Typed queries live in the submodules, one per domain table
 //! group. Nothing outside `store` and `journal` writes SQL.
 
+pub mod images;
+pub mod pool;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

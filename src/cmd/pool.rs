@@ -1,0 +1,101 @@
+//! `thinimg pool create` and `thinimg pool status`: parse flags, call
+//! `poolctl`/`pool`, print.
+
+use crate::cli::Invocation;
+use crate::error::{Error, Result};
+use crate::ops::output;
+use crate::pool::{Pool, PoolStatus};
+use crate::poolctl::{self, CreateRequest};
+use crate::store::Db;
+
+pub fn create(inv: &Invocation) -> Result<u8> {
+    let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
+        (Some(d), Some(m)) => Some((d, m)),
+        (None, None) => None,
+        _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
+    };
+    let data_size = match inv.get("data-size") {
+        Some(v) => crate::cli::parse_size(v).map_err(|e| Error::usage(format!("--data-size: {e}")))?,
+        None => 20 << 30,
+    };
+    let req = CreateRequest { devices, data_size, block_sectors: inv.u64_or("block-size", 128)? };
+    let state_dir = inv.state_dir();
+    let db = Db::open(&state_dir)?;
+    let (pool, existed) = poolctl::create(&db.conn, &state_dir, &inv.run_dir(), &req)?;
+    let status = pool.status()?;
+    print(inv, &pool, Some(&status), &db, if existed { "exists" } else { "created" })?;
+    Ok(0)
+}
+
+pub fn status(inv: &Invocation) -> Result<u8> {
+    let Some(db) = Db::open_existing(&inv.state_dir())? else { return Err(poolctl::no_pool()) };
+    let spec = poolctl::spec(&db.conn)?;
+    let Some(pool) = Pool::find(&spec, &inv.run_dir())? else {
+        if inv.json() {
+            output::json(&serde_json::json!({ "dm_name": spec.dm_name, "kind": spec.kind, "assembled": false }))?;
+        } else {
+            println!("pool {} ({}) is not assembled (after a reboot, the next command that needs it assembles it)", spec.dm_name, spec.kind.as_str());
+        }
+        return Ok(0);
+    };
+    let st = pool.status()?;
+    print(inv, &pool, Some(&st), &db, "assembled")?;
+    // Unhealthy pools exit non-zero (71 or 75) after printing, for cron checks.
+    st.usable(pool.name())?;
+    Ok(0)
+}
+
+fn pct(used: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        (used as f64 * 1000.0 / total as f64).round() / 10.0
+    }
+}
+
+fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: &str) -> Result<()> {
+    let spec = pool.spec();
+    let thins = crate::store::pool::thin_count(&db.conn)?;
+    let block = spec.block_sectors.bytes();
+    if inv.json() {
+        let mut v = serde_json::json!({
+            "dm_name": spec.dm_name,
+            "dev": pool.dev().to_string(),
+            "kind": spec.kind,
+            "state": what,
+            "assembled": true,
+            "data_path": spec.data_path,
+            "meta_path": spec.meta_path,
+            "block_bytes": block,
+            "thin_devices": thins,
+        });
+        if let Some(PoolStatus::Active(u)) = st {
+            v["data_used_pct"] = pct(u.data_used, u.data_total).into();
+            v["meta_used_pct"] = pct(u.meta_used, u.meta_total).into();
+            v["data_bytes"] = (u.data_total * block).into();
+            v["data_used_bytes"] = (u.data_used * block).into();
+        }
+        v["status"] = serde_json::to_value(st).map_err(|e| Error::software("status to JSON").with_source(e))?;
+        return output::json(&v);
+    }
+    println!("pool      {} ({}, {}, {what})", spec.dm_name, pool.dev(), spec.kind.as_str());
+    match st {
+        Some(PoolStatus::Active(u)) => {
+            println!(
+                "data      {} of {} used ({}%)",
+                output::bytes(u.data_used * block),
+                output::bytes(u.data_total * block),
+                pct(u.data_used, u.data_total)
+            );
+            println!("metadata  {}/{} blocks used ({}%)", u.meta_used, u.meta_total, pct(u.meta_used, u.meta_total));
+            let mode = serde_json::to_value(u.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            println!("mode      {mode}{}", if u.needs_check { ", needs_check" } else { "" });
+            println!("txn       {}", u.transaction_id);
+        }
+        Some(PoolStatus::Fail) => println!("mode      FAIL"),
+        Some(PoolStatus::Error) => println!("mode      ERROR (status unreadable)"),
+        None => {}
+    }
+    println!("devices   {thins} thin devices recorded");
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! Typed queries for the `pool` table (the one thin-pool's parameters, so it
+//! can be re-assembled after a reboot) and thin id allocation in
+//! `thin_devices`. Thin ids come from here only: the smallest id not in the
+//! table, never hashed or random, so ids stay small and a crash cannot hand
+//! out one id twice (the row is the reservation).
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::dm::{DmName, Sectors, ThinId};
+use crate::error::{Error, Kind, Result};
+use crate::pool::{PoolKind, PoolSpec};
+
+/// Where pool creation stands: `Creating` is the intent recorded before any
+/// file or device exists; a rerun finishes or cleans it up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolState {
+    Creating,
+    Ready,
+}
+
+impl PoolState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PoolState::Creating => "creating",
+            PoolState::Ready => "ready",
+        }
+    }
+}
+
+/// Insert or replace the pool row.
+pub fn save(conn: &Connection, spec: &PoolSpec, state: PoolState) -> Result<()> {
+    conn.execute(
+        "INSERT INTO pool (id, dm_name, kind, data_path, meta_path, data_sectors, meta_sectors,
+                           block_sectors, low_water, state, created_at)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (id) DO UPDATE SET dm_name = ?1, kind = ?2, data_path = ?3, meta_path = ?4,
+             data_sectors = ?5, meta_sectors = ?6, block_sectors = ?7, low_water = ?8, state = ?9",
+        params![
+            spec.dm_name.as_str(),
+            spec.kind.as_str(),
+            path_str(&spec.data_path)?,
+            path_str(&spec.meta_path)?,
+            spec.data_sectors.0 as i64,
+            spec.meta_sectors.0 as i64,
+            spec.block_sectors.0 as i64,
+            spec.low_water as i64,
+            state.as_str(),
+            crate::ops::output::now(),
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn set_state(conn: &Connection, state: PoolState) -> Result<()> {
+    let n = conn.execute("UPDATE pool SET state = ?1 WHERE id = 1", params![state.as_str()])?;
+    if n != 1 {
+        return Err(Error::software("no pool row to update"));
+    }
+    Ok(())
+}
+
+/// Remove the pool row (a cleaned-up, never-finished creation).
+pub fn forget(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM pool WHERE id = 1", [])?;
+    Ok(())
+}
+
+fn path_str(p: &std::path::Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| Error::usage(format!("pool path {} is not UTF-8", p.display())))
+}
+
+/// The recorded pool, if any. A row this version cannot read is Software.
+pub fn load(conn: &Connection) -> Result<Option<(PoolSpec, PoolState)>> {
+    let row = conn
+        .query_row(
+            "SELECT dm_name, kind, data_path, meta_path, data_sectors, meta_sectors, block_sectors,
+                    low_water, state FROM pool WHERE id = 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((name, kind, data, meta, ds, ms, bs, lw, state)) = row else { return Ok(None) };
+    let bad = |what: &str| Error::new(Kind::Software, format!("pool row in the database has an invalid {what}"));
+    let kind = match kind.as_str() {
+        "loop" => PoolKind::Loop,
+        "block" => PoolKind::Block,
+        _ => return Err(bad("kind")),
+    };
+    let state = match state.as_str() {
+        "creating" => PoolState::Creating,
+        "ready" => PoolState::Ready,
+        _ => return Err(bad("state")),
+    };
+    let nonneg = |v: i64, what: &str| u64::try_from(v).map_err(|_| bad(what));
+    let spec = PoolSpec {
+        dm_name: DmName::new(name).map_err(|e| bad("dm name").with_source(e))?,
+        kind,
+        data_path: data.into(),
+        meta_path: meta.into(),
+        data_sectors: Sectors(nonneg(ds, "data size")?),
+        meta_sectors: Sectors(nonneg(ms, "metadata size")?),
+        block_sectors: Sectors(nonneg(bs, "block size")?),
+        low_water: nonneg(lw, "low water mark")?,
+    };
+    Ok(Some((spec, state)))
+}
+
+/// Role of a thin device, as the `thin_devices.role` column spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThinRole {
+    Chain,
+    Activation,
+}
+
+/// Reserve the smallest unused thin id, recording the intent (state
+/// `creating`, role, origin, size) in the same transaction the caller
+/// commits with its own step.
+pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, size: Sectors) -> Result<ThinId> {
+    let id: i64 = tx.query_row(
+        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM thin_devices WHERE thin_id = 0) THEN 0
+                ELSE (SELECT MIN(t.thin_id + 1) FROM thin_devices t
+                      WHERE NOT EXISTS (SELECT 1 FROM thin_devices u WHERE u.thin_id = t.thin_id + 1))
+                END",
+        [],
+        |r| r.get(0),
+    )?;
+    let id = ThinId::new(id as u64).map_err(|_| Error::new(Kind::TempFail, "all 2^24 thin ids are in use"))?;
+    let role = match role {
+        ThinRole::Chain => "chain",
+        ThinRole::Activation => "activation",
+    };
+    tx.execute(
+        "INSERT INTO thin_devices (thin_id, role, state, origin, size_sectors, created_at)
+         VALUES (?1, ?2, 'creating', ?3, ?4, ?5)",
+        params![id.get(), role, origin.map(|o| o.get()), size.0 as i64, crate::ops::output::now()],
+    )?;
+    Ok(id)
+}
+
+/// Number of thin devices the database knows (any state).
+pub fn thin_count(conn: &Connection) -> Result<u64> {
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
+    Ok(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Db;
+
+    fn spec() -> PoolSpec {
+        PoolSpec {
+            dm_name: DmName::new("thinimg-0123abcd-pool").unwrap(),
+            kind: PoolKind::Loop,
+            data_path: "/s/pool/data.img".into(),
+            meta_path: "/s/pool/meta.img".into(),
+            data_sectors: Sectors(4 << 20),
+            meta_sectors: Sectors(8192),
+            block_sectors: Sectors(128),
+            low_water: 327,
+        }
+    }
+
+    fn tmpdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("thinimg-store-pool-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn save_load_roundtrip_and_state() {
+        let d = tmpdir("rt");
+        let db = Db::open(&d).unwrap();
+        assert!(load(&db.conn).unwrap().is_none());
+        save(&db.conn, &spec(), PoolState::Creating).unwrap();
+        assert_eq!(load(&db.conn).unwrap(), Some((spec(), PoolState::Creating)));
+        set_state(&db.conn, PoolState::Ready).unwrap();
+        assert_eq!(load(&db.conn).unwrap().unwrap().1, PoolState::Ready);
+        forget(&db.conn).unwrap();
+        assert!(load(&db.conn).unwrap().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn thin_ids_are_smallest_unused() {
+        let d = tmpdir("ids");
+        let mut db = Db::open(&d).unwrap();
+        let tx = db.conn.transaction().unwrap();
+        let a = alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(100)).unwrap();
+        let b = alloc_thin_id(&tx, ThinRole::Chain, Some(a), Sectors(100)).unwrap();
+        let c = alloc_thin_id(&tx, ThinRole::Activation, Some(b), Sectors(100)).unwrap();
+        assert_eq!((a.get(), b.get(), c.get()), (0, 1, 2));
+        tx.execute("DELETE FROM thin_devices WHERE thin_id = 1", []).unwrap();
+        assert_eq!(alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(1)).unwrap().get(), 1);
+        assert_eq!(alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(1)).unwrap().get(), 3);
+        tx.execute("DELETE FROM thin_devices WHERE thin_id = 0", []).unwrap();
+        assert_eq!(alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(1)).unwrap().get(), 0);
+        tx.commit().unwrap();
+        assert_eq!(thin_count(&db.conn).unwrap(), 4);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
