@@ -6,13 +6,17 @@
 //! pipeline or the CLI and never touch the database; `store` and `journal`
 //! own all SQL.
 
+pub mod blobs;
 pub mod cli;
 pub mod cmd;
 pub mod docs;
 pub mod error;
+pub mod fetch;
 pub mod magic;
 pub mod journal;
 pub mod ops;
+pub mod remote;
+pub mod s3;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -5,6 +5,7 @@
 //! timeout). Typed queries live in the submodules, one per domain table
 //! group. Nothing outside `store` and `journal` writes SQL.
 
+pub mod blobs;
 pub mod schema;
 
 use std::path::{Path, PathBuf};
