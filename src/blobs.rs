@@ -25,6 +25,9 @@ use crate::s3::{Got, S3Client};
 /// Durable progress is reported every this many bytes.
 pub const CHECKPOINT_BYTES: u64 = 16 << 20;
 const BUF: usize = 256 << 10;
+/// Writeback of what was written is started every this many bytes, so a
+/// checkpoint's fsync finds little left to wait for.
+const WRITEBACK_BYTES: u64 = 4 << 20;
 
 /// A SHA-256 digest as 64 lower-case hex digits: the name of a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -214,6 +217,10 @@ impl BlobStore {
     /// Download `job.key` into the store, resuming from `job.resume_offset`.
     /// `progress` is called after every checkpoint and before the final
     /// rename; an error from it aborts the download (the partial stays).
+    ///
+    /// The network is read on the calling thread while a writer thread
+    /// hashes, writes and fsyncs, so a checkpoint's fsync or a slow disk
+    /// does not stall the connection. Memory: a few 256 KiB buffers.
     pub fn download(
         &self,
         s3: &S3Client,
@@ -232,19 +239,77 @@ impl BlobStore {
             .ctx(|| format!("opening {}", pp.display()))?;
         let have = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
         // Only bytes a checkpoint declared durable are trusted.
-        let mut offset = job.resume_offset.min(have).min(job.size);
+        let offset = job.resume_offset.min(have).min(job.size);
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
         file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (mut hasher, n) = hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (hasher, n) = hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
-        let resumed_from = offset;
+        if job.size == 0 {
+            // An empty object is not a layer; check_head says why.
+            drop(file);
+            remove_if_exists(&pp)?;
+            check_head(&url, &head, 0, 0)?;
+            return Err(Error::bad_data(format!("{url} is empty")));
+        }
+        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(4);
+        let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
+        let outcome = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
+            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp };
+            let r = self.receive(s3, job, &url, &mut w, &mut head, offset, progress);
+            drop(w);
+            let (file, hasher, werr) = match writer.join() {
+                Ok(v) => v,
+                Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
+            };
+            let r = r?;
+            if let Some(e) = werr {
+                return Err(Error::io(format!("writing {}", pp.display()), e));
+            }
+            Ok((r, file, hasher))
+        });
+        let ((etag, size, transferred), file, hasher) = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                if e.kind() == Kind::BadData {
+                    remove_if_exists(&pp)?;
+                }
+                return Err(e);
+            }
+        };
+        file.sync_all().ctx(|| format!("fsync {}", pp.display()))?;
+        let len = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
+        drop(file);
+        if len != size {
+            return Err(Error::new(Kind::Io, format!("{}: wrote {len} bytes, expected {size}", pp.display())));
+        }
+        let digest = BlobDigest::from_hasher(hasher);
+        progress(Progress::Verified { digest: &digest, size })?;
+        self.install(&pp, &digest)?;
+        fault::point("download:renamed");
+        Ok(Downloaded { digest, size, etag, transferred, resumed_from: offset })
+    }
+
+    /// The network side of [`BlobStore::download`]: requests, retries,
+    /// type check, checkpoints. Returns (etag, size, bytes transferred).
+    #[allow(clippy::too_many_arguments)]
+    fn receive(
+        &self,
+        s3: &S3Client,
+        job: &DownloadJob<'_>,
+        url: &str,
+        w: &mut WriterLink<'_>,
+        head: &mut Vec<u8>,
+        mut offset: u64,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<(String, u64, u64)> {
         let mut checked_type = false;
         if offset > 0 {
             log::info!("resuming {url} at byte {offset} of {}", job.size);
-            checked_type = check_head(&url, &head, offset, job.size)?;
+            checked_type = check_head(url, head, offset, job.size)?;
         }
         let mut etag = job.etag.to_string();
         let mut size = job.size;
@@ -254,11 +319,6 @@ impl BlobStore {
         let mut failures = 0u32;
         let mut restarts = 0u32;
         let retry = s3.retry_policy();
-        let mut buf = vec![0u8; BUF];
-        if size == 0 {
-            remove_if_exists(&pp)?;
-            check_head(&url, &head, 0, 0)?;
-        }
         'request: while offset < size {
             let got = s3.get(job.key, offset, if_match.then_some(etag.as_str()))?;
             let mut body = match got {
@@ -268,11 +328,8 @@ impl BlobStore {
                         return Err(Error::new(Kind::Unavailable, format!("{url} keeps changing while being downloaded")));
                     }
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
-                    file.set_len(0).ctx(|| format!("truncating {}", pp.display()))?;
-                    file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
-                    file.sync_data().ctx(|| format!("fsync {}", pp.display()))?;
+                    w.reset()?;
                     offset = 0;
-                    hasher = Sha256::new();
                     head.clear();
                     checked_type = false;
                     if_match = false;
@@ -288,7 +345,10 @@ impl BlobStore {
                     etag = body.etag.clone();
                 }
                 size = body.total_size;
-                check_size(&url, size, job.max_size)?;
+                check_size(url, size, job.max_size)?;
+                if size == 0 {
+                    check_head(url, head, 0, 0)?;
+                }
                 if_match = !etag.is_empty();
             } else if body.total_size != size || (!body.etag.is_empty() && body.etag != etag) {
                 return Err(Error::new(
@@ -301,6 +361,8 @@ impl BlobStore {
                 if want == 0 {
                     break 'request;
                 }
+                let mut buf = w.buffer();
+                buf.resize(want, 0);
                 let n = match body.read(&mut buf[..want]) {
                     Ok(0) => {
                         failures += 1;
@@ -326,21 +388,16 @@ impl BlobStore {
                         continue 'request;
                     }
                 };
-                let chunk = &buf[..n];
+                buf.truncate(n);
                 if !checked_type {
                     let take = (512 - head.len()).min(n);
-                    head.extend_from_slice(&chunk[..take]);
+                    head.extend_from_slice(&buf[..take]);
                     if head.len() == 512 || offset + n as u64 == size {
-                        if let Err(e) = check_head(&url, &head, 512, size) {
-                            drop(file);
-                            remove_if_exists(&pp)?;
-                            return Err(e);
-                        }
+                        check_head(url, head, 512, size)?;
                         checked_type = true;
                     }
                 }
-                file.write_all(chunk).ctx(|| format!("writing {}", pp.display()))?;
-                hasher.update(chunk);
+                w.write(buf)?;
                 offset += n as u64;
                 transferred += n as u64;
                 since_checkpoint += n as u64;
@@ -349,31 +406,143 @@ impl BlobStore {
                     c.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 if since_checkpoint >= CHECKPOINT_BYTES && offset < size {
-                    file.sync_data().ctx(|| format!("fsync {}", pp.display()))?;
+                    w.sync()?;
                     progress(Progress::Durable { offset, etag: &etag, size })?;
                     since_checkpoint = 0;
                     fault::point("download:chunk");
                 }
             }
         }
-        if size == 0 {
-            // It became empty on the way: not a layer; check_head says why.
-            drop(file);
-            remove_if_exists(&pp)?;
-            check_head(&url, &head, 0, 0)?;
-            return Err(Error::bad_data(format!("{url} is empty")));
+        Ok((etag, size, transferred))
+    }
+}
+
+enum ToWriter {
+    Data(Vec<u8>),
+    /// fsync what was written, then answer `Synced`.
+    Sync,
+    /// Truncate to 0 and start hashing afresh, then answer `Synced`.
+    Reset,
+}
+
+enum FromWriter {
+    /// A written buffer, for reuse.
+    Buf(Vec<u8>),
+    Synced(std::result::Result<(), String>),
+}
+
+/// The network side's handle on the writer thread.
+struct WriterLink<'a> {
+    tx: std::sync::mpsc::SyncSender<ToWriter>,
+    rx: std::sync::mpsc::Receiver<FromWriter>,
+    pool: Vec<Vec<u8>>,
+    path: &'a Path,
+}
+
+impl WriterLink<'_> {
+    fn buffer(&mut self) -> Vec<u8> {
+        while let Ok(m) = self.rx.try_recv() {
+            if let FromWriter::Buf(b) = m {
+                self.pool.push(b);
+            }
         }
-        file.sync_all().ctx(|| format!("fsync {}", pp.display()))?;
-        let len = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
-        drop(file);
-        if len != size || offset != size {
-            return Err(Error::new(Kind::Io, format!("{}: wrote {len} bytes, expected {size}", pp.display())));
+        self.pool.pop().unwrap_or_else(|| Vec::with_capacity(BUF))
+    }
+
+    fn gone(&self) -> Error {
+        Error::new(Kind::Io, format!("writing {}: the writer thread stopped", self.path.display()))
+    }
+
+    fn write(&mut self, buf: Vec<u8>) -> Result<()> {
+        self.tx.send(ToWriter::Data(buf)).map_err(|_| self.gone())
+    }
+
+    fn wait_synced(&mut self, msg: ToWriter) -> Result<()> {
+        self.tx.send(msg).map_err(|_| self.gone())?;
+        loop {
+            match self.rx.recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(Ok(()))) => return Ok(()),
+                Ok(FromWriter::Synced(Err(e))) => {
+                    return Err(Error::new(Kind::Io, format!("writing {}: {e}", self.path.display())))
+                }
+                Err(_) => return Err(self.gone()),
+            }
         }
-        let digest = BlobDigest::from_hasher(hasher);
-        progress(Progress::Verified { digest: &digest, size })?;
-        self.install(&pp, &digest)?;
-        fault::point("download:renamed");
-        Ok(Downloaded { digest, size, etag, transferred, resumed_from })
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.wait_synced(ToWriter::Sync)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.wait_synced(ToWriter::Reset)
+    }
+}
+
+/// The writer thread: hash, write, start writeback, fsync on request.
+/// Returns the file, the hash state and the first write error.
+fn write_loop(
+    mut file: File,
+    mut hasher: Sha256,
+    mut pos: u64,
+    rx: std::sync::mpsc::Receiver<ToWriter>,
+    tx: std::sync::mpsc::Sender<FromWriter>,
+) -> (File, Sha256, Option<std::io::Error>) {
+    let mut err: Option<std::io::Error> = None;
+    let mut written_back = pos;
+    for m in rx {
+        match m {
+            ToWriter::Data(buf) => {
+                if err.is_none() {
+                    match file.write_all(&buf) {
+                        Ok(()) => {
+                            hasher.update(&buf);
+                            pos += buf.len() as u64;
+                            if pos - written_back >= WRITEBACK_BYTES {
+                                start_writeback(&file, written_back, pos - written_back);
+                                written_back = pos;
+                            }
+                        }
+                        Err(e) => err = Some(e),
+                    }
+                }
+                let _ = tx.send(FromWriter::Buf(buf));
+            }
+            ToWriter::Sync => {
+                let r = match &err {
+                    Some(e) => Err(e.to_string()),
+                    None => file.sync_data().map_err(|e| e.to_string()),
+                };
+                let _ = tx.send(FromWriter::Synced(r));
+            }
+            ToWriter::Reset => {
+                hasher = Sha256::new();
+                pos = 0;
+                written_back = 0;
+                let r = match &err {
+                    Some(e) => Err(e.to_string()),
+                    None => file
+                        .set_len(0)
+                        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| e.to_string()),
+                };
+                let _ = tx.send(FromWriter::Synced(r));
+            }
+        }
+    }
+    (file, hasher, err)
+}
+
+/// Ask the kernel to start writing [start, start+len) to disk now, without
+/// waiting. Only a hint: failure changes nothing but speed.
+fn start_writeback(f: &File, start: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a valid fd owned by `f`; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), start as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+    if r != 0 {
+        log::trace!("sync_file_range: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -223,14 +223,7 @@ impl Catalog {
 
 /// The first missing layer number in a sorted layer list, if any.
 fn first_gap(layers: &[Layer]) -> Option<u32> {
-    let mut want = 1;
-    for l in layers {
-        if l.n != want {
-            return Some(want);
-        }
-        want += 1;
-    }
-    None
+    (1..).zip(layers).find(|(want, l)| l.n != *want).map(|(want, _)| want)
 }
 
 fn gap_message(bucket: &str, prefix: &str, family: &str, missing: u32, layers: &[Layer], ignored: &[Ignored]) -> String {

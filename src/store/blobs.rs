@@ -59,8 +59,11 @@ pub fn blob_get(c: &Connection, digest: &str) -> Result<Option<BlobRow>> {
     .optional()?)
 }
 
+/// (bucket, key) pairs.
+pub type ObjectKeys = Vec<(String, String)>;
+
 /// Every blob with the keys known to hold it, ordered by digest.
-pub fn blobs_with_keys(c: &Connection) -> Result<Vec<(BlobRow, Vec<(String, String)>)>> {
+pub fn blobs_with_keys(c: &Connection) -> Result<Vec<(BlobRow, ObjectKeys)>> {
     let mut st = c.prepare("SELECT digest, size, state, created_at, verified_at FROM blobs ORDER BY digest")?;
     let blobs = st.query_map([], blob_from)?.collect::<rusqlite::Result<Vec<_>>>()?;
     let mut keys = c.prepare("SELECT bucket, key FROM objects WHERE digest = ?1 ORDER BY bucket, key")?;
