@@ -6,11 +6,13 @@
 //! pipeline or the CLI and never touch the database; `store` and `journal`
 //! own all SQL.
 
+pub mod blobs;
 pub mod cli;
 pub mod cmd;
 pub mod dm;
 pub mod docs;
 pub mod error;
+pub mod fetch;
 pub mod magic;
 pub mod journal;
 pub mod loopdev;
@@ -18,6 +20,8 @@ pub mod ops;
 pub mod pipeline;
 pub mod pool;
 pub mod poolctl;
+pub mod remote;
+pub mod s3;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -177,6 +177,12 @@ pub static DOWNLOAD: &[Flag] = &[
     },
 ];
 
+pub static VERIFY: &[Flag] = &[sw(
+    "verify",
+    None,
+    "Re-hash blobs already in the store before counting them as present; corrupt ones are removed and fetched again.",
+)];
+
 pub static EXTRACT: &[Flag] = &[
     Flag {
         long: "jobs",
@@ -365,8 +371,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Download an image's layer blobs into the content-addressed store.",
-        description: "REF is a family (golang) or a key (images/golang/3.tar, meaning the family up to that layer). Downloads stream with SHA-256 verification, resume after interruption with a Range request, and identical content is stored once.",
-        flags: &[DOWNLOAD],
+        description: "REF is a family (golang: all its layers) or one layer, written as the key images/golang/3.tar, as golang/3.tar or as golang/3, meaning the family's layers 1 to 3. Layers are the objects <N>.tar in the family folder, N a decimal without leading zeros, applied in numeric order. Downloads stream with SHA-256 verification, resume after interruption with a Range request, and identical content is stored once. Non-tar and compressed objects are refused (exit 65).",
+        flags: &[DOWNLOAD, VERIFY],
         writes: true,
     },
     Command {

@@ -5,6 +5,9 @@ mod images;
 mod ops;
 mod runs;
 pub mod pool;
+pub mod blobs;
+pub mod fetch;
+pub mod ls_remote;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
@@ -54,6 +57,9 @@ fn run(inv: &Invocation) -> Result<u8> {
         "doctor" => ops::doctor(inv),
         "pool create" => crate::cmd::pool::create(inv),
         "pool status" => crate::cmd::pool::status(inv),
+        "ls-remote" => crate::cmd::ls_remote::run(inv),
+        "fetch" => crate::cmd::fetch::run(inv),
+        "blobs" => crate::cmd::blobs::run(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }

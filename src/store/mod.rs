@@ -7,6 +7,7 @@
 
 pub mod images;
 pub mod pool;
+pub mod blobs;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

@@ -17,10 +17,12 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
 
     -- Content-addressed blobs (downloaded S3 objects), by SHA-256 hex.
+    -- 'missing': the file was found corrupt or absent and removed; the next
+    -- fetch of a key holding it downloads it again.
     CREATE TABLE blobs (
         digest        TEXT PRIMARY KEY CHECK (length(digest) = 64),
         size          INTEGER NOT NULL CHECK (size >= 0),
-        state         TEXT NOT NULL CHECK (state IN ('present', 'rejected')),
+        state         TEXT NOT NULL CHECK (state IN ('present', 'missing', 'rejected')),
         reason        TEXT,             -- why a blob was rejected (rule, entry)
         created_at    INTEGER NOT NULL,
         verified_at   INTEGER
@@ -31,26 +33,32 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TABLE objects (
         bucket        TEXT NOT NULL,
         key           TEXT NOT NULL,
-        etag          TEXT,
-        size          INTEGER,
+        etag          TEXT NOT NULL,
+        size          INTEGER NOT NULL CHECK (size >= 0),
         last_modified TEXT,
         digest        TEXT REFERENCES blobs (digest) ON DELETE SET NULL,
         seen_at       INTEGER NOT NULL,
         PRIMARY KEY (bucket, key)
     ) STRICT;
+    CREATE INDEX objects_by_etag ON objects (etag, size);
+    CREATE INDEX objects_by_digest ON objects (digest);
 
     -- Downloads in progress: the partial file's bytes [0, offset) are durable
-    -- (fsynced) and were served under `etag`.
+    -- (fsynced) and were served under `etag`. `digest` is set once the whole
+    -- object is written and verified, just before the partial is renamed
+    -- into the store, so a crash after the rename is adopted, not redone.
     CREATE TABLE downloads (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
         bucket        TEXT NOT NULL,
         key           TEXT NOT NULL,
-        etag          TEXT,
-        size          INTEGER NOT NULL,
+        etag          TEXT NOT NULL,
+        size          INTEGER NOT NULL CHECK (size >= 0),
         offset        INTEGER NOT NULL DEFAULT 0 CHECK (offset >= 0),
-        partial       TEXT NOT NULL UNIQUE,     -- file name under blobs/partial/
+        partial       TEXT NOT NULL UNIQUE,     -- file name under blobs/partial/, from id
+        digest        TEXT CHECK (digest IS NULL OR length(digest) = 64),
         started_at    INTEGER NOT NULL,
         updated_at    INTEGER NOT NULL,
-        PRIMARY KEY (bucket, key)
+        UNIQUE (bucket, key)
     ) STRICT;
 
     -- The one thin-pool and how to re-assemble it after a reboot.

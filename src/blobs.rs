@@ -1,0 +1,648 @@
+//! The content-addressed blob store and the resumable, verifying download
+//! into it.
+//!
+//! Owns `<state-dir>/blobs/sha256/<hex>` (complete blobs, named only by
+//! their SHA-256) and `<state-dir>/blobs/partial/<id>.partial` (downloads
+//! in progress, named by a database id, never by a key). A download
+//! streams from S3, hashes while writing, checkpoints (fsync, then reports
+//! the durable offset to its caller), verifies size and type, and renames
+//! the finished file into place atomically with both directories fsynced.
+//! It never opens the database: the caller persists checkpoints through a
+//! callback. Nothing outside the two directories is ever written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::magic::{classify, Magic};
+use crate::ops::fault;
+use crate::s3::{Got, S3Client};
+
+/// Durable progress is reported every this many bytes.
+pub const CHECKPOINT_BYTES: u64 = 16 << 20;
+const BUF: usize = 256 << 10;
+/// Writeback of what was written is started every this many bytes, so a
+/// checkpoint's fsync finds little left to wait for.
+const WRITEBACK_BYTES: u64 = 4 << 20;
+
+/// A SHA-256 digest as 64 lower-case hex digits: the name of a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct BlobDigest(String);
+
+impl BlobDigest {
+    pub fn parse(s: &str) -> Result<BlobDigest> {
+        if s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(BlobDigest(s.to_string()))
+        } else {
+            Err(Error::software(format!("{s:?} is not a SHA-256 hex digest")))
+        }
+    }
+    fn from_hasher(h: Sha256) -> BlobDigest {
+        BlobDigest(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BlobDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a download reports to its caller while it runs.
+pub enum Progress<'a> {
+    /// Bytes [0, offset) of the partial are fsynced and belong to the
+    /// object version `etag` of `size` bytes (offset 0: restarted).
+    Durable { offset: u64, etag: &'a str, size: u64 },
+    /// The partial is complete, fsynced and hashes to `digest`; it is about
+    /// to be renamed into the store.
+    Verified { digest: &'a BlobDigest, size: u64 },
+}
+
+/// One object to download into the partial file `partial`.
+pub struct DownloadJob<'a> {
+    pub key: &'a str,
+    /// The ETag the listing reported; the download insists on it (If-Match)
+    /// unless the object turns out to have changed, then restarts.
+    pub etag: &'a str,
+    pub size: u64,
+    pub partial: &'a str,
+    /// Bytes already durable in the partial (from a checkpoint).
+    pub resume_offset: u64,
+    pub max_size: u64,
+    /// Incremented with every byte received (progress display).
+    pub counter: Option<&'a AtomicU64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    pub digest: BlobDigest,
+    pub size: u64,
+    /// The version actually stored (differs from the job's if it changed).
+    pub etag: String,
+    /// Bytes received over the network in this call.
+    pub transferred: u64,
+    /// Bytes reused from an earlier, interrupted call.
+    pub resumed_from: u64,
+}
+
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+fn sync_dir(p: &Path) -> Result<()> {
+    File::open(p).and_then(|f| f.sync_all()).ctx(|| format!("fsync directory {}", p.display()))
+}
+
+impl BlobStore {
+    /// Open (creating the directories of) the store under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<BlobStore> {
+        let root = state_dir.join("blobs");
+        for d in [root.join("sha256"), root.join("partial")] {
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        Ok(BlobStore { root })
+    }
+
+    /// The store as it is, for read-only callers; nothing is created.
+    pub fn at(state_dir: &Path) -> BlobStore {
+        BlobStore { root: state_dir.join("blobs") }
+    }
+
+    pub fn blob_path(&self, d: &BlobDigest) -> PathBuf {
+        self.root.join("sha256").join(d.as_str())
+    }
+
+    fn partial_path(&self, name: &str) -> Result<PathBuf> {
+        let ok = name
+            .strip_suffix(".partial")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        if !ok {
+            return Err(Error::software(format!("partial download name {name:?} is not <id>.partial")));
+        }
+        Ok(self.root.join("partial").join(name))
+    }
+
+    /// Whether the blob file exists as a regular file of `size` bytes (the
+    /// cheap check done before every use; see [`BlobStore::verify`]).
+    pub fn size_ok(&self, d: &BlobDigest, size: u64) -> Result<bool> {
+        match std::fs::symlink_metadata(self.blob_path(d)) {
+            Ok(m) => Ok(m.file_type().is_file() && m.len() == size),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("stat blob {d}"), e)),
+        }
+    }
+
+    /// Re-hash a stored blob. A blob whose content no longer matches its
+    /// name is removed (the caller marks it missing so it is fetched again);
+    /// returns whether it is intact.
+    pub fn verify(&self, d: &BlobDigest) -> Result<bool> {
+        let p = self.blob_path(d);
+        let f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(format!("opening blob {}", p.display()), e)),
+        };
+        let (h, _) = hash_reader(f, u64::MAX, None).ctx(|| format!("reading blob {}", p.display()))?;
+        if BlobDigest::from_hasher(h) == *d {
+            return Ok(true);
+        }
+        log::warn!("blob {d} is corrupt (content does not hash to its name); removing it");
+        remove_if_exists(&p)?;
+        sync_dir(&self.root.join("sha256"))?;
+        Ok(false)
+    }
+
+    /// Remove a blob file (corrupt or unwanted). Missing is fine.
+    pub fn remove_blob(&self, d: &BlobDigest) -> Result<()> {
+        remove_if_exists(&self.blob_path(d))
+    }
+
+    pub fn remove_partial(&self, name: &str) -> Result<()> {
+        remove_if_exists(&self.partial_path(name)?)
+    }
+
+    /// Remove partial files that no download row names (left by a crash
+    /// between creating the file and recording it, or by a restart).
+    pub fn remove_stale_partials(&self, keep: &std::collections::HashSet<String>) -> Result<u64> {
+        let dir = self.root.join("partial");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).ctx(|| format!("reading {}", dir.display()))? {
+            let e = e.ctx(|| format!("reading {}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) && self.partial_path(&name).is_ok() {
+                remove_if_exists(&e.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Finish a download that a crash interrupted after it was verified:
+    /// the blob is in place (true), or the complete partial still hashes to
+    /// `digest` and is renamed now (true), or the work must be redone (false).
+    pub fn adopt_verified(&self, partial: &str, d: &BlobDigest, size: u64) -> Result<bool> {
+        let pp = self.partial_path(partial)?;
+        if self.size_ok(d, size)? {
+            remove_if_exists(&pp)?;
+            return Ok(true);
+        }
+        let f = match File::open(&pp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(format!("opening {}", pp.display()), e)),
+        };
+        let (h, n) = hash_reader(f, u64::MAX, None).ctx(|| format!("reading {}", pp.display()))?;
+        if n != size || BlobDigest::from_hasher(h) != *d {
+            return Ok(false);
+        }
+        self.install(&pp, d)?;
+        Ok(true)
+    }
+
+    fn install(&self, partial: &Path, d: &BlobDigest) -> Result<()> {
+        let dst = self.blob_path(d);
+        std::fs::rename(partial, &dst).ctx(|| format!("renaming {} to {}", partial.display(), dst.display()))?;
+        sync_dir(&self.root.join("sha256"))?;
+        sync_dir(&self.root.join("partial"))
+    }
+
+    /// Download `job.key` into the store, resuming from `job.resume_offset`.
+    /// `progress` is called after every checkpoint and before the final
+    /// rename; an error from it aborts the download (the partial stays).
+    ///
+    /// The network is read on the calling thread while a writer thread
+    /// hashes, writes and fsyncs, so a checkpoint's fsync or a slow disk
+    /// does not stall the connection. Memory: a few 256 KiB buffers.
+    pub fn download(
+        &self,
+        s3: &S3Client,
+        job: &DownloadJob<'_>,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Downloaded> {
+        let url = s3.url_of(job.key);
+        check_size(&url, job.size, job.max_size)?;
+        let pp = self.partial_path(job.partial)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&pp)
+            .ctx(|| format!("opening {}", pp.display()))?;
+        let have = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
+        // Only bytes a checkpoint declared durable are trusted.
+        let offset = job.resume_offset.min(have).min(job.size);
+        file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
+        file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
+        let mut head = Vec::with_capacity(512);
+        let (hasher, n) = hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
+        if n != offset {
+            return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
+        }
+        if job.size == 0 {
+            // An empty object is not a layer; check_head says why.
+            drop(file);
+            remove_if_exists(&pp)?;
+            check_head(&url, &head, 0, 0)?;
+            return Err(Error::bad_data(format!("{url} is empty")));
+        }
+        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(4);
+        let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
+        let outcome = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
+            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp };
+            let r = self.receive(s3, job, &url, &mut w, &mut head, offset, progress);
+            drop(w);
+            let (file, hasher, werr) = match writer.join() {
+                Ok(v) => v,
+                Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
+            };
+            let r = r?;
+            if let Some(e) = werr {
+                return Err(Error::io(format!("writing {}", pp.display()), e));
+            }
+            Ok((r, file, hasher))
+        });
+        let ((etag, size, transferred), file, hasher) = match outcome {
+            Ok(v) => v,
+            Err(e) => {
+                if e.kind() == Kind::BadData {
+                    remove_if_exists(&pp)?;
+                }
+                return Err(e);
+            }
+        };
+        file.sync_all().ctx(|| format!("fsync {}", pp.display()))?;
+        let len = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
+        drop(file);
+        if len != size {
+            return Err(Error::new(Kind::Io, format!("{}: wrote {len} bytes, expected {size}", pp.display())));
+        }
+        let digest = BlobDigest::from_hasher(hasher);
+        progress(Progress::Verified { digest: &digest, size })?;
+        self.install(&pp, &digest)?;
+        fault::point("download:renamed");
+        Ok(Downloaded { digest, size, etag, transferred, resumed_from: offset })
+    }
+
+    /// The network side of [`BlobStore::download`]: requests, retries,
+    /// type check, checkpoints. Returns (etag, size, bytes transferred).
+    #[allow(clippy::too_many_arguments)]
+    fn receive(
+        &self,
+        s3: &S3Client,
+        job: &DownloadJob<'_>,
+        url: &str,
+        w: &mut WriterLink<'_>,
+        head: &mut Vec<u8>,
+        mut offset: u64,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<(String, u64, u64)> {
+        let mut checked_type = false;
+        if offset > 0 {
+            log::info!("resuming {url} at byte {offset} of {}", job.size);
+            checked_type = check_head(url, head, offset, job.size)?;
+        }
+        let mut etag = job.etag.to_string();
+        let mut size = job.size;
+        let mut if_match = !etag.is_empty();
+        let mut transferred = 0u64;
+        let mut since_checkpoint = 0u64;
+        let mut failures = 0u32;
+        let mut restarts = 0u32;
+        let retry = s3.retry_policy();
+        'request: while offset < size {
+            let got = s3.get(job.key, offset, if_match.then_some(etag.as_str()))?;
+            let mut body = match got {
+                Got::Changed => {
+                    restarts += 1;
+                    if restarts > 3 {
+                        return Err(Error::new(Kind::Unavailable, format!("{url} keeps changing while being downloaded")));
+                    }
+                    log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
+                    w.reset()?;
+                    offset = 0;
+                    head.clear();
+                    checked_type = false;
+                    if_match = false;
+                    since_checkpoint = 0;
+                    progress(Progress::Durable { offset: 0, etag: &etag, size })?;
+                    continue 'request;
+                }
+                Got::Body(b) => b,
+            };
+            if offset == 0 {
+                // The first byte fixes the version: everything after must match it.
+                if !body.etag.is_empty() {
+                    etag = body.etag.clone();
+                }
+                size = body.total_size;
+                check_size(url, size, job.max_size)?;
+                if size == 0 {
+                    check_head(url, head, 0, 0)?;
+                }
+                if_match = !etag.is_empty();
+            } else if body.total_size != size || (!body.etag.is_empty() && body.etag != etag) {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!("{url}: server sent a different version on resume (size {} ETag {}); retry", body.total_size, body.etag),
+                ));
+            }
+            loop {
+                let want = (size - offset).min(BUF as u64) as usize;
+                if want == 0 {
+                    break 'request;
+                }
+                let mut buf = w.buffer();
+                buf.resize(want, 0);
+                let n = match body.read(&mut buf[..want]) {
+                    Ok(0) => {
+                        failures += 1;
+                        if failures >= retry.attempts {
+                            return Err(Error::new(
+                                Kind::Unavailable,
+                                format!("{url}: connection keeps ending early (at byte {offset} of {size})"),
+                            ));
+                        }
+                        log::warn!("{url}: body ended at byte {offset} of {size}; resuming");
+                        retry.sleep(failures);
+                        continue 'request;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        failures += 1;
+                        if failures >= retry.attempts {
+                            return Err(Error::new(Kind::Unavailable, format!("{url}: reading at byte {offset} of {size}")).with_source(e));
+                        }
+                        log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
+                        retry.sleep(failures);
+                        continue 'request;
+                    }
+                };
+                buf.truncate(n);
+                if !checked_type {
+                    let take = (512 - head.len()).min(n);
+                    head.extend_from_slice(&buf[..take]);
+                    if head.len() == 512 || offset + n as u64 == size {
+                        check_head(url, head, 512, size)?;
+                        checked_type = true;
+                    }
+                }
+                w.write(buf)?;
+                offset += n as u64;
+                transferred += n as u64;
+                since_checkpoint += n as u64;
+                failures = 0;
+                if let Some(c) = job.counter {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                if since_checkpoint >= CHECKPOINT_BYTES && offset < size {
+                    w.sync()?;
+                    progress(Progress::Durable { offset, etag: &etag, size })?;
+                    since_checkpoint = 0;
+                    fault::point("download:chunk");
+                }
+            }
+        }
+        Ok((etag, size, transferred))
+    }
+}
+
+enum ToWriter {
+    Data(Vec<u8>),
+    /// fsync what was written, then answer `Synced`.
+    Sync,
+    /// Truncate to 0 and start hashing afresh, then answer `Synced`.
+    Reset,
+}
+
+enum FromWriter {
+    /// A written buffer, for reuse.
+    Buf(Vec<u8>),
+    Synced(std::result::Result<(), String>),
+}
+
+/// The network side's handle on the writer thread.
+struct WriterLink<'a> {
+    tx: std::sync::mpsc::SyncSender<ToWriter>,
+    rx: std::sync::mpsc::Receiver<FromWriter>,
+    pool: Vec<Vec<u8>>,
+    path: &'a Path,
+}
+
+impl WriterLink<'_> {
+    fn buffer(&mut self) -> Vec<u8> {
+        while let Ok(m) = self.rx.try_recv() {
+            if let FromWriter::Buf(b) = m {
+                self.pool.push(b);
+            }
+        }
+        self.pool.pop().unwrap_or_else(|| Vec::with_capacity(BUF))
+    }
+
+    fn gone(&self) -> Error {
+        Error::new(Kind::Io, format!("writing {}: the writer thread stopped", self.path.display()))
+    }
+
+    fn write(&mut self, buf: Vec<u8>) -> Result<()> {
+        self.tx.send(ToWriter::Data(buf)).map_err(|_| self.gone())
+    }
+
+    fn wait_synced(&mut self, msg: ToWriter) -> Result<()> {
+        self.tx.send(msg).map_err(|_| self.gone())?;
+        loop {
+            match self.rx.recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(Ok(()))) => return Ok(()),
+                Ok(FromWriter::Synced(Err(e))) => {
+                    return Err(Error::new(Kind::Io, format!("writing {}: {e}", self.path.display())))
+                }
+                Err(_) => return Err(self.gone()),
+            }
+        }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.wait_synced(ToWriter::Sync)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.wait_synced(ToWriter::Reset)
+    }
+}
+
+/// The writer thread: hash, write, start writeback, fsync on request.
+/// Returns the file, the hash state and the first write error.
+fn write_loop(
+    mut file: File,
+    mut hasher: Sha256,
+    mut pos: u64,
+    rx: std::sync::mpsc::Receiver<ToWriter>,
+    tx: std::sync::mpsc::Sender<FromWriter>,
+) -> (File, Sha256, Option<std::io::Error>) {
+    let mut err: Option<std::io::Error> = None;
+    let mut written_back = pos;
+    for m in rx {
+        match m {
+            ToWriter::Data(buf) => {
+                if err.is_none() {
+                    match file.write_all(&buf) {
+                        Ok(()) => {
+                            hasher.update(&buf);
+                            pos += buf.len() as u64;
+                            if pos - written_back >= WRITEBACK_BYTES {
+                                start_writeback(&file, written_back, pos - written_back);
+                                written_back = pos;
+                            }
+                        }
+                        Err(e) => err = Some(e),
+                    }
+                }
+                let _ = tx.send(FromWriter::Buf(buf));
+            }
+            ToWriter::Sync => {
+                let r = match &err {
+                    Some(e) => Err(e.to_string()),
+                    None => file.sync_data().map_err(|e| e.to_string()),
+                };
+                let _ = tx.send(FromWriter::Synced(r));
+            }
+            ToWriter::Reset => {
+                hasher = Sha256::new();
+                pos = 0;
+                written_back = 0;
+                let r = match &err {
+                    Some(e) => Err(e.to_string()),
+                    None => file
+                        .set_len(0)
+                        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| e.to_string()),
+                };
+                let _ = tx.send(FromWriter::Synced(r));
+            }
+        }
+    }
+    (file, hasher, err)
+}
+
+/// Ask the kernel to start writing [start, start+len) to disk now, without
+/// waiting. Only a hint: failure changes nothing but speed.
+fn start_writeback(f: &File, start: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range on a valid fd owned by `f`; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), start as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+    if r != 0 {
+        log::trace!("sync_file_range: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn check_size(url: &str, size: u64, max: u64) -> Result<()> {
+    if size > max {
+        return Err(Error::bad_data(format!(
+            "{url} is {size} bytes, larger than --max-blob-size {max}; refusing to download it"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse non-tar content from its first block. `have` is how many bytes
+/// of the object are known (`head` holds up to 512 of them). Returns
+/// whether the check could be made.
+fn check_head(url: &str, head: &[u8], have: u64, size: u64) -> Result<bool> {
+    if head.len() < 512 && (head.len() as u64) < size && have < size {
+        return Ok(false);
+    }
+    match classify(head) {
+        Magic::Tar | Magic::EmptyTar => Ok(true),
+        m if m.is_compressed() => Err(Error::bad_data(format!(
+            "{url} is {}-compressed; only uncompressed tar layers are supported",
+            m.name()
+        ))),
+        Magic::Zip => Err(Error::bad_data(format!("{url} is a zip archive, not a tar layer"))),
+        m => Err(Error::bad_data(format!("{url} is {}", m.name()))),
+    }
+}
+
+/// Hash up to `limit` bytes of `r`, keeping its first 512 bytes in `head`.
+fn hash_reader(mut r: impl Read, limit: u64, mut head: Option<&mut Vec<u8>>) -> std::io::Result<(Sha256, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    while n < limit {
+        let want = (limit - n).min(buf.len() as u64) as usize;
+        let got = match r.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(hd) = head.as_deref_mut() {
+            let take = (512 - hd.len().min(512)).min(got);
+            hd.extend_from_slice(&buf[..take]);
+        }
+        h.update(&buf[..got]);
+        n += got as u64;
+    }
+    Ok((h, n))
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("removing {}", p.display()), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_and_partial_names_are_validated() {
+        assert!(BlobDigest::parse(&"a".repeat(64)).is_ok());
+        assert!(BlobDigest::parse(&"A".repeat(64)).is_err());
+        assert!(BlobDigest::parse("../x").is_err());
+        let s = BlobStore::at(Path::new("/nonexistent"));
+        assert!(s.partial_path("12.partial").is_ok());
+        assert!(s.partial_path("../12.partial").is_err());
+        assert!(s.partial_path(".partial").is_err());
+    }
+
+    #[test]
+    fn verify_removes_a_corrupt_blob() {
+        let dir = std::env::temp_dir().join(format!("thinimg-blobs-{}", std::process::id()));
+        let s = BlobStore::open(&dir).unwrap();
+        let mut h = Sha256::new();
+        h.update(b"hello");
+        let d = BlobDigest::from_hasher(h);
+        std::fs::write(s.blob_path(&d), b"hello").unwrap();
+        assert!(s.verify(&d).unwrap());
+        assert!(s.size_ok(&d, 5).unwrap());
+        std::fs::write(s.blob_path(&d), b"hellO").unwrap();
+        assert!(s.size_ok(&d, 5).unwrap(), "same size: only a re-hash notices");
+        assert!(!s.verify(&d).unwrap());
+        assert!(!s.blob_path(&d).exists());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn head_check_names_the_object_and_the_rule() {
+        let e = check_head("s3://b/k", &[0x1f, 0x8b, 8, 0], 4, 4).unwrap_err();
+        assert_eq!(e.kind(), Kind::BadData);
+        assert_eq!(e.message(), "s3://b/k is gzip-compressed; only uncompressed tar layers are supported");
+        assert!(check_head("s3://b/k", b"hello", 5, 5).unwrap_err().message().contains("truncated"));
+        assert!(!check_head("s3://b/k", b"hel", 3, 5000).unwrap());
+        assert!(check_head("s3://b/k", &[0u8; 512], 512, 1024).unwrap());
+    }
+}

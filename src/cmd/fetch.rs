@@ -1,0 +1,59 @@
+//! `thinimg fetch REF...`: download layer blobs into the store.
+
+use std::time::Duration;
+
+use crate::blobs::BlobStore;
+use crate::cli::Invocation;
+use crate::error::Result;
+use crate::fetch::{fetch_refs, FetchOptions, Source};
+use crate::ops::lock::StateLock;
+use crate::ops::output;
+use crate::s3::S3Client;
+use crate::store::Db;
+
+pub fn run(inv: &Invocation) -> Result<u8> {
+    let opts = FetchOptions {
+        jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
+        max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
+        verify: inv.flag("verify"),
+        progress: !inv.flag("quiet") && !inv.json(),
+    };
+    let wait = inv.u64_opt("wait")?.map(Duration::from_secs);
+    let state = inv.state_dir();
+    std::fs::create_dir_all(&state).map_err(|e| crate::Error::io(format!("creating state dir {}", state.display()), e))?;
+    let _lock = StateLock::acquire(&state, wait)?;
+    let s3 = S3Client::from_invocation(inv)?;
+    let mut db = Db::open(&state)?;
+    let store = BlobStore::open(&state)?;
+    let report = fetch_refs(&mut db, &s3, &store, &inv.args, &opts)?;
+    if inv.json() {
+        return output::json(&report).map(|()| 0);
+    }
+    if inv.flag("quiet") {
+        return Ok(0);
+    }
+    let mut rows = Vec::new();
+    for img in &report.images {
+        for l in &img.layers {
+            let src = match l.source {
+                Source::Downloaded => "downloaded",
+                Source::Cached => "cached",
+                Source::Deduped => "deduped",
+            };
+            rows.push(vec![img.reference.clone(), l.n.to_string(), l.digest.as_str()[..12].to_string(), output::bytes(l.size), src.to_string()]);
+        }
+    }
+    output::table(&["REF", "LAYER", "BLOB", "SIZE", "SOURCE"], &rows)?;
+    let rate = report.bytes_transferred as f64 / report.seconds.max(0.001);
+    println!(
+        "{} layers: {} downloaded, {} cached, {} deduped; {} transferred in {:.1}s ({}/s)",
+        report.layers,
+        report.downloaded,
+        report.cached,
+        report.deduped,
+        output::bytes(report.bytes_transferred),
+        report.seconds,
+        output::bytes(rate as u64)
+    );
+    Ok(0)
+}

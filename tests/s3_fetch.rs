@@ -1,0 +1,346 @@
+//! Listing, fetching, resuming and refusing, against a real S3 server
+//! (SeaweedFS, SigV4 on) started by the harness. Each test uses its own key
+//! prefix and state dir, so they share one server.
+
+mod common;
+
+use common::{sha256_hex, tar_layer, S3Server, Thinimg};
+
+fn layer_sources(report: &serde_json::Value) -> Vec<(String, String, u64)> {
+    let mut v = Vec::new();
+    for img in report["images"].as_array().unwrap() {
+        for l in img["layers"].as_array().unwrap() {
+            v.push((
+                l["key"].as_str().unwrap().to_string(),
+                l["source"].as_str().unwrap().to_string(),
+                l["transferred"].as_u64().unwrap(),
+            ));
+        }
+    }
+    v
+}
+
+#[test]
+fn sigv4_and_anonymous_buckets_and_auth_errors() {
+    let srv = S3Server::shared();
+    let l1 = tar_layer(1, 70_000);
+    for b in ["priv", "pub"] {
+        srv.put(b, "auth/images/alpine/1.tar", &l1);
+    }
+    // Signed, on the private bucket.
+    let t = Thinimg::new(srv, "priv", "auth/images/");
+    let r = t.ok(&["fetch", "--json", "alpine"]);
+    assert_eq!(r.json()["downloaded"], 1);
+    let blob = t.state.join("blobs/sha256").join(sha256_hex(&l1));
+    assert_eq!(std::fs::read(&blob).unwrap(), l1);
+
+    // Anonymous, explicitly and because no credentials exist, on the public bucket.
+    let t = Thinimg::new(srv, "pub", "auth/images/");
+    let r = t.run(&["fetch", "--json", "--anonymous", "alpine"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let t = Thinimg::new(srv, "pub", "auth/images/");
+    let r = t.run(&["fetch", "--json", "alpine"], &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("no AWS credentials found"), "{}", r.stderr);
+
+    // Wrong secret: clear message, exit 77.
+    let t = Thinimg::new(srv, "priv", "auth/images/");
+    let r = t.run(&["ls-remote"], &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("secret key is wrong"), "{}", r.stderr);
+    assert!(r.stderr.contains("s3://priv/"), "{}", r.stderr);
+    let r = t.run(&["ls-remote"], &[("AWS_ACCESS_KEY_ID", "nosuchkey")]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("access key id is not known"), "{}", r.stderr);
+    // Anonymous on the private bucket.
+    let r = t.run(&["fetch", "--anonymous", "alpine"], &[]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("access denied"), "{}", r.stderr);
+    // A profile from the shared credentials file.
+    let creds = t.home.join("creds");
+    std::fs::write(
+        &creds,
+        format!("[test]\naws_access_key_id = {}\naws_secret_access_key = {}\n", common::ACCESS_KEY, common::SECRET_KEY),
+    )
+    .unwrap();
+    let r = t.run(
+        &["ls-remote", "--json"],
+        &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", ""), ("AWS_PROFILE", "test"), ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap())],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["families"]["alpine"]["layers"].as_array().unwrap().len(), 1);
+}
+
+/// Three families × five layers, layers 1–3 identical everywhere and
+/// node/4 == python/4: 8 distinct blobs, each transferred exactly once.
+#[test]
+fn shared_layers_are_downloaded_once() {
+    let srv = S3Server::shared();
+    let shared: Vec<Vec<u8>> = (1..=3).map(|n| tar_layer(100 + n, 50_000 + n as usize * 1000)).collect();
+    let np4 = tar_layer(204, 61_000);
+    let mut objects = Vec::new();
+    let mut distinct = std::collections::BTreeMap::new();
+    for (fi, fam) in ["golang", "node", "python"].iter().enumerate() {
+        for n in 1..=5u64 {
+            let data = match (fam, n) {
+                (_, 1..=3) => shared[n as usize - 1].clone(),
+                (&"node" | &"python", 4) => np4.clone(),
+                _ => tar_layer(300 + fi as u64 * 10 + n, 40_000 + fi * 3000 + n as usize),
+            };
+            distinct.insert(sha256_hex(&data), data.len() as u64);
+            objects.push((format!("dedupe/images/{fam}/{n}.tar"), data));
+        }
+    }
+    assert_eq!(distinct.len(), 8);
+    srv.put_many("priv", &objects);
+    let t = Thinimg::new(srv, "priv", "dedupe/images/");
+    let r = t.ok(&["fetch", "--json", "golang", "node", "python"]);
+    let j = r.json();
+    assert_eq!(j["layers"], 15);
+    assert_eq!(j["downloaded"], 8, "{j:#}");
+    assert_eq!(j["deduped"], 7);
+    assert_eq!(j["bytes_transferred"].as_u64().unwrap(), distinct.values().sum::<u64>());
+    let files: Vec<String> = t.blob_files().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(files, distinct.keys().cloned().collect::<Vec<_>>());
+    for img in j["images"].as_array().unwrap() {
+        for l in img["layers"].as_array().unwrap() {
+            let key = l["key"].as_str().unwrap();
+            let data = &objects.iter().find(|(k, _)| k == key).unwrap().1;
+            assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(data), "{key}");
+        }
+    }
+    // Again: nothing moves.
+    let j = t.ok(&["fetch", "--json", "golang", "node", "python"]).json();
+    assert_eq!(j["cached"], 15);
+    assert_eq!(j["bytes_transferred"], 0);
+    // Another state dir, one family at a time: node's shared layers come
+    // from the store (by ETag), not the network.
+    let t2 = Thinimg::new(srv, "priv", "dedupe/images/");
+    t2.ok(&["fetch", "golang"]);
+    let j = t2.ok(&["fetch", "--json", "node/5.tar"]).json();
+    let src = layer_sources(&j);
+    assert_eq!(src.iter().filter(|s| s.1 == "deduped").count(), 3, "{src:?}");
+    assert_eq!(src.iter().filter(|s| s.1 == "downloaded").count(), 2, "{src:?}");
+    // blobs lists every key per digest.
+    let b = t.ok(&["blobs", "--json"]).json();
+    let arr = b.as_array().unwrap();
+    assert_eq!(arr.len(), 8);
+    let l1 = arr.iter().find(|x| x["digest"] == sha256_hex(&shared[0])).unwrap();
+    assert_eq!(l1["keys"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn kill_mid_download_resumes_with_only_the_remainder() {
+    let srv = S3Server::shared();
+    let big = tar_layer(7, 40 << 20);
+    srv.put("priv", "resume/images/big/1.tar", &big);
+    let t = Thinimg::new(srv, "priv", "resume/images/");
+    // Die right after the second checkpoint (32 MiB durable).
+    let r = t.run(&["fetch", "--json", "big"], &[("THINIMG_FAULT", "download:chunk"), ("THINIMG_FAULT_SKIP", "1")]);
+    assert_eq!(r.code, -1, "expected SIGKILL: {}", r.stderr);
+    assert!(t.blob_files().is_empty());
+    let j = t.ok(&["fetch", "--json", "big"]).json();
+    let l = &j["images"][0]["layers"][0];
+    // Checkpoints fall on the first read boundary past each 16 MiB.
+    let resumed = l["resumed_from"].as_u64().unwrap();
+    assert!((32 << 20..33 << 20).contains(&resumed), "{j:#}");
+    assert_eq!(l["transferred"].as_u64().unwrap(), big.len() as u64 - resumed);
+    assert_eq!(j["bytes_transferred"].as_u64().unwrap(), big.len() as u64 - resumed);
+    assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&big));
+    assert_eq!(std::fs::read(t.state.join("blobs/sha256").join(sha256_hex(&big))).unwrap(), big);
+    assert_eq!(common::file_count(&t.state.join("blobs/partial")), 0);
+
+    // Killed after the rename, before the database knew: adopted, not redone.
+    let t = Thinimg::new(srv, "priv", "resume/images/");
+    let r = t.run(&["fetch", "big"], &[("THINIMG_FAULT", "download:renamed")]);
+    assert_eq!(r.code, -1, "{}", r.stderr);
+    let j = t.ok(&["fetch", "--json", "big"]).json();
+    assert_eq!(j["bytes_transferred"], 0, "{j:#}");
+    assert_eq!(j["images"][0]["layers"][0]["digest"].as_str().unwrap(), sha256_hex(&big));
+}
+
+#[test]
+fn object_changed_between_runs_restarts_cleanly() {
+    let srv = S3Server::shared();
+    let v1 = tar_layer(8, 24 << 20);
+    let v2 = tar_layer(9, 20 << 20);
+    srv.put("priv", "changed/images/c/1.tar", &v1);
+    let t = Thinimg::new(srv, "priv", "changed/images/");
+    let r = t.run(&["fetch", "c"], &[("THINIMG_FAULT", "download:chunk")]);
+    assert_eq!(r.code, -1, "{}", r.stderr);
+    srv.put("priv", "changed/images/c/1.tar", &v2);
+    let j = t.ok(&["fetch", "--json", "c"]).json();
+    let l = &j["images"][0]["layers"][0];
+    assert_eq!(l["resumed_from"], 0, "{j:#}");
+    assert_eq!(l["transferred"].as_u64().unwrap(), v2.len() as u64);
+    assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&v2));
+    assert_eq!(t.blob_files().len(), 1);
+}
+
+#[test]
+fn corrupt_blob_is_detected_and_fetched_again() {
+    let srv = S3Server::shared();
+    let data = tar_layer(11, 300_000);
+    srv.put("priv", "corrupt/images/x/1.tar", &data);
+    let t = Thinimg::new(srv, "priv", "corrupt/images/");
+    t.ok(&["fetch", "x"]);
+    let blob = t.state.join("blobs/sha256").join(sha256_hex(&data));
+    // Same size, one byte flipped: only a re-hash sees it.
+    let mut bad = data.clone();
+    bad[100_000] ^= 0xff;
+    std::fs::write(&blob, &bad).unwrap();
+    assert_eq!(t.ok(&["fetch", "--json", "x"]).json()["cached"], 1, "without --verify a same-size blob is trusted");
+    let j = t.ok(&["fetch", "--json", "--verify", "x"]).json();
+    assert_eq!(j["downloaded"], 1, "{j:#}");
+    assert_eq!(j["bytes_transferred"].as_u64().unwrap(), data.len() as u64);
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+    // Truncated: the size check on every fetch sees it.
+    std::fs::write(&blob, &data[..1000]).unwrap();
+    let j = t.ok(&["fetch", "--json", "x"]).json();
+    assert_eq!(j["downloaded"], 1, "{j:#}");
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+}
+
+#[test]
+fn hostile_keys_and_bad_objects() {
+    let srv = S3Server::shared();
+    let p = "hostile/images/";
+    let good = tar_layer(21, 10_000);
+    // SeaweedFS caps a path component at 255 bytes: a 1000-byte key is
+    // built from several long components.
+    let long_key = format!("{p}{}/{}/{}/1.tar", "f".repeat(250), "d".repeat(250), "e".repeat(1000 - p.len() - 250 - 250 - 8));
+    let long_name = format!("{p}golang/{}.tar", "9".repeat(240));
+    let keys = [
+        format!("{p}golang/1.tar"),
+        long_name.clone(),
+        long_key.clone(),
+        format!("{p}gölang/1.tar"),
+        format!("{p}a+b/1.tar"),
+        format!("{p}sp ace/1.tar"),
+        format!("{p}pct%2e%2e/1.tar"),
+        format!("{p}.../1.tar"),
+        format!("{p}golang/2 .tar"),
+        format!("{p}golang/sub/1.tar"),
+        format!("{p}golang/+1.tar"),
+        format!("{p}README"),
+    ];
+    for k in &keys {
+        srv.put("priv", k, &good);
+    }
+    // The server itself refuses dot-dot segments; if it ever stores one,
+    // the listing below must still classify it.
+    let dotdot = srv.try_put("priv", &format!("{p}../escape/1.tar"), &good);
+    let t = Thinimg::new(srv, "priv", p);
+    let j = t.ok(&["ls-remote", "--json"]).json();
+    let fams: Vec<&String> = j["families"].as_object().unwrap().keys().collect();
+    assert_eq!(fams, vec!["golang"], "{j:#}");
+    let ignored = j["ignored"].as_array().unwrap();
+    assert_eq!(ignored.len(), keys.len() - 1 + dotdot as usize, "{j:#}");
+    for i in ignored {
+        assert!(!i["reason"].as_str().unwrap().is_empty());
+    }
+    let reason = |k: &str| ignored.iter().find(|i| i["key"] == k).map(|i| i["reason"].as_str().unwrap().to_string()).unwrap_or_else(|| panic!("{k} not ignored"));
+    assert!(reason(&long_name).contains("larger than"));
+    assert_eq!(long_key.len(), 1000);
+    assert!(reason(&long_key).contains("250 bytes"));
+    assert!(reason(&format!("{p}gölang/1.tar")).contains("characters"));
+    assert!(reason(&format!("{p}golang/sub/1.tar")).contains("nested"));
+    let text = t.ok(&["ls-remote"]).stdout;
+    assert!(text.contains("IGNORED") && text.contains("README"), "{text}");
+    t.ok(&["fetch", "golang"]);
+    // Nothing but the state dir appeared next to it, and inside it only the
+    // db, the lock and content-addressed or id-named files.
+    let parent = t.state.parent().unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, vec!["home", "state"]);
+    for e in walk(&t.state) {
+        let n = e.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            n.len() == 64 || n.starts_with("state.db") || n == "lock" || ["blobs", "sha256", "partial"].contains(&n.as_str()),
+            "unexpected file {}",
+            e.display()
+        );
+    }
+
+    // Compressed, foreign and truncated objects: exit 65 naming the key.
+    let gz = {
+        let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+        v.extend(common::noise(1, 5000));
+        v
+    };
+    srv.put("priv", &format!("{p}gz/1.tar"), &gz);
+    srv.put("priv", &format!("{p}junk/1.tar"), &common::noise(2, 100_000));
+    srv.put("priv", &format!("{p}short/1.tar"), b"too short");
+    for (fam, what) in [("gz", "is gzip-compressed; only uncompressed tar layers are supported"), ("junk", "not a tar archive"), ("short", "truncated")] {
+        let r = t.run(&["fetch", fam], &[]);
+        assert_eq!(r.code, 65, "{fam}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("s3://priv/{p}{fam}/1.tar")), "{}", r.stderr);
+        assert!(r.stderr.contains(what), "{}", r.stderr);
+    }
+    assert_eq!(common::file_count(&t.state.join("blobs/partial")), 0);
+
+    // A gap names the missing layer; the layers below it are still usable.
+    srv.put("priv", &format!("{p}gap/1.tar"), &good);
+    srv.put("priv", &format!("{p}gap/3.tar"), &tar_layer(22, 1000));
+    let r = t.run(&["fetch", "gap"], &[]);
+    assert_eq!(r.code, 65, "{}", r.stderr);
+    assert!(r.stderr.contains("layer 2 is missing") && r.stderr.contains(&format!("{p}gap/2.tar")), "{}", r.stderr);
+    t.ok(&["fetch", "gap/1"]);
+    let j = t.ok(&["ls-remote", "--json", "gap"]).json();
+    assert!(j["families"]["gap"]["invalid"].as_str().unwrap().contains("layer 2 is missing"));
+    // Unknown family and layer: 66.
+    assert_eq!(t.run(&["fetch", "nope"], &[]).code, 66);
+    assert_eq!(t.run(&["fetch", "golang/7"], &[]).code, 66);
+    // Too big for --max-blob-size: 65 naming the key.
+    let r = t.run(&["fetch", "--max-blob-size", "1K", "gap/1"], &[]);
+    assert_eq!(r.code, 0, "already stored: no download, no size check needed: {}", r.stderr);
+    let t2 = Thinimg::new(srv, "priv", p);
+    let r = t2.run(&["fetch", "--max-blob-size", "1K", "gap/1"], &[]);
+    assert_eq!(r.code, 65, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("s3://priv/{p}gap/1.tar")) && r.stderr.contains("max-blob-size"), "{}", r.stderr);
+}
+
+#[test]
+fn listing_follows_pagination() {
+    let srv = S3Server::shared();
+    let layer = tar_layer(31, 600);
+    let objects: Vec<(String, Vec<u8>)> = (1..=1005).map(|n| (format!("many/images/wide/{n}.tar"), layer.clone())).collect();
+    srv.put_many("priv", &objects);
+    let t = Thinimg::new(srv, "priv", "many/images/");
+    let j = t.ok(&["ls-remote", "--json"]).json();
+    let layers = j["families"]["wide"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1005, "more than one 1000-key page");
+    assert_eq!(layers[1004]["n"], 1005);
+    assert!(j["families"]["wide"]["invalid"].is_null());
+    // Smaller pages, many continuation tokens, same answer.
+    let r = t.run(&["ls-remote", "--json"], &[("THINIMG_S3_MAX_KEYS", "97")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["families"]["wide"]["layers"].as_array().unwrap().len(), 1005);
+    // 1005 keys with one content: one blob.
+    let j = t.ok(&["fetch", "--json", "wide/40"]).json();
+    assert_eq!(j["downloaded"], 1);
+    assert_eq!(j["deduped"], 39);
+    assert_eq!(t.blob_files().len(), 1);
+}
+
+#[test]
+fn blobs_on_a_missing_state_dir_is_empty() {
+    let srv = S3Server::shared();
+    let t = Thinimg::new(srv, "priv", "none/");
+    let r = t.ok(&["blobs", "--json"]);
+    assert_eq!(r.json(), serde_json::json!([]));
+    assert!(!t.state.join("state.db").exists());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
