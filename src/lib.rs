@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cmd;
 pub mod docs;
 pub mod error;
+pub mod extract;
 pub mod magic;
 pub mod journal;
 pub mod ops;

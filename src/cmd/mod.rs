@@ -4,9 +4,12 @@
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
 
+pub mod unpack;
+
 /// Run the command; `Ok(code)` is the exit code (0, or 1 for a partial sync).
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
     match inv.command.name {
+        "unpack" => unpack::run(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }
