@@ -21,7 +21,7 @@ pub fn run(inv: &Invocation) -> Result<u8> {
         })?;
         let mut src = std::io::BufReader::with_capacity(1 << 20, &mut f);
         let rep = apply_layer(&dest, &mut src, &name, &opts)?;
-        log::info!(
+        log::debug!(
             "layer {name}: {} entries, {} files, {} written",
             rep.entries,
             rep.files,
