@@ -13,6 +13,7 @@ pub mod dm;
 pub mod docs;
 pub mod error;
 pub mod fetch;
+pub mod extract;
 pub mod magic;
 pub mod journal;
 pub mod loopdev;

@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 /// Run the command; `Ok(code)` is the exit code (non-zero without an error
 /// only for `sync` with failed images and `doctor` with warnings). With
 /// --metrics-file, the metrics are written whatever the outcome.
+pub mod unpack;
+
+/// Run the command; `Ok(code)` is the exit code (0, or 1 for a partial sync).
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
     let t0 = std::time::Instant::now();
     let res = run(inv);
@@ -60,6 +63,7 @@ fn run(inv: &Invocation) -> Result<u8> {
         "ls-remote" => crate::cmd::ls_remote::run(inv),
         "fetch" => crate::cmd::fetch::run(inv),
         "blobs" => crate::cmd::blobs::run(inv),
+        "unpack" => unpack::run(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }
 }

@@ -1,0 +1,194 @@
+//! The bounded file-writer pool.
+//!
+//! The tar stream is read once, by one thread; file bytes are written by a
+//! fixed number of workers. In-flight memory is bounded: chunks are at most
+//! [`CHUNK`] bytes, the queue holds at most `2 × jobs` of them, and buffers
+//! are recycled. Each chunk is written at its offset (`pwrite`) into a file
+//! already created and opened by the reader, so a later entry that replaces
+//! or removes the path cannot redirect a pending write: it goes to the inode
+//! the entry created. A file's metadata (owner, xattrs, mode, times) is
+//! applied by whichever thread finishes its last chunk, after all its data.
+//! The pool never resolves a path.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::root::{apply_meta_fd, Meta};
+use crate::error::{Error, Result};
+
+pub const CHUNK: usize = 256 * 1024;
+
+/// A file whose data is being written.
+pub struct PendingFile {
+    file: File,
+    meta: Meta,
+    name: String,
+    /// Chunks not yet written, plus one while the reader may still send.
+    outstanding: AtomicUsize,
+}
+
+impl PendingFile {
+    pub fn new(file: File, meta: Meta, name: String) -> Arc<PendingFile> {
+        Arc::new(PendingFile { file, meta, name, outstanding: AtomicUsize::new(1) })
+    }
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+struct Chunk {
+    file: Arc<PendingFile>,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+struct Shared {
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+    free: Mutex<Vec<Vec<u8>>>,
+    bytes: AtomicUsize,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::SeqCst);
+        if let Ok(mut slot) = self.error.lock() {
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+    }
+}
+
+pub struct Pool {
+    tx: Option<SyncSender<Chunk>>,
+    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+fn finalize(f: &PendingFile) -> Result<()> {
+    apply_meta_fd(f.file.as_fd(), &f.meta)
+        .map_err(|(op, e)| Error::io(format!("{op} {}", f.name), std::io::Error::from(e)))
+}
+
+/// Drop one reference to the file's outstanding work; the last one applies
+/// the metadata.
+fn release(f: &PendingFile, shared: &Shared) {
+    if f.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 && !shared.failed.load(Ordering::SeqCst) {
+        if let Err(e) = finalize(f) {
+            shared.fail(e);
+        }
+    }
+}
+
+fn worker(rx: Arc<Mutex<Receiver<Chunk>>>, shared: Arc<Shared>) {
+    loop {
+        let job = match rx.lock() {
+            Ok(r) => r.recv(),
+            Err(_) => return,
+        };
+        let Ok(chunk) = job else { return };
+        if !shared.failed.load(Ordering::SeqCst) {
+            if let Err(e) = chunk.file.file.write_all_at(&chunk.buf, chunk.offset) {
+                shared.fail(Error::io(format!("writing {}", chunk.file.name), e));
+            } else {
+                shared.bytes.fetch_add(chunk.buf.len(), Ordering::Relaxed);
+            }
+        }
+        release(&chunk.file, &shared);
+        let mut buf = chunk.buf;
+        buf.clear();
+        if let Ok(mut free) = shared.free.lock() {
+            free.push(buf);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(jobs: usize) -> Result<Pool> {
+        let jobs = jobs.max(1);
+        let (tx, rx) = sync_channel::<Chunk>(2 * jobs);
+        let rx = Arc::new(Mutex::new(rx));
+        let shared = Arc::new(Shared {
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            free: Mutex::new(Vec::new()),
+            bytes: AtomicUsize::new(0),
+        });
+        let mut workers = Vec::with_capacity(jobs);
+        for i in 0..jobs {
+            let (rx, shared) = (rx.clone(), shared.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("unpack-writer-{i}"))
+                .spawn(move || worker(rx, shared))
+                .map_err(|e| Error::io("starting a file-writer thread", e))?;
+            workers.push(h);
+        }
+        Ok(Pool { tx: Some(tx), workers, shared })
+    }
+
+    /// An empty buffer with capacity [`CHUNK`], recycled when possible.
+    pub fn buffer(&self) -> Vec<u8> {
+        let recycled = self.shared.free.lock().ok().and_then(|mut f| f.pop());
+        recycled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
+    }
+
+    /// The first error a worker hit, if any (the reader stops on it).
+    pub fn check(&self) -> Result<()> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.take_error());
+        }
+        Ok(())
+    }
+
+    fn take_error(&self) -> Error {
+        match self.shared.error.lock().ok().and_then(|mut e| e.take()) {
+            Some(e) => e,
+            None => Error::software("a file-writer thread failed without an error"),
+        }
+    }
+
+    /// Queue `buf` to be written at `offset` (blocks while the queue is full).
+    pub fn write(&self, file: &Arc<PendingFile>, offset: u64, buf: Vec<u8>) -> Result<()> {
+        self.check()?;
+        file.outstanding.fetch_add(1, Ordering::AcqRel);
+        let tx = self.tx.as_ref().ok_or_else(|| Error::software("file-writer pool already finished"))?;
+        if tx.send(Chunk { file: file.clone(), offset, buf }).is_err() {
+            file.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::software("file-writer threads exited early"));
+        }
+        Ok(())
+    }
+
+    /// The reader has sent everything for this file.
+    pub fn done(&self, file: &Arc<PendingFile>) {
+        release(file, &self.shared);
+    }
+
+    /// Wait for every queued write; the first error wins.
+    pub fn finish(mut self) -> Result<u64> {
+        self.tx = None;
+        for h in self.workers.drain(..) {
+            if h.join().is_err() {
+                self.shared.fail(Error::software("a file-writer thread panicked"));
+            }
+        }
+        self.check()?;
+        Ok(self.shared.bytes.load(Ordering::Relaxed) as u64)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.failed.store(true, Ordering::SeqCst);
+        self.tx = None;
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

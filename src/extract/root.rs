@@ -1,0 +1,288 @@
+//! The image root and everything done inside it, with the kernel doing the
+//! containment.
+//!
+//! The root is opened once. Every parent directory is resolved with
+//! `openat2(root, parent, O_PATH|O_DIRECTORY, RESOLVE_IN_ROOT|
+//! RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV)`, so `..`, absolute symlinks and
+//! symlink chains all stay inside the root whatever the names say; the final
+//! component is then created, removed or inspected relative to that parent fd
+//! without being followed. This module never opens a path relative to the
+//! process's working directory and never follows a final-component symlink.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::{Gid, Uid};
+
+/// Ownership, mode, times and xattrs to apply to one object.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub xattrs: Vec<(CString, Vec<u8>)>,
+}
+
+/// The root directory of the image being built.
+pub struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+    /// The last resolved parent directory: tar streams are mostly sorted, so
+    /// one entry saves most lookups. Dropped on every removal, the only
+    /// operation that can change what a resolved path names.
+    cache: Option<(Vec<u8>, OwnedFd)>,
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+fn in_root(flags: OFlag) -> OpenHow {
+    OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS | ResolveFlag::RESOLVE_NO_XDEV)
+}
+
+/// openat2 in the root, retrying EAGAIN (a concurrent rename elsewhere in
+/// the tree makes the kernel refuse to vouch for the walk).
+fn openat2_retry(dir: BorrowedFd<'_>, rel: &[u8], flags: OFlag) -> Result<OwnedFd, Errno> {
+    let p: &[u8] = if rel.is_empty() { b"." } else { rel };
+    let mut tries = 0;
+    loop {
+        match nix::fcntl::openat2(dir, os(p), in_root(flags)) {
+            Err(Errno::EAGAIN) if tries < 64 => tries += 1,
+            Err(Errno::EINTR) => {}
+            r => return r,
+        }
+    }
+}
+
+impl Root {
+    /// Open the root directory (creating it if missing).
+    pub fn open(path: &Path) -> std::io::Result<Root> {
+        if !path.exists() {
+            std::fs::create_dir_all(path)?;
+        }
+        let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+        Ok(Root { fd, path: path.to_path_buf(), cache: None })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn invalidate(&mut self) {
+        self.cache = None;
+    }
+
+    /// Resolve a directory (relative, cleaned) inside the root as an O_PATH fd.
+    pub fn dir(&self, rel: &[u8]) -> Result<OwnedFd, Errno> {
+        openat2_retry(self.fd.as_fd(), rel, OFlag::O_PATH | OFlag::O_DIRECTORY)
+    }
+
+    /// Open a directory for metadata changes, refusing a symlink in the last
+    /// component.
+    pub fn reopen_dir(&self, rel: &[u8]) -> Result<OwnedFd, Errno> {
+        openat2_retry(self.fd.as_fd(), rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW)
+    }
+
+    /// The parent directory `rel` (cached). With `create`, missing
+    /// directories are made (mode 0755, root-owned), each step resolved in
+    /// the root again; `made` receives the paths created.
+    pub fn parent(&mut self, rel: &[u8], create: bool, made: &mut Vec<Vec<u8>>) -> Result<BorrowedFd<'_>, Errno> {
+        let hit = matches!(&self.cache, Some((p, _)) if p.as_slice() == rel);
+        if !hit {
+            let fd = match self.dir(rel) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) if create => self.make_dirs(rel, made)?,
+                Err(e) => return Err(e),
+            };
+            self.cache = Some((rel.to_vec(), fd));
+        }
+        match &self.cache {
+            Some((_, fd)) => Ok(fd.as_fd()),
+            None => Err(Errno::EIO),
+        }
+    }
+
+    fn make_dirs(&self, rel: &[u8], made: &mut Vec<Vec<u8>>) -> Result<OwnedFd, Errno> {
+        let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+        let mut cur = self.dir(b"")?;
+        for i in 0..comps.len() {
+            let prefix = comps[..=i].join(&b'/');
+            cur = match self.dir(&prefix) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    match nix::sys::stat::mkdirat(cur.as_fd(), os(comps[i]), Mode::from_bits_truncate(0o755)) {
+                        Ok(()) => made.push(prefix.clone()),
+                        // A dangling symlink (or a racing creator) sits there:
+                        // resolve again and let that answer stand.
+                        Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.dir(&prefix)?
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(cur)
+    }
+}
+
+/// lstat of `name` in `dir`; `None` when absent.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<FileStat>, Errno> {
+    match nix::sys::stat::fstatat(dir, os(name), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn is_dir(st: &FileStat) -> bool {
+    (st.st_mode & libc::S_IFMT) == libc::S_IFDIR
+}
+
+/// Remove `name` in `dir`, a whole tree if it is a directory. Never follows
+/// a symlink: a symlink is unlinked, not its target.
+pub fn remove_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
+    let Some(st) = lstat_at(dir, name)? else { return Ok(()) };
+    if is_dir(&st) {
+        let sub = nix::fcntl::openat(
+            dir,
+            os(name),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        for child in list_dir(&sub)? {
+            remove_at(sub.as_fd(), &child)?;
+        }
+        nix::unistd::unlinkat(dir, os(name), nix::unistd::UnlinkatFlags::RemoveDir)
+    } else {
+        nix::unistd::unlinkat(dir, os(name), nix::unistd::UnlinkatFlags::NoRemoveDir)
+    }
+}
+
+/// Names in a directory (without . and ..).
+pub fn list_dir(dir: &OwnedFd) -> Result<Vec<Vec<u8>>, Errno> {
+    let dup = dir.try_clone().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let mut d = nix::dir::Dir::from_fd(dup)?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push(n.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// Open a directory below `dir` for listing, not following a symlink.
+pub fn open_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd, Errno> {
+    nix::fcntl::openat(
+        dir,
+        os(name),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Create a new regular file (never through an existing name).
+pub fn create_file(dir: BorrowedFd<'_>, name: &[u8]) -> Result<File, Errno> {
+    let fd = nix::fcntl::openat(
+        dir,
+        os(name),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+pub fn mkdir(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
+    nix::sys::stat::mkdirat(dir, os(name), Mode::from_bits_truncate(0o755))
+}
+
+pub fn symlink(dir: BorrowedFd<'_>, name: &[u8], target: &[u8]) -> Result<(), Errno> {
+    nix::unistd::symlinkat(os(target), dir, os(name))
+}
+
+/// Hard link without following a symlink source (the link then names the
+/// symlink itself, which is what the archive recorded).
+pub fn hardlink(src_dir: BorrowedFd<'_>, src: &[u8], dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
+    nix::unistd::linkat(src_dir, os(src), dir, os(name), AtFlags::empty())
+}
+
+pub fn mknod(dir: BorrowedFd<'_>, name: &[u8], kind: SFlag, major: u32, minor: u32) -> Result<(), Errno> {
+    let dev = libc::makedev(major, minor);
+    nix::sys::stat::mknodat(dir, os(name), kind, Mode::from_bits_truncate(0o600), dev)
+}
+
+fn ts(sec: i64, nsec: u32) -> nix::sys::time::TimeSpec {
+    nix::sys::time::TimeSpec::new(sec, i64::from(nsec))
+}
+
+fn omit() -> nix::sys::time::TimeSpec {
+    nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT)
+}
+
+/// Apply metadata through an open fd: owner first (chown clears setuid bits
+/// and file capabilities), then xattrs (security.capability must come after
+/// chown), then the mode (with setuid/setgid/sticky), then the times.
+pub fn apply_meta_fd(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), (&'static str, Errno)> {
+    nix::unistd::fchown(fd, Some(Uid::from_raw(m.uid)), Some(Gid::from_raw(m.gid))).map_err(|e| ("fchown", e))?;
+    for (name, value) in &m.xattrs {
+        // SAFETY: fd is a live descriptor borrowed for this call; name is a
+        // NUL-terminated CString and value a valid slice for value.len() bytes.
+        let r = unsafe {
+            libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        };
+        if r != 0 {
+            return Err(("fsetxattr", Errno::last()));
+        }
+    }
+    nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(m.mode & 0o7777)).map_err(|e| ("fchmod", e))?;
+    nix::sys::stat::futimens(fd, &omit(), &ts(m.mtime_sec, m.mtime_nsec)).map_err(|e| ("futimens", e))?;
+    Ok(())
+}
+
+/// Metadata for an object that cannot be opened safely (symlink, device,
+/// FIFO): by name in its parent, never following the last component.
+/// Symlinks get no mode (Linux has none) and no xattrs.
+pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, symlink: bool) -> Result<(), (&'static str, Errno)> {
+    nix::unistd::fchownat(
+        dir,
+        os(name),
+        Some(Uid::from_raw(m.uid)),
+        Some(Gid::from_raw(m.gid)),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| ("fchownat", e))?;
+    if !symlink {
+        // The node was just created by us with mknodat and is no symlink;
+        // fchmodat cannot refuse to follow on this kernel interface.
+        nix::sys::stat::fchmodat(
+            dir,
+            os(name),
+            Mode::from_bits_truncate(m.mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| ("fchmodat", e))?;
+    }
+    nix::sys::stat::utimensat(
+        dir,
+        os(name),
+        &omit(),
+        &ts(m.mtime_sec, m.mtime_nsec),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| ("utimensat", e))?;
+    Ok(())
+}
