@@ -101,7 +101,7 @@ pub fn resolve_refs(s3: &S3Client, refs: &[String]) -> Result<(Catalog, Vec<Imag
 /// Fetch every layer of every ref. All refs are resolved before anything
 /// is downloaded; every download runs to its end even if another fails;
 /// then the first failure is returned.
-pub fn fetch_refs(db: &mut Db, s3: &S3Client, store: &BlobStore, refs: &[String], opts: &FetchOptions) -> Result<FetchReport> {
+pub fn fetch_refs(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, store: &BlobStore, refs: &[String], opts: &FetchOptions) -> Result<FetchReport> {
     let start = Instant::now();
     let (_, images) = resolve_refs(s3, refs)?;
     let mut layers: Vec<Layer> = Vec::new();
@@ -113,7 +113,7 @@ pub fn fetch_refs(db: &mut Db, s3: &S3Client, store: &BlobStore, refs: &[String]
             }
         }
     }
-    let results = fetch_layers(db, s3, store, &layers, opts)?;
+    let results = fetch_layers(conn, state_dir, s3, store, &layers, opts)?;
     let mut by_key: HashMap<String, LayerFetch> = HashMap::new();
     let mut failures = Vec::new();
     for (l, r) in layers.iter().zip(results) {
@@ -167,10 +167,10 @@ enum Plan {
 
 /// Fetch `layers` (distinct keys). Returns one result per layer, in order.
 /// `Err` only for failures that stop everything (database, store).
-pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Layer], opts: &FetchOptions) -> Result<Vec<Result<LayerFetch>>> {
+pub fn fetch_layers(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, store: &BlobStore, layers: &[Layer], opts: &FetchOptions) -> Result<Vec<Result<LayerFetch>>> {
     let bucket = s3.bucket();
     // Partials that no download row names are leftovers of a crash.
-    let keep: HashSet<String> = q::downloads_all(&db.conn)?.into_iter().map(|d| d.partial).collect();
+    let keep: HashSet<String> = q::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
     let stale = store.remove_stale_partials(&keep)?;
     if stale > 0 {
         log::debug!("removed {stale} stale partial downloads");
@@ -178,7 +178,7 @@ pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Lay
     let mut plans: Vec<Plan> = Vec::with_capacity(layers.len());
     let mut leader_of: HashMap<(String, u64), usize> = HashMap::new();
     for (i, l) in layers.iter().enumerate() {
-        if let Some(done) = already_stored(db, store, bucket, l, opts.verify)? {
+        if let Some(done) = already_stored(conn, store, bucket, l, opts.verify)? {
             plans.push(Plan::Done(done));
             continue;
         }
@@ -213,7 +213,6 @@ pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Lay
     if work.is_empty() {
         return Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::software("layer not planned")))).collect());
     }
-    let state_dir = db.path().parent().map(Path::to_path_buf).ok_or_else(|| Error::software("database path has no parent"))?;
     let queue = Mutex::new(work.into_iter().rev().collect::<Vec<_>>());
     let shared: Mutex<&mut Vec<Option<Result<LayerFetch>>>> = Mutex::new(&mut results);
     let received = AtomicU64::new(0);
@@ -226,7 +225,7 @@ pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Lay
             running.fetch_add(1, Ordering::SeqCst);
             scope.spawn(|| {
                 let worker = || -> Result<()> {
-                    let mut tdb = Db::open(&state_dir)?;
+                    let mut tdb = Db::open(state_dir)?;
                     loop {
                         let next = match queue.lock() {
                             Ok(mut q) => q.pop(),
@@ -278,9 +277,9 @@ pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Lay
 
 /// The layer's blob, if this key is already stored with the same ETag and
 /// size, or its plain-MD5 ETag and size match another stored key.
-fn already_stored(db: &mut Db, store: &BlobStore, bucket: &str, l: &Layer, verify: bool) -> Result<Option<LayerFetch>> {
-    let usable = |db: &Db, d: &str| -> Result<Option<BlobDigest>> {
-        let Some(b) = q::blob_get(&db.conn, d)? else { return Ok(None) };
+fn already_stored(conn: &rusqlite::Connection, store: &BlobStore, bucket: &str, l: &Layer, verify: bool) -> Result<Option<LayerFetch>> {
+    let usable = |conn: &rusqlite::Connection, d: &str| -> Result<Option<BlobDigest>> {
+        let Some(b) = q::blob_get(conn, d)? else { return Ok(None) };
         if b.state != "present" || b.size != l.size {
             return Ok(None);
         }
@@ -289,11 +288,11 @@ fn already_stored(db: &mut Db, store: &BlobStore, bucket: &str, l: &Layer, verif
         if !ok {
             log::warn!("blob {d} (for s3://{bucket}/{}) is missing or corrupt; fetching it again", l.key);
             store.remove_blob(&digest)?;
-            q::blob_mark_missing(&db.conn, d)?;
+            q::blob_mark_missing(conn, d)?;
             return Ok(None);
         }
         if verify {
-            q::blob_mark_verified(&db.conn, d)?;
+            q::blob_mark_verified(conn, d)?;
         }
         Ok(Some(digest))
     };
@@ -309,10 +308,10 @@ fn already_stored(db: &mut Db, store: &BlobStore, bucket: &str, l: &Layer, verif
     };
     // Same key, same version: S3 changes an object's ETag whenever its
     // content changes, so any ETag form identifies this key's content.
-    if let Some(o) = q::object_get(&db.conn, bucket, &l.key)? {
+    if let Some(o) = q::object_get(conn, bucket, &l.key)? {
         if o.etag == l.etag && o.size == l.size {
             if let Some(d) = o.digest.as_deref() {
-                if let Some(digest) = usable(db, d)? {
+                if let Some(digest) = usable(conn, d)? {
                     return Ok(Some(done(digest, Source::Cached)));
                 }
             }
@@ -320,9 +319,9 @@ fn already_stored(db: &mut Db, store: &BlobStore, bucket: &str, l: &Layer, verif
     }
     // Another key: only a plain MD5 says anything about the bytes.
     if etag_is_plain_md5(&l.etag) {
-        if let Some(d) = q::digest_by_etag(&db.conn, &l.etag, l.size)? {
-            if let Some(digest) = usable(db, &d)? {
-                q::object_record(&db.conn, bucket, &l.key, &l.etag, l.size, &l.last_modified, d.as_str())?;
+        if let Some(d) = q::digest_by_etag(conn, &l.etag, l.size)? {
+            if let Some(digest) = usable(conn, &d)? {
+                q::object_record(conn, bucket, &l.key, &l.etag, l.size, &l.last_modified, d.as_str())?;
                 return Ok(Some(done(digest, Source::Deduped)));
             }
         }

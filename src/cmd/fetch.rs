@@ -23,9 +23,9 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     std::fs::create_dir_all(&state).map_err(|e| crate::Error::io(format!("creating state dir {}", state.display()), e))?;
     let _lock = StateLock::acquire(&state, wait)?;
     let s3 = S3Client::from_invocation(inv)?;
-    let mut db = Db::open(&state)?;
+    let db = Db::open(&state)?;
     let store = BlobStore::open(&state)?;
-    let report = fetch_refs(&mut db, &s3, &store, &inv.args, &opts)?;
+    let report = fetch_refs(&db.conn, &inv.state_dir(), &s3, &store, &inv.args, &opts)?;
     if inv.json() {
         return output::json(&report).map(|()| 0);
     }

@@ -148,7 +148,7 @@ impl Activate<'_> {
         dev.ensure_space(0)?;
         let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
         cx.record_intent_with(|tx| {
-            let thin_id = q::alloc_thin_id(tx, "activation", Some(origin), size)?;
+            let thin_id = super::devices::alloc_thin_id(tx, true, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
             Ok(json!({ "thin_id": thin_id, "name": n, "origin": origin }))
         })?;

@@ -57,6 +57,14 @@ pub fn node_numbers(p: &Path) -> Option<(u32, u32)> {
     Some((libc::major(rdev), libc::minor(rdev)))
 }
 
+/// Reserve a thin id (row in state `creating`) inside the caller's transaction.
+pub fn alloc_thin_id(tx: &rusqlite::Connection, activation: bool, origin: Option<u32>, size_sectors: u64) -> Result<u32> {
+    use crate::store::pool::ThinRole;
+    let role = if activation { ThinRole::Activation } else { ThinRole::Chain };
+    let origin = origin.map(thin).transpose()?;
+    Ok(crate::store::pool::alloc_thin_id(tx, role, origin, Sectors(size_sectors))?.get())
+}
+
 fn name(s: &str) -> Result<DmName> {
     DmName::new(s.to_string())
 }

@@ -241,7 +241,8 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
 
 fn which(cmd: &str) -> bool {
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    path.split(':').chain(["/sbin", "/usr/sbin"]).any(|d| std::path::Path::new(d).join(cmd).exists())
+    let found = path.split(':').chain(["/sbin", "/usr/sbin"]).any(|d| std::path::Path::new(d).join(cmd).exists());
+    found
 }
 
 fn d_state_processes() -> Vec<String> {

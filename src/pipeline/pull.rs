@@ -89,8 +89,9 @@ impl Executor for Pull<'_> {
 
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
+            let run_dir = self.ctx.run_dir.clone();
             let dev = self.ctx.devices(cx.conn)?;
-            teardown_attempt(&self.ctx.run_dir, dev, cx.conn, &intent)?;
+            teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
         Ok(())
     }
@@ -144,8 +145,9 @@ impl Pull<'_> {
 
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
+            let run_dir = self.ctx.run_dir.clone();
             let dev = self.ctx.devices(cx.conn)?;
-            teardown_attempt(&self.ctx.run_dir, dev, cx.conn, &intent)?;
+            teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
 
         if let Some(c) = q::chain(cx.conn, chain_id)? {
@@ -188,7 +190,7 @@ impl Pull<'_> {
         let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
         let mnt_root = run_dir.clone();
         cx.record_intent_with(|tx| {
-            let thin_id = q::alloc_thin_id(tx, "chain", parent_thin, size_sectors)?;
+            let thin_id = super::devices::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
             q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
             Ok(json!({
                 "thin_id": thin_id,

@@ -268,7 +268,7 @@ pub struct ThinRow {
 pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
     let mut st = c.prepare("SELECT thin_id, role, state, origin, size_sectors FROM thin_devices ORDER BY thin_id")?;
     let rows = st.query_map([], |r| {
-        Ok(ThinRow { thin_id: r.get(0)?, role: r.get(1)?, state: r.get(2)?, origin: r.get(3)?, size_sectors: r.get(4)? })
+        Ok(ThinRow { thin_id: r.get(0)?, role: r.get(1)?, state: r.get(2)?, origin: r.get(3)?, size_sectors: r.get::<_, i64>(4)?.max(0) as u64 })
     })?;
     rows.map(|r| r.map_err(Error::from)).collect()
 }
@@ -281,26 +281,6 @@ pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
 pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
     c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
     Ok(())
-}
-
-/// Allocate the smallest thin id not in use and record it in state
-/// `creating` (intent: it may or may not exist in the pool yet).
-pub fn alloc_thin_id(c: &Connection, role: &str, origin: Option<u32>, size_sectors: u64) -> Result<u32> {
-    let id: i64 = c.query_row(
-        "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM thin_devices WHERE thin_id = 0) THEN 0 ELSE
-            (SELECT MIN(t.thin_id + 1) FROM thin_devices t
-             WHERE NOT EXISTS (SELECT 1 FROM thin_devices u WHERE u.thin_id = t.thin_id + 1)) END",
-        [],
-        |r| r.get(0),
-    )?;
-    if id > 0xff_ffff {
-        return Err(Error::new(Kind::TempFail, "all 2^24 thin ids are in use; run 'thinimg gc'"));
-    }
-    c.execute(
-        "INSERT INTO thin_devices (thin_id, role, state, origin, size_sectors, created_at) VALUES (?1, ?2, 'creating', ?3, ?4, ?5)",
-        params![id, role, origin, size_sectors as i64, now()],
-    )?;
-    Ok(id as u32)
 }
 
 /// Mark a blob as rejected (hostile or invalid) with the reason.
@@ -316,23 +296,4 @@ pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
         })
         .optional()?
         .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thin_ids_fill_the_smallest_gap() {
-        let mut c = Connection::open_in_memory().unwrap();
-        crate::store::schema::migrate(&mut c).unwrap();
-        assert_eq!(alloc_thin_id(&c, "chain", None, 8).unwrap(), 0);
-        assert_eq!(alloc_thin_id(&c, "chain", Some(0), 8).unwrap(), 1);
-        assert_eq!(alloc_thin_id(&c, "chain", Some(1), 8).unwrap(), 2);
-        delete_thin_row(&c, 1).unwrap();
-        assert_eq!(alloc_thin_id(&c, "activation", Some(0), 8).unwrap(), 1);
-        assert_eq!(alloc_thin_id(&c, "activation", Some(0), 8).unwrap(), 3);
-        delete_thin_row(&c, 0).unwrap();
-        assert_eq!(alloc_thin_id(&c, "chain", None, 8).unwrap(), 0);
-    }
 }
