@@ -411,8 +411,8 @@ const FILES: &[(&str, &str)] = &[
     ("/var/lib/thinimg/blobs/sha256/", "Downloaded layer blobs, named by the SHA-256 of their content."),
     ("/var/lib/thinimg/lock", "Held (flock) by the one invocation that may write; it names its holder."),
     ("/run/thinimg/", "The run directory (--run-dir): device nodes and temporary mount points, cleared by a reboot."),
-    ("/lib/systemd/system/thinimg-sync.service", "Runs thinimg sync --all once; started by thinimg-sync.timer."),
-    ("/lib/systemd/system/thinimg-sync.timer", "Starts the sync every 15 minutes with a random per-host delay (not enabled by the package)."),
+    ("/usr/lib/systemd/system/thinimg-sync.service", "Runs thinimg sync --all once; started by thinimg-sync.timer."),
+    ("/usr/lib/systemd/system/thinimg-sync.timer", "Starts the sync every 15 minutes with a random per-host delay (not enabled by the package)."),
     ("/usr/share/doc/thinimg/examples/thinimg.cron", "The same schedule as a cron.d file, for hosts without systemd."),
 ];
 
