@@ -90,7 +90,7 @@ uninstall:
 # The tree both packages are made from: a fresh install under /usr with the
 # binary stripped (packages ship no debug info; Debian policy wants it so)
 # and the copyright file both packages carry.
-stage: $(BIN)
+stage: all
 	rm -rf $(STAGE)
 	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/$(STAGE) PREFIX=/usr SYSCONFDIR=/etc
 	strip --strip-unneeded --remove-section=.comment --remove-section=.note $(STAGE)/usr/sbin/thinimg

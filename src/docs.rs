@@ -406,6 +406,7 @@ const DESCRIPTION: &[&str] = &[
 
 const FILES: &[(&str, &str)] = &[
     (DEFAULT_CONFIG, "The configuration file; see thinimg.conf(5)."),
+    ("/etc/thinimg/environment", "Optional KEY=value lines that thinimg-sync.service reads into its environment, such as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for a private bucket; keep it mode 0600."),
     ("/var/lib/thinimg/", "The state directory (--state-dir)."),
     ("/var/lib/thinimg/state.db", "The SQLite database: images, chains, devices, activations, the pool and the run journal. Back it up together with the pool's metadata device."),
     ("/var/lib/thinimg/blobs/sha256/", "Downloaded layer blobs, named by the SHA-256 of their content."),
