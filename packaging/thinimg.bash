@@ -77,7 +77,7 @@ _thinimg_value_kind() {
 }
 
 _thinimg() {
-    local cur prev cmd="" words="" nargs=0 i w kind opts
+    local cur prev cmd="" words="" i w kind opts
     COMPREPLY=()
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
@@ -88,9 +88,7 @@ _thinimg() {
             --*=*) ;;
             -*) [[ -n $(_thinimg_value_kind "$cmd" "$w") ]] && ((i++)) ;;
             *)
-                if [[ -n $cmd ]]; then
-                    ((nargs++))
-                else
+                if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
                         "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
@@ -101,10 +99,10 @@ _thinimg() {
 
     kind=$(_thinimg_value_kind "$cmd" "$prev")
     case "$kind" in
-        dir) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -d -- "$cur")); return ;;
-        file) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        dev) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "${cur:-/dev/}")); return ;;
-        words:*) COMPREPLY=($(compgen -W "${kind#words:}" -- "$cur")); return ;;
+        dir) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -d -- "$cur"); return ;;
+        file) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "$cur"); return ;;
+        dev) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- "${cur:-/dev/}"); return ;;
+        words:*) mapfile -t COMPREPLY < <(compgen -W "${kind#words:}" -- "$cur"); return ;;
         none) return ;;
     esac
 
@@ -123,21 +121,22 @@ _thinimg() {
         "status") opts="--watch $opts" ;;
     esac
     if [[ $cur == -* ]]; then
-        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+        mapfile -t COMPREPLY < <(compgen -W "$opts" -- "$cur")
         return
     fi
 
     if [[ -z $cmd ]]; then
         case "$words" in
-            "pool") COMPREPLY=($(compgen -W "create status" -- "$cur")) ;;
-            "") COMPREPLY=($(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur")) ;;
+            "pool") mapfile -t COMPREPLY < <(compgen -W "create status" -- "$cur") ;;
+            "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur") ;;
         esac
         return
     fi
 
-    # Arguments: layer files for unpack; the rest name images or activations.
+    # Arguments: layer files for unpack. Refs, images and activations are not completed:
+    # listing them needs the network or the state directory.
     case "$cmd" in
-        unpack) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -X '!*.tar' -- "$cur") $(compgen -d -- "$cur")) ;;
+        unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- "$cur"; compgen -d -- "$cur") ;;
     esac
 }
 

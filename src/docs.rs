@@ -664,26 +664,30 @@ pub fn bash_completion() -> String {
     o.push_str("    esac\n}\n\n");
 
     o.push_str("_thinimg() {\n");
-    o.push_str("    local cur prev cmd=\"\" words=\"\" nargs=0 i w kind opts\n");
+    o.push_str("    local cur prev cmd=\"\" words=\"\" i w kind opts\n");
     o.push_str("    COMPREPLY=()\n    cur=\"${COMP_WORDS[COMP_CWORD]}\"\n    prev=\"${COMP_WORDS[COMP_CWORD-1]}\"\n");
     o.push_str("    # Find the command among the words before the cursor, skipping options and their values.\n");
     o.push_str("    for ((i = 1; i < COMP_CWORD; i++)); do\n        w=\"${COMP_WORDS[i]}\"\n        case \"$w\" in\n");
     o.push_str(
         "            --*=*) ;;\n            -*) [[ -n $(_thinimg_value_kind \"$cmd\" \"$w\") ]] && ((i++)) ;;\n",
     );
-    o.push_str("            *)\n                if [[ -n $cmd ]]; then\n                    ((nargs++))\n                else\n");
+    o.push_str("            *)\n                if [[ -z $cmd ]]; then\n");
     o.push_str("                    words=\"$words${words:+ }$w\"\n                    case \"$words\" in\n");
     let all: Vec<String> = table::COMMANDS.iter().map(|c| c.name.to_string()).collect();
     let _ = writeln!(o, "                        {}) cmd=\"$words\" ;;", sh_case_alts(&all));
     o.push_str("                    esac\n                fi ;;\n        esac\n    done\n\n");
 
     o.push_str("    kind=$(_thinimg_value_kind \"$cmd\" \"$prev\")\n    case \"$kind\" in\n");
-    o.push_str("        dir) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -d -- \"$cur\")); return ;;\n");
-    o.push_str("        file) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n");
     o.push_str(
-        "        dev) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- \"${cur:-/dev/}\")); return ;;\n",
+        "        dir) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -d -- \"$cur\"); return ;;\n",
     );
-    o.push_str("        words:*) COMPREPLY=($(compgen -W \"${kind#words:}\" -- \"$cur\")); return ;;\n");
+    o.push_str(
+        "        file) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- \"$cur\"); return ;;\n",
+    );
+    o.push_str(
+        "        dev) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -- \"${cur:-/dev/}\"); return ;;\n",
+    );
+    o.push_str("        words:*) mapfile -t COMPREPLY < <(compgen -W \"${kind#words:}\" -- \"$cur\"); return ;;\n");
     o.push_str("        none) return ;;\n    esac\n\n");
 
     let _ = writeln!(o, "    opts=\"{}\"", globals.join(" "));
@@ -695,7 +699,7 @@ pub fn bash_completion() -> String {
         }
     }
     o.push_str("    esac\n");
-    o.push_str("    if [[ $cur == -* ]]; then\n        COMPREPLY=($(compgen -W \"$opts\" -- \"$cur\"))\n        return\n    fi\n\n");
+    o.push_str("    if [[ $cur == -* ]]; then\n        mapfile -t COMPREPLY < <(compgen -W \"$opts\" -- \"$cur\")\n        return\n    fi\n\n");
 
     o.push_str("    if [[ -z $cmd ]]; then\n        case \"$words\" in\n");
     let mut seconds: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -708,14 +712,23 @@ pub fn bash_completion() -> String {
         }
     }
     for (a, bs) in &seconds {
-        let _ = writeln!(o, "            \"{a}\") COMPREPLY=($(compgen -W \"{}\" -- \"$cur\")) ;;", bs.join(" "));
+        let _ = writeln!(
+            o,
+            "            \"{a}\") mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+            bs.join(" ")
+        );
     }
-    let _ = writeln!(o, "            \"\") COMPREPLY=($(compgen -W \"{}\" -- \"$cur\")) ;;", first_words.join(" "));
+    let _ = writeln!(
+        o,
+        "            \"\") mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+        first_words.join(" ")
+    );
     o.push_str("        esac\n        return\n    fi\n\n");
 
-    o.push_str("    # Arguments: layer files for unpack; the rest name images or activations.\n");
+    o.push_str("    # Arguments: layer files for unpack. Refs, images and activations are not completed:\n");
+    o.push_str("    # listing them needs the network or the state directory.\n");
     o.push_str("    case \"$cmd\" in\n");
-    o.push_str("        unpack) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -X '!*.tar' -- \"$cur\") $(compgen -d -- \"$cur\")) ;;\n");
+    o.push_str("        unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- \"$cur\"; compgen -d -- \"$cur\") ;;\n");
     o.push_str("    esac\n}\n\ncomplete -F _thinimg thinimg\n");
     o
 }

@@ -289,7 +289,7 @@ fn complete(script: &Path, cwd: &Path, cases: &[&[&str]]) -> Vec<String> {
         let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
         prog.push_str(&format!("c {}\n", quoted.join(" ")));
     }
-    let out = tool("bash", "bash").arg("-c").arg(&prog).current_dir(cwd).output().expect("run bash");
+    let out = tool("bash", "bash").arg("-c").arg(&prog).env("LC_ALL", "C").current_dir(cwd).output().expect("run bash");
     assert!(out.status.success(), "bash failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim_end().to_string()).collect()
 }
@@ -298,6 +298,7 @@ fn complete(script: &Path, cwd: &Path, cases: &[&[&str]]) -> Vec<String> {
 fn bash_completion_completes_commands_flags_and_paths() {
     let dir = std::env::temp_dir().join(format!("thinimg-docs-bash-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("state1")).unwrap();
+    std::fs::create_dir_all(dir.join("state 2")).unwrap();
     std::fs::create_dir_all(dir.join("layers")).unwrap();
     std::fs::write(dir.join("statefile"), "").unwrap();
     std::fs::write(dir.join("layers/1.tar"), "").unwrap();
@@ -337,7 +338,7 @@ fn bash_completion_completes_commands_flags_and_paths() {
         "",
         "--dry-run",
         "--all",
-        "state1",
+        "state 2 state1",
         "layers/1.tar",
         "--verbose --version",
     ];
