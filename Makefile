@@ -79,7 +79,7 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/thinimg-sync.service $(DESTDIR)$(UNITDIR)/thinimg-sync.timer
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/thinimg
 	rm -f $(DESTDIR)$(DOCDIR)/examples/thinimg.cron $(DESTDIR)$(DOCDIR)/README.md
-	-rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
+	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 	@if cmp -s packaging/thinimg.conf $(DESTDIR)$(SYSCONFDIR)/thinimg/thinimg.conf; then \
 		rm -f $(DESTDIR)$(SYSCONFDIR)/thinimg/thinimg.conf; \
 		rmdir $(DESTDIR)$(SYSCONFDIR)/thinimg 2>/dev/null || true; \
