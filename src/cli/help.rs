@@ -70,11 +70,10 @@ pub fn render(cmd: Option<&'static Command>) -> String {
     out
 }
 
-/// `thinimg generate man` / `thinimg generate bash`.
+/// `thinimg generate WHAT`: a document rendered from the table (see `docs::GENERATED`).
 pub fn generate(what: &str) -> Result<String> {
-    match what {
-        "man" => Ok(super::super::docs::man_page()),
-        "bash" => Ok(super::super::docs::bash_completion()),
-        _ => Err(Error::usage(format!("generate takes 'man' or 'bash', not {what:?}"))),
-    }
+    crate::docs::generate(what).ok_or_else(|| {
+        let names: Vec<&str> = crate::docs::GENERATED.iter().map(|(n, _)| *n).collect();
+        Error::usage(format!("generate takes one of {}, not {what:?}", names.join(", ")))
+    })
 }

@@ -30,7 +30,7 @@ pub enum Parsed {
     Run(Invocation),
     Help(String),
     Version,
-    /// `thinimg generate man|bash`: print a generated document.
+    /// `thinimg generate WHAT` (man, man-conf, conf, bash): print a generated document.
     Generate(String),
 }
 
