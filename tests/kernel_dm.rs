@@ -43,7 +43,7 @@ impl Fx {
         std::fs::create_dir_all(&state).unwrap();
         let db = Db::open(&state).unwrap();
         let req = CreateRequest { devices: None, data_size, block_sectors: 128 };
-        let (pool, existed) = poolctl::create(&db, &state, &run, &req).unwrap();
+        let (pool, existed) = poolctl::create(&db.conn, &state, &run, &req).unwrap();
         assert!(!existed);
         Fx { state, run, db, pool: Some(pool), mounts: Vec::new() }
     }
@@ -141,7 +141,7 @@ fn version_list_and_pool_matches_dmsetup() {
     assert!(dm.try_info(&DmName::new("thinimg-no-such-device").unwrap()).unwrap().is_none());
     // A second create on the same state dir adopts, not duplicates.
     let req = CreateRequest { devices: None, data_size: 256 * MIB, block_sectors: 128 };
-    let (again, existed) = poolctl::create(&fx.db, &fx.state, &fx.run, &req).unwrap();
+    let (again, existed) = poolctl::create(&fx.db.conn, &fx.state, &fx.run, &req).unwrap();
     assert!(existed);
     assert_eq!(again.dev(), p.dev());
 }
@@ -317,7 +317,7 @@ fn teardown_like_reboot_then_reassemble_from_sqlite() {
     let _ = std::fs::remove_dir_all(&fx.run);
     // Back from the database alone.
     let db = Db::open(&fx.state).unwrap();
-    let pool = poolctl::open(&db, &fx.run).unwrap();
+    let pool = poolctl::open(&db.conn, &fx.run).unwrap();
     assert_eq!(pool.spec(), &spec);
     assert_eq!(usage(&pool).transaction_id, 0);
     let node = pool.activate(&name, id(0), size).unwrap();
@@ -325,7 +325,7 @@ fn teardown_like_reboot_then_reassemble_from_sqlite() {
     let m = fx.mount(&node.path, "b");
     assert_eq!(std::fs::read(m.join("keep")).unwrap(), b"survives reboot");
     // Assembling again while up adopts (no second loop binding, same dev).
-    let again = poolctl::open(&db, &fx.run).unwrap();
+    let again = poolctl::open(&db.conn, &fx.run).unwrap();
     assert_eq!(again.dev(), fx.pool().dev());
     let loops: Vec<_> = std::fs::read_dir("/sys/block")
         .unwrap()
@@ -404,7 +404,7 @@ fn cli_pool_create_and_status() {
     assert!(out.contains("exists"), "{out}");
     // Clean up through the library.
     let db = Db::open(&base.join("state")).unwrap();
-    let spec = poolctl::spec(&db).unwrap();
+    let spec = poolctl::spec(&db.conn).unwrap();
     Pool::find(&spec, &base.join("run")).unwrap().unwrap().teardown().unwrap();
     let _ = std::fs::remove_dir_all(&base);
 }
@@ -431,7 +431,7 @@ fn crash_after_intent_is_finished_by_rerun() {
     let out = go(None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let db = Db::open(&base.join("state")).unwrap();
-    let spec = poolctl::spec(&db).unwrap();
+    let spec = poolctl::spec(&db.conn).unwrap();
     let pool = Pool::find(&spec, &base.join("run")).unwrap().expect("pool assembled");
     assert_eq!(usage(&pool).transaction_id, 0);
     // Only one binding of each file, whatever the crashes did.
