@@ -108,7 +108,7 @@ _thinimg() {
 
     opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --wait --metrics-file --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
-        "fetch") opts="--download-jobs --max-blob-size $opts" ;;
+        "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
         "runs") opts="--all $opts" ;;
         "unpack") opts="--dest --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
