@@ -49,6 +49,11 @@ impl Db {
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(30))?;
+        // Every transaction here writes. IMMEDIATE takes the write lock at
+        // BEGIN (waiting with the busy timeout), instead of failing with
+        // SQLITE_BUSY_SNAPSHOT when a read turns into a write after another
+        // connection (a sync worker thread) committed in between.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
