@@ -46,7 +46,7 @@ impl Db {
         if !existing_only {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
-        let conn = Connection::open_with_flags(path, flags)
+        let mut conn = Connection::open_with_flags(path, flags)
             .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         // Every transaction here writes. IMMEDIATE takes the write lock at
