@@ -19,11 +19,11 @@ pub fn create(inv: &Invocation) -> Result<u8> {
         None => 20 << 30,
     };
     let req = CreateRequest { devices, data_size, block_sectors: inv.u64_or("block-size", 128)? };
-    let state_dir = inv.state_dir();
-    let db = Db::open(&state_dir)?;
-    let (pool, existed) = poolctl::create(&db.conn, &state_dir, &inv.run_dir(), &req)?;
+    // The state lock, and interrupted runs resumed first.
+    let env = crate::pipeline::Env::open(inv)?;
+    let (pool, existed) = poolctl::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
     let status = pool.status()?;
-    print(inv, &pool, Some(&status), &db, if existed { "exists" } else { "created" })?;
+    print(inv, &pool, Some(&status), &env.db, if existed { "exists" } else { "created" })?;
     Ok(0)
 }
 

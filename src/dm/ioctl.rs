@@ -369,6 +369,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn udev_cookie_semaphore_waits_boundedly_and_completes() {
+        let s = sem::Semaphore::create().unwrap();
+        assert_ne!(s.cookie(), 0);
+        assert!(s.cookie() <= 0xffff);
+        // Nobody confirmed: the wait gives up.
+        let t = std::time::Instant::now();
+        assert_eq!(s.wait(std::time::Duration::from_millis(50)), Err(Errno::EAGAIN));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        // What `dmsetup udevcomplete <cookie>` does: decrement by one.
+        let key = (0x0D4D << 16) | s.cookie();
+        // SAFETY: test-only syscalls on our own semaphore; `op` is a live sembuf.
+        let id = unsafe { libc::semget(key as libc::key_t, 1, 0) };
+        assert!(id >= 0);
+        let mut op = libc::sembuf { sem_num: 0, sem_op: -1, sem_flg: 0 };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::semop(id, &mut op, 1) }, 0);
+        s.wait(std::time::Duration::from_secs(1)).unwrap();
+        s.destroy();
+        // SAFETY: as above; the semaphore is gone now.
+        assert!(unsafe { libc::semget(key as libc::key_t, 1, 0) } < 0);
+    }
+
+    #[test]
     fn ioctl_numbers_are_the_kernels() {
         assert_eq!(Cmd::Version.request(), 0xc138fd00);
         assert_eq!(Cmd::ListDevices.request(), 0xc138fd02);

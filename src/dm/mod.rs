@@ -455,8 +455,9 @@ pub fn remove_node(run_dir: &Path, name: &DmName) -> Result<()> {
 
 mod udev {
     //! udev synchronisation for remove/resume. Only when udev runs
-    //! (`/run/udev/control` exists) is there anything to wait for; without
-    //! it the cookie is 0 and nothing waits.
+    //! (`/run/udev/control` exists) and has the device-mapper rule that
+    //! confirms events (`95-dm-notify.rules`) is there anything to wait for;
+    //! otherwise the cookie is 0 and nothing waits. The wait is bounded.
     use super::ioctl::sem;
     use std::time::Duration;
 
@@ -464,7 +465,9 @@ mod udev {
 
     impl Cookie {
         pub fn new() -> Cookie {
-            if !std::path::Path::new("/run/udev/control").exists() {
+            let rules = ["/usr/lib/udev/rules.d", "/lib/udev/rules.d", "/etc/udev/rules.d", "/run/udev/rules.d"];
+            let confirmer = rules.iter().any(|d| std::path::Path::new(d).join("95-dm-notify.rules").exists());
+            if !confirmer || !std::path::Path::new("/run/udev/control").exists() {
                 return Cookie(None);
             }
             match sem::Semaphore::create() {
