@@ -344,6 +344,8 @@ pub struct Pool {
     dev: DevId,
     run_dir: PathBuf,
     loops: Vec<loopdev::Loop>,
+    /// This process created the pool dm device (it had no thin devices active).
+    assembled_now: bool,
 }
 
 /// Retries of EBUSY on remove/delete: ~3 s in all, then a TempFail.
@@ -414,7 +416,14 @@ impl Pool {
                         u.transaction_id,
                         u.data_used
                     );
-                    let _ = pool.teardown();
+                    // Undo only what this call did: a pool device we just
+                    // made has no thin devices on it yet. One that was
+                    // already there is left alone (it and its devices may be
+                    // in use). Our loop fds close with `pool`; autoclear
+                    // bindings then go away with the device.
+                    if pool.assembled_now {
+                        remove_bounded(&pool.dm, &pool.spec.dm_name)?;
+                    }
                     return Err(Error::new(Kind::CantCreate, msg));
                 }
             }
@@ -441,6 +450,7 @@ impl Pool {
         };
         let name = &spec.dm_name;
         let want = pool_params(spec, meta, data);
+        let mut assembled_now = false;
         let dev = match dm.try_info(name)? {
             Some(info) if info.active_table => {
                 let t = dm.table(name)?;
@@ -462,9 +472,11 @@ impl Pool {
             Some(info) => {
                 // Created but never loaded (a crash between the two): finish.
                 load_and_resume(&dm, name, &pool_target(spec, &want))?;
+                assembled_now = true;
                 info.dev
             }
             None => {
+                assembled_now = true;
                 let dev = dm.create(name, None)?;
                 if let Err(e) = load_and_resume(&dm, name, &pool_target(spec, &want)) {
                     let _ = dm.remove(name);
@@ -478,7 +490,7 @@ impl Pool {
             }
         };
         log::debug!("thin-pool {name} is {dev}");
-        Ok(Pool { spec: spec.clone(), dm, dev, run_dir: run_dir.to_path_buf(), loops })
+        Ok(Pool { spec: spec.clone(), dm, dev, run_dir: run_dir.to_path_buf(), loops, assembled_now })
     }
 
     /// The pool as it is now, without creating anything: `None` when its dm
@@ -491,7 +503,7 @@ impl Pool {
             loops.extend(loopdev::find(&spec.meta_path)?);
             loops.extend(loopdev::find(&spec.data_path)?);
         }
-        Ok(Some(Pool { spec: spec.clone(), dm, dev: info.dev, run_dir: run_dir.to_path_buf(), loops }))
+        Ok(Some(Pool { spec: spec.clone(), dm, dev: info.dev, run_dir: run_dir.to_path_buf(), loops, assembled_now: false }))
     }
 
     pub fn status(&self) -> Result<PoolStatus> {

@@ -31,6 +31,15 @@ pub fn loop_dir(state_dir: &Path) -> PathBuf {
 pub fn create(conn: &rusqlite::Connection, state_dir: &Path, run_dir: &Path, req: &CreateRequest) -> Result<(Pool, bool)> {
     let spec = match spool::load(conn)? {
         Some((spec, PoolState::Ready)) => {
+            let asked = if req.devices.is_some() { PoolKind::Block } else { PoolKind::Loop };
+            if asked != spec.kind {
+                log::warn!(
+                    "a {} thin-pool {} is already recorded in this state dir; the {} pool asked for is not created",
+                    spec.kind.as_str(),
+                    spec.dm_name,
+                    asked.as_str()
+                );
+            }
             log::info!("thin-pool {} already exists; assembling it", spec.dm_name);
             return Ok((Pool::assemble(&spec, run_dir)?, true));
         }

@@ -363,6 +363,19 @@ fn foreign_pool_metadata_is_refused() {
     assert_eq!(e.kind(), Kind::CantCreate);
     assert!(e.full_message().contains("foreign"), "{}", e.full_message());
     assert!(Dm::open().unwrap().try_info(&spec.dm_name).unwrap().is_none(), "refused pool left assembled");
+    // The same pool already assembled, with a device in use: refused, and
+    // nothing of it is touched.
+    let live = Pool::assemble(&spec, &fx.run).unwrap();
+    let node = live.activate(&n, id(0), Sectors::from_bytes(8 * MIB)).unwrap();
+    let e = Pool::create(&spec, &fx.run).err().expect("adopted a live pool with data as new");
+    assert!(e.full_message().contains("foreign"), "{}", e.full_message());
+    let dm = Dm::open().unwrap();
+    assert!(dm.try_info(&spec.dm_name).unwrap().is_some(), "refusal removed a live foreign pool");
+    assert!(dm.try_info(&n).unwrap().is_some(), "refusal removed a device of a foreign pool");
+    let mut buf = [0u8; 512];
+    File::open(&node.path).unwrap().read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xa5));
+    fx.pool = Some(live);
 }
 
 #[test]
