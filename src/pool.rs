@@ -315,6 +315,32 @@ impl PoolStatus {
     }
 }
 
+/// A parsed `thin` target status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "health")]
+pub enum ThinStatus {
+    /// The pool failed.
+    Fail,
+    /// Mapped sectors and the highest mapped sector (None when nothing is mapped).
+    Active { mapped: Sectors, highest: Option<Sectors> },
+}
+
+impl ThinStatus {
+    pub fn parse(line: &str) -> Result<ThinStatus> {
+        let bad = || Error::new(Kind::Software, format!("unexpected thin status {line:?}"));
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["Fail"] => Ok(ThinStatus::Fail),
+            [m, h] => {
+                let mapped = Sectors(m.parse().map_err(|_| bad())?);
+                let highest = if *h == "-" { None } else { Some(Sectors(h.parse().map_err(|_| bad())?)) };
+                Ok(ThinStatus::Active { mapped, highest })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// Whether a thin device is new or was already there (the caller reconciles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -590,6 +616,43 @@ impl Pool {
         Ok(created)
     }
 
+    /// `set_transaction_id <old> <new>`: a compare-and-swap on the pool's
+    /// transaction id, for cross-checking the database against the kernel.
+    /// EINVAL (the kernel's answer when `old` is not current) is reported
+    /// as a Software error naming both values.
+    pub fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        match self.message(&format!("set_transaction_id {old} {new}")) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Errno::EINVAL => Err(Error::new(
+                Kind::Software,
+                format!("thin-pool {} transaction id is not {old} (wanted to set {new}); the database and the pool disagree", self.spec.dm_name),
+            )
+            .with_source(e)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Resume `name` if a crash left it suspended (e.g. between the suspend
+    /// and the resume of a snapshot). Missing is fine.
+    pub fn resume_if_suspended(&self, name: &DmName) -> Result<bool> {
+        match self.dm.try_info(name)? {
+            Some(i) if i.suspended => {
+                self.dm.resume(name)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Status of an active thin device.
+    pub fn thin_status(&self, name: &DmName) -> Result<ThinStatus> {
+        let t = self.dm.status(name, true)?;
+        match t.as_slice() {
+            [one] if one.kind == "thin" => ThinStatus::parse(&one.params),
+            _ => Err(Error::new(Kind::Software, format!("{name} is not one thin target: {t:?}"))),
+        }
+    }
+
     /// `delete <id>`: ENODATA means already deleted; EBUSY (still open) is
     /// retried a bounded number of times.
     pub fn delete_thin(&self, id: ThinId) -> Result<Gone> {
@@ -847,6 +910,18 @@ mod tests {
         ] {
             assert!(PoolStatus::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn thin_status_parse() {
+        assert_eq!(ThinStatus::parse("0 -").unwrap(), ThinStatus::Active { mapped: Sectors(0), highest: None });
+        assert_eq!(
+            ThinStatus::parse("16384 16383").unwrap(),
+            ThinStatus::Active { mapped: Sectors(16384), highest: Some(Sectors(16383)) }
+        );
+        assert_eq!(ThinStatus::parse("Fail").unwrap(), ThinStatus::Fail);
+        assert!(ThinStatus::parse("1").is_err());
+        assert!(ThinStatus::parse("a b").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use thinimg::dm::{Dm, DmName, Sectors, ThinId};
-use thinimg::pool::{Created, Gone, Pool, PoolMode, PoolStatus};
+use thinimg::pool::{Created, Gone, Pool, PoolMode, PoolStatus, ThinStatus};
 use thinimg::poolctl::{self, CreateRequest};
 use thinimg::store::Db;
 use thinimg::Kind;
@@ -241,6 +241,20 @@ fn delete_missing_is_success_and_create_existing_is_reported() {
     let b = p.activate(&n, id(16_777_215), Sectors(2048)).unwrap();
     assert_eq!(a, b);
     assert_eq!(p.activate(&n, id(16_777_215), Sectors(4096)).unwrap_err().kind(), Kind::CantCreate);
+    // Thin status: nothing mapped yet, then 64 KiB (one block) after a write.
+    assert_eq!(p.thin_status(&n).unwrap(), ThinStatus::Active { mapped: Sectors(0), highest: None });
+    fill(&a.path, MIB).unwrap();
+    assert_eq!(p.thin_status(&n).unwrap(), ThinStatus::Active { mapped: Sectors(2048), highest: Some(Sectors(2047)) });
+    // Transaction id compare-and-swap.
+    p.set_transaction_id(0, 7).unwrap();
+    assert_eq!(usage(p).transaction_id, 7);
+    let e = p.set_transaction_id(0, 8).unwrap_err();
+    assert_eq!(e.kind(), Kind::Software);
+    assert_eq!(usage(p).transaction_id, 7);
+    // A device left suspended (as by a crash mid-snapshot) is resumed.
+    Dm::open().unwrap().suspend(&n).unwrap();
+    assert!(p.resume_if_suspended(&n).unwrap());
+    assert!(!p.resume_if_suspended(&n).unwrap());
     let ours = p.list_ours(n.as_str()).unwrap();
     assert_eq!(ours.len(), 1);
     assert_eq!((ours[0].1.major, ours[0].1.minor), (a.major, a.minor));
