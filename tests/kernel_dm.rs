@@ -474,3 +474,29 @@ fn crash_after_intent_is_finished_by_rerun() {
     pool.teardown().unwrap();
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn list_grows_its_buffer_past_16k() {
+    need_dm();
+    let dm = Dm::open().unwrap();
+    let tag = format!("kt-list-{}-", std::process::id());
+    let names: Vec<DmName> = (0..300).map(|i| DmName::new(format!("{tag}{i:03}-{}", "x".repeat(48))).unwrap()).collect();
+    let err = [thinimg::dm::Target { start: Sectors(0), length: Sectors(8), kind: "error".into(), params: String::new() }];
+    for n in &names {
+        dm.create(n, None).unwrap();
+        dm.load(n, &err).unwrap();
+        dm.resume(n).unwrap();
+    }
+    // Each entry is 12 bytes + a 65-byte name, 8-aligned, + 8 bytes of
+    // event_nr/flags on 6.x: ~88 bytes, so 300 cannot fit the first 16 KiB
+    // reply and the choke point must grow its buffer.
+    let listed = dm.list().unwrap();
+    let ours = listed.iter().filter(|(n, _)| n.starts_with(&tag)).count();
+    let theirs = run(Command::new("dmsetup").args(["ls"])).lines().filter(|l| l.starts_with(&tag)).count();
+    for n in &names {
+        dm.remove(n).unwrap();
+    }
+    assert_eq!(ours, 300);
+    assert_eq!(theirs, 300);
+    assert!(dm.list().unwrap().iter().all(|(n, _)| !n.starts_with(&tag)));
+}
