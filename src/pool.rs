@@ -403,6 +403,18 @@ impl Pool {
     pub fn name(&self) -> &DmName {
         &self.spec.dm_name
     }
+    /// `thinimg-<tag>-`: the prefix for names of this pool's thin devices
+    /// (derived from the pool name), for `list_ours` and reconciliation.
+    pub fn device_prefix(&self) -> String {
+        let n = self.spec.dm_name.as_str();
+        format!("{}-", n.strip_suffix("-pool").unwrap_or(n))
+    }
+
+    /// A device name under [`Pool::device_prefix`].
+    pub fn device_name(&self, suffix: &str) -> Result<DmName> {
+        DmName::new(format!("{}{suffix}", self.device_prefix()))
+    }
+
     pub fn dm(&self) -> &Dm {
         &self.dm
     }
@@ -717,11 +729,11 @@ impl Pool {
         })
     }
 
-    /// dm devices whose name starts with `prefix`.
+    /// dm devices whose name starts with `prefix`, except the pool itself.
     pub fn list_ours(&self, prefix: &str) -> Result<Vec<(DmName, DevId)>> {
         let mut out = Vec::new();
         for (n, d) in self.dm.list()? {
-            if n.starts_with(prefix) {
+            if n.starts_with(prefix) && n != self.spec.dm_name.as_str() {
                 out.push((DmName::new(n)?, d));
             }
         }

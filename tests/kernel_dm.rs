@@ -52,7 +52,7 @@ impl Fx {
     }
     fn name(&self, n: &str) -> DmName {
         // Prefix with the pool's unique tag so concurrent state dirs never clash.
-        DmName::new(format!("{}-{n}", self.pool().name().as_str().trim_end_matches("-pool"))).unwrap()
+        self.pool().device_name(n).unwrap()
     }
     fn mount(&mut self, dev: &Path, tag: &str) -> PathBuf {
         let mnt = self.state.parent().unwrap().join(format!("mnt-{tag}"));
@@ -255,7 +255,8 @@ fn delete_missing_is_success_and_create_existing_is_reported() {
     Dm::open().unwrap().suspend(&n).unwrap();
     assert!(p.resume_if_suspended(&n).unwrap());
     assert!(!p.resume_if_suspended(&n).unwrap());
-    let ours = p.list_ours(n.as_str()).unwrap();
+    assert!(n.as_str().starts_with(&p.device_prefix()));
+    let ours = p.list_ours(&p.device_prefix()).unwrap();
     assert_eq!(ours.len(), 1);
     assert_eq!((ours[0].1.major, ours[0].1.minor), (a.major, a.minor));
 }
