@@ -157,6 +157,19 @@ pub fn fetch_refs(db: &mut Db, s3: &S3Client, store: &BlobStore, refs: &[String]
     Ok(report)
 }
 
+/// Re-hash a stored blob before use (the pipeline calls this before
+/// unpacking). A corrupt or missing blob is removed and marked missing, so
+/// the next fetch downloads it again; returns whether it is intact.
+pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bool> {
+    if store.verify(digest)? {
+        q::blob_mark_verified(&db.conn, digest.as_str())?;
+        Ok(true)
+    } else {
+        q::blob_mark_missing(&db.conn, digest.as_str())?;
+        Ok(false)
+    }
+}
+
 /// What to do for one layer, decided on the calling thread.
 enum Plan {
     Done(LayerFetch),

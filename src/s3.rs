@@ -377,6 +377,37 @@ impl S3Client {
         })
     }
 
+    /// Size and ETag of one object, without a listing. Presigned URLs
+    /// are method-specific and rust-s3 presigns only GET, so this is a GET
+    /// of the first byte (`Range: bytes=0-0`), which S3 answers with the
+    /// whole object's size in Content-Range, like a HEAD would.
+    pub fn stat(&self, key: &str) -> Result<ObjectInfo> {
+        let what = format!("checking {}", self.url_of(key));
+        self.with_retries(&what, || {
+            let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
+            let mut resp = self.agent.get(&url).header("Range", "bytes=0-0").call().map_err(|e| transport_failure(&what, e))?;
+            let status = resp.status().as_u16();
+            let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
+            let last_modified = header("last-modified").unwrap_or_default();
+            let size = match status {
+                206 => header("content-range").as_deref().and_then(parse_content_range).map(|(_, t)| t),
+                200 => header("content-length").and_then(|v| v.trim().parse().ok()),
+                // Not satisfiable: only an empty object has no byte 0.
+                416 => Some(0),
+                _ => {
+                    let body = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
+                    return Err(status_failure(&what, status, &body, &self.config.bucket, Some(key)));
+                }
+            };
+            let size = size.ok_or_else(|| Failure {
+                err: Error::new(Kind::Unavailable, format!("{what}: reply without a usable size")),
+                retryable: true,
+            })?;
+            Ok(ObjectInfo { key: key.to_string(), etag, size, last_modified })
+        })
+    }
+
     fn with_retries<T>(&self, what: &str, mut f: impl FnMut() -> std::result::Result<T, Failure>) -> Result<T> {
         let mut attempt = 0;
         loop {

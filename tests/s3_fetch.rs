@@ -289,6 +289,23 @@ fn hostile_keys_and_bad_objects() {
     t.ok(&["fetch", "gap/1"]);
     let j = t.ok(&["ls-remote", "--json", "gap"]).json();
     assert!(j["families"]["gap"]["invalid"].as_str().unwrap().contains("layer 2 is missing"));
+    // stat of one key (the HEAD equivalent) and of a missing one.
+    let cfg = thinimg::s3::S3Config {
+        bucket: "priv".into(),
+        prefix: p.into(),
+        region: "us-east-1".into(),
+        endpoint: Some(srv.endpoint.clone()),
+        anonymous: false,
+    };
+    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
+    let client = thinimg::s3::S3Client::new(cfg).unwrap();
+    let st = client.stat(&format!("{p}gap/3.tar")).unwrap();
+    assert_eq!(st.size, tar_layer(22, 1000).len() as u64);
+    assert_eq!(st.etag.len(), 32);
+    let e = client.stat(&format!("{p}gap/2.tar")).unwrap_err();
+    assert_eq!(e.kind(), thinimg::Kind::NoSuchImage);
+    assert!(e.message().contains(&format!("s3://priv/{p}gap/2.tar")), "{}", e.message());
     // Unknown family and layer: 66.
     assert_eq!(t.run(&["fetch", "nope"], &[]).code, 66);
     assert_eq!(t.run(&["fetch", "golang/7"], &[]).code, 66);
@@ -343,4 +360,39 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         out.push(p);
     }
     out
+}
+
+#[test]
+fn dropped_connections_and_slowdown_are_retried() {
+    let srv = S3Server::shared();
+    let data = tar_layer(41, 12 << 20);
+    srv.put("priv", "faults/images/f/1.tar", &data);
+    let proxy = common::FaultProxy::start(&srv.endpoint);
+    let mut t = Thinimg::new(srv, "priv", "faults/images/");
+    t.endpoint = proxy.endpoint.clone();
+    // Two connections cut mid-body (short bodies), then a clean one.
+    proxy.plan().cut_after.extend([3 << 20, 5 << 20]);
+    let r = t.run(&["fetch", "--json", "f"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    let l = &j["images"][0]["layers"][0];
+    assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&data));
+    // Each cut resumed where it stopped: not one byte fetched twice.
+    assert_eq!(l["transferred"].as_u64().unwrap(), data.len() as u64, "{j:#}");
+    assert!(r.stderr.contains("resuming"), "{}", r.stderr);
+    assert!(proxy.plan().connections >= 3);
+
+    // 503 SlowDown twice: retried with backoff, then it works.
+    let t2 = Thinimg { endpoint: proxy.endpoint.clone(), ..Thinimg::new(srv, "priv", "faults/images/") };
+    proxy.plan().fail_503 = 2;
+    let r = t2.run(&["fetch", "f"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("SlowDown"), "{}", r.stderr);
+    // SlowDown that never ends: bounded attempts, then exit 69.
+    let t3 = Thinimg { endpoint: proxy.endpoint.clone(), ..Thinimg::new(srv, "priv", "faults/images/") };
+    proxy.plan().fail_503 = 1000;
+    let r = t3.run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("giving up after 6 attempts"), "{}", r.stderr);
+    proxy.plan().fail_503 = 0;
 }
