@@ -25,6 +25,9 @@ use crate::s3::{Got, S3Client};
 /// Durable progress is reported every this many bytes.
 pub const CHECKPOINT_BYTES: u64 = 16 << 20;
 const BUF: usize = 256 << 10;
+/// Buffers in flight to the writer thread (16 × 256 KiB = 4 MiB): enough
+/// to keep receiving through a checkpoint's fsync.
+const WRITE_QUEUE: usize = 16;
 /// Writeback of what was written is started every this many bytes, so a
 /// checkpoint's fsync finds little left to wait for.
 const WRITEBACK_BYTES: u64 = 4 << 20;
@@ -254,7 +257,7 @@ impl BlobStore {
             check_head(&url, &head, 0, 0)?;
             return Err(Error::bad_data(format!("{url} is empty")));
         }
-        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(4);
+        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         let outcome = std::thread::scope(|scope| {
             let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
