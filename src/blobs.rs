@@ -124,9 +124,8 @@ impl BlobStore {
     }
 
     fn partial_path(&self, name: &str) -> Result<PathBuf> {
-        let ok = name
-            .strip_suffix(".partial")
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        let ok =
+            name.strip_suffix(".partial").is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
         if !ok {
             return Err(Error::software(format!("partial download name {name:?} is not <id>.partial")));
         }
@@ -246,7 +245,8 @@ impl BlobStore {
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
         file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (hasher, n) = hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (hasher, n) =
+            hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -328,7 +328,10 @@ impl BlobStore {
                 Got::Changed => {
                     restarts += 1;
                     if restarts > 3 {
-                        return Err(Error::new(Kind::Unavailable, format!("{url} keeps changing while being downloaded")));
+                        return Err(Error::new(
+                            Kind::Unavailable,
+                            format!("{url} keeps changing while being downloaded"),
+                        ));
                     }
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
                     w.reset()?;
@@ -356,7 +359,10 @@ impl BlobStore {
             } else if body.total_size != size || (!body.etag.is_empty() && body.etag != etag) {
                 return Err(Error::new(
                     Kind::Unavailable,
-                    format!("{url}: server sent a different version on resume (size {} ETag {}); retry", body.total_size, body.etag),
+                    format!(
+                        "{url}: server sent a different version on resume (size {} ETag {}); retry",
+                        body.total_size, body.etag
+                    ),
                 ));
             }
             loop {
@@ -384,7 +390,11 @@ impl BlobStore {
                     Err(e) => {
                         failures += 1;
                         if failures >= retry.attempts {
-                            return Err(Error::new(Kind::Unavailable, format!("{url}: reading at byte {offset} of {size}")).with_source(e));
+                            return Err(Error::new(
+                                Kind::Unavailable,
+                                format!("{url}: reading at byte {offset} of {size}"),
+                            )
+                            .with_source(e));
                         }
                         log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
                         retry.sleep(failures);

@@ -101,7 +101,13 @@ pub fn resolve_refs(s3: &S3Client, refs: &[String]) -> Result<(Catalog, Vec<Imag
 /// Fetch every layer of every ref. All refs are resolved before anything
 /// is downloaded; every download runs to its end even if another fails;
 /// then the first failure is returned.
-pub fn fetch_refs(db: &mut Db, s3: &S3Client, store: &BlobStore, refs: &[String], opts: &FetchOptions) -> Result<FetchReport> {
+pub fn fetch_refs(
+    db: &mut Db,
+    s3: &S3Client,
+    store: &BlobStore,
+    refs: &[String],
+    opts: &FetchOptions,
+) -> Result<FetchReport> {
     let start = Instant::now();
     let (_, images) = resolve_refs(s3, refs)?;
     let mut layers: Vec<Layer> = Vec::new();
@@ -149,7 +155,9 @@ pub fn fetch_refs(db: &mut Db, s3: &S3Client, store: &BlobStore, refs: &[String]
         let layers = img
             .layers
             .iter()
-            .map(|l| by_key.get(&l.key).cloned().ok_or_else(|| Error::software(format!("layer {} was not fetched", l.key))))
+            .map(|l| {
+                by_key.get(&l.key).cloned().ok_or_else(|| Error::software(format!("layer {} was not fetched", l.key)))
+            })
             .collect::<Result<Vec<_>>>()?;
         report.images.push(ImageFetch { reference: r.clone(), family: img.family, top: img.top, layers });
     }
@@ -174,13 +182,21 @@ pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bo
 enum Plan {
     Done(LayerFetch),
     /// Download; the other layer indexes share its plain-MD5 ETag and size.
-    Download { followers: Vec<usize> },
+    Download {
+        followers: Vec<usize>,
+    },
     Follow,
 }
 
 /// Fetch `layers` (distinct keys). Returns one result per layer, in order.
 /// `Err` only for failures that stop everything (database, store).
-pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Layer], opts: &FetchOptions) -> Result<Vec<Result<LayerFetch>>> {
+pub fn fetch_layers(
+    db: &mut Db,
+    s3: &S3Client,
+    store: &BlobStore,
+    layers: &[Layer],
+    opts: &FetchOptions,
+) -> Result<Vec<Result<LayerFetch>>> {
     let bucket = s3.bucket();
     // Partials that no download row names are leftovers of a crash.
     let keep: HashSet<String> = q::downloads_all(&db.conn)?.into_iter().map(|d| d.partial).collect();
@@ -224,9 +240,13 @@ pub fn fetch_layers(db: &mut Db, s3: &S3Client, store: &BlobStore, layers: &[Lay
         })
         .collect();
     if work.is_empty() {
-        return Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::software("layer not planned")))).collect());
+        return Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::software("layer not planned"))))
+            .collect());
     }
-    let state_dir = db.path().parent().map(Path::to_path_buf).ok_or_else(|| Error::software("database path has no parent"))?;
+    let state_dir =
+        db.path().parent().map(Path::to_path_buf).ok_or_else(|| Error::software("database path has no parent"))?;
     let queue = Mutex::new(work.into_iter().rev().collect::<Vec<_>>());
     let shared: Mutex<&mut Vec<Option<Result<LayerFetch>>>> = Mutex::new(&mut results);
     let received = AtomicU64::new(0);
@@ -361,8 +381,19 @@ fn download_group(
         Ok(f) => {
             for &i in followers {
                 let fl = &layers[i];
-                let r = if f.size == fl.size && q::object_get(&db.conn, s3.bucket(), &l.key).ok().flatten().is_some_and(|o| o.etag == fl.etag) {
-                    q::object_record(&db.conn, s3.bucket(), &fl.key, &fl.etag, fl.size, &fl.last_modified, f.digest.as_str()).map(|()| LayerFetch {
+                let r = if f.size == fl.size
+                    && q::object_get(&db.conn, s3.bucket(), &l.key).ok().flatten().is_some_and(|o| o.etag == fl.etag)
+                {
+                    q::object_record(
+                        &db.conn,
+                        s3.bucket(),
+                        &fl.key,
+                        &fl.etag,
+                        fl.size,
+                        &fl.last_modified,
+                        f.digest.as_str(),
+                    )
+                    .map(|()| LayerFetch {
                         family: fl.family.clone(),
                         n: fl.n,
                         key: fl.key.clone(),
@@ -382,7 +413,19 @@ fn download_group(
         Err(e) => {
             for &i in followers {
                 let fl = &layers[i];
-                out.push((i, Err(Error::new(e.kind(), format!("s3://{}/{}: same content as {}, which failed: {}", s3.bucket(), fl.key, l.key, e.full_message())))));
+                out.push((
+                    i,
+                    Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "s3://{}/{}: same content as {}, which failed: {}",
+                            s3.bucket(),
+                            fl.key,
+                            l.key,
+                            e.full_message()
+                        ),
+                    )),
+                ));
             }
         }
     }
@@ -390,7 +433,14 @@ fn download_group(
     out
 }
 
-fn download_one(db: &mut Db, s3: &S3Client, store: &BlobStore, l: &Layer, opts: &FetchOptions, received: &AtomicU64) -> Result<LayerFetch> {
+fn download_one(
+    db: &mut Db,
+    s3: &S3Client,
+    store: &BlobStore,
+    l: &Layer,
+    opts: &FetchOptions,
+    received: &AtomicU64,
+) -> Result<LayerFetch> {
     let bucket = s3.bucket();
     let mut row = q::download_get(&db.conn, bucket, &l.key)?;
     // A download that a crash cut off after verifying it: finish it.
@@ -451,7 +501,16 @@ fn download_one(db: &mut Db, s3: &S3Client, store: &BlobStore, l: &Layer, opts: 
             return Err(e);
         }
     };
-    q::download_commit(&mut db.conn, Some(row.id), bucket, &l.key, &d.etag, d.size, &l.last_modified, d.digest.as_str())?;
+    q::download_commit(
+        &mut db.conn,
+        Some(row.id),
+        bucket,
+        &l.key,
+        &d.etag,
+        d.size,
+        &l.last_modified,
+        d.digest.as_str(),
+    )?;
     Ok(LayerFetch {
         family: l.family.clone(),
         n: l.n,

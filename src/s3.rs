@@ -155,12 +155,10 @@ fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
             log::debug!("using credentials from AWS_ACCESS_KEY_ID");
             return Ok(Some(c));
         }
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(Error::new(
-                Kind::NoPerm,
-                "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set; set both, or neither (with --anonymous)",
-            ))
-        }
+        (Some(_), None) | (None, Some(_)) => return Err(Error::new(
+            Kind::NoPerm,
+            "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set; set both, or neither (with --anonymous)",
+        )),
         (None, None) => {}
     }
     let explicit = env("AWS_PROFILE");
@@ -385,7 +383,8 @@ impl S3Client {
         let what = format!("checking {}", self.url_of(key));
         self.with_retries(&what, || {
             let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
-            let mut resp = self.agent.get(&url).header("Range", "bytes=0-0").call().map_err(|e| transport_failure(&what, e))?;
+            let mut resp =
+                self.agent.get(&url).header("Range", "bytes=0-0").call().map_err(|e| transport_failure(&what, e))?;
             let status = resp.status().as_u16();
             let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
@@ -463,7 +462,9 @@ fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option
         (301 | 307 | 308, _) => (
             Kind::Unavailable,
             false,
-            format!("bucket {bucket} is in another region or needs another endpoint (redirect); set --region or --endpoint"),
+            format!(
+                "bucket {bucket} is in another region or needs another endpoint (redirect); set --region or --endpoint"
+            ),
         ),
         (429, _) | (503, _) => (Kind::Unavailable, true, "server is throttling (SlowDown)".into()),
         (500..=599, _) => (Kind::Unavailable, true, "server error".into()),

@@ -65,7 +65,12 @@ fn sigv4_and_anonymous_buckets_and_auth_errors() {
     .unwrap();
     let r = t.run(
         &["ls-remote", "--json"],
-        &[("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", ""), ("AWS_PROFILE", "test"), ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap())],
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_PROFILE", "test"),
+            ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()),
+        ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["families"]["alpine"]["layers"].as_array().unwrap().len(), 1);
@@ -100,7 +105,8 @@ fn shared_layers_are_downloaded_once() {
     assert_eq!(j["downloaded"], 8, "{j:#}");
     assert_eq!(j["deduped"], 7);
     assert_eq!(j["bytes_transferred"].as_u64().unwrap(), distinct.values().sum::<u64>());
-    let files: Vec<String> = t.blob_files().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let files: Vec<String> =
+        t.blob_files().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(files, distinct.keys().cloned().collect::<Vec<_>>());
     for img in j["images"].as_array().unwrap() {
         for l in img["layers"].as_array().unwrap() {
@@ -208,7 +214,8 @@ fn hostile_keys_and_bad_objects() {
     let good = tar_layer(21, 10_000);
     // SeaweedFS caps a path component at 255 bytes: a 1000-byte key is
     // built from several long components.
-    let long_key = format!("{p}{}/{}/{}/1.tar", "f".repeat(250), "d".repeat(250), "e".repeat(1000 - p.len() - 250 - 250 - 8));
+    let long_key =
+        format!("{p}{}/{}/{}/1.tar", "f".repeat(250), "d".repeat(250), "e".repeat(1000 - p.len() - 250 - 250 - 8));
     let long_name = format!("{p}golang/{}.tar", "9".repeat(240));
     let keys = [
         format!("{p}golang/1.tar"),
@@ -239,7 +246,13 @@ fn hostile_keys_and_bad_objects() {
     for i in ignored {
         assert!(!i["reason"].as_str().unwrap().is_empty());
     }
-    let reason = |k: &str| ignored.iter().find(|i| i["key"] == k).map(|i| i["reason"].as_str().unwrap().to_string()).unwrap_or_else(|| panic!("{k} not ignored"));
+    let reason = |k: &str| {
+        ignored
+            .iter()
+            .find(|i| i["key"] == k)
+            .map(|i| i["reason"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{k} not ignored"))
+    };
     assert!(reason(&long_name).contains("larger than"));
     assert_eq!(long_key.len(), 1000);
     assert!(reason(&long_key).contains("250 bytes"));
@@ -251,13 +264,17 @@ fn hostile_keys_and_bad_objects() {
     // Nothing but the state dir appeared next to it, and inside it only the
     // db, the lock and content-addressed or id-named files.
     let parent = t.state.parent().unwrap();
-    let mut names: Vec<String> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, vec!["home", "state"]);
     for e in walk(&t.state) {
         let n = e.file_name().unwrap().to_string_lossy().into_owned();
         assert!(
-            n.len() == 64 || n.starts_with("state.db") || n == "lock" || ["blobs", "sha256", "partial"].contains(&n.as_str()),
+            n.len() == 64
+                || n.starts_with("state.db")
+                || n == "lock"
+                || ["blobs", "sha256", "partial"].contains(&n.as_str()),
             "unexpected file {}",
             e.display()
         );
@@ -272,7 +289,11 @@ fn hostile_keys_and_bad_objects() {
     srv.put("priv", &format!("{p}gz/1.tar"), &gz);
     srv.put("priv", &format!("{p}junk/1.tar"), &common::noise(2, 100_000));
     srv.put("priv", &format!("{p}short/1.tar"), b"too short");
-    for (fam, what) in [("gz", "is gzip-compressed; only uncompressed tar layers are supported"), ("junk", "not a tar archive"), ("short", "truncated")] {
+    for (fam, what) in [
+        ("gz", "is gzip-compressed; only uncompressed tar layers are supported"),
+        ("junk", "not a tar archive"),
+        ("short", "truncated"),
+    ] {
         let r = t.run(&["fetch", fam], &[]);
         assert_eq!(r.code, 65, "{fam}: {}", r.stderr);
         assert!(r.stderr.contains(&format!("s3://priv/{p}{fam}/1.tar")), "{}", r.stderr);
@@ -315,14 +336,19 @@ fn hostile_keys_and_bad_objects() {
     let t2 = Thinimg::new(srv, "priv", p);
     let r = t2.run(&["fetch", "--max-blob-size", "1K", "gap/1"], &[]);
     assert_eq!(r.code, 65, "{}", r.stderr);
-    assert!(r.stderr.contains(&format!("s3://priv/{p}gap/1.tar")) && r.stderr.contains("max-blob-size"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("s3://priv/{p}gap/1.tar")) && r.stderr.contains("max-blob-size"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn listing_follows_pagination() {
     let srv = S3Server::shared();
     let layer = tar_layer(31, 600);
-    let objects: Vec<(String, Vec<u8>)> = (1..=1005).map(|n| (format!("many/images/wide/{n}.tar"), layer.clone())).collect();
+    let objects: Vec<(String, Vec<u8>)> =
+        (1..=1005).map(|n| (format!("many/images/wide/{n}.tar"), layer.clone())).collect();
     srv.put_many("priv", &objects);
     let t = Thinimg::new(srv, "priv", "many/images/");
     let j = t.ok(&["ls-remote", "--json"]).json();

@@ -20,7 +20,8 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     };
     let wait = inv.u64_opt("wait")?.map(Duration::from_secs);
     let state = inv.state_dir();
-    std::fs::create_dir_all(&state).map_err(|e| crate::Error::io(format!("creating state dir {}", state.display()), e))?;
+    std::fs::create_dir_all(&state)
+        .map_err(|e| crate::Error::io(format!("creating state dir {}", state.display()), e))?;
     let _lock = StateLock::acquire(&state, wait)?;
     let s3 = S3Client::from_invocation(inv)?;
     let mut db = Db::open(&state)?;
@@ -40,7 +41,13 @@ pub fn run(inv: &Invocation) -> Result<u8> {
                 Source::Cached => "cached",
                 Source::Deduped => "deduped",
             };
-            rows.push(vec![img.reference.clone(), l.n.to_string(), l.digest.as_str()[..12].to_string(), output::bytes(l.size), src.to_string()]);
+            rows.push(vec![
+                img.reference.clone(),
+                l.n.to_string(),
+                l.digest.as_str()[..12].to_string(),
+                output::bytes(l.size),
+                src.to_string(),
+            ]);
         }
     }
     output::table(&["REF", "LAYER", "BLOB", "SIZE", "SOURCE"], &rows)?;

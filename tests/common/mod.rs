@@ -172,7 +172,9 @@ impl S3Server {
 
     pub fn try_put(&self, bucket: &str, key: &str, data: &[u8]) -> bool {
         let f = tempfile_with(data);
-        let ok = curl(&["--path-as-is", "-o", "/dev/null", "-T", f.to_str().unwrap(), &self.url(bucket, key)]).status.success();
+        let ok = curl(&["--path-as-is", "-o", "/dev/null", "-T", f.to_str().unwrap(), &self.url(bucket, key)])
+            .status
+            .success();
         let _ = std::fs::remove_file(f);
         ok
     }
@@ -185,7 +187,13 @@ impl S3Server {
             for (i, (key, data)) in chunk.iter().enumerate() {
                 let p = dir.join(i.to_string());
                 std::fs::write(&p, data).unwrap();
-                args.extend(["-o".into(), "/dev/null".into(), "-T".into(), p.display().to_string(), self.url(bucket, key)]);
+                args.extend([
+                    "-o".into(),
+                    "/dev/null".into(),
+                    "-T".into(),
+                    p.display().to_string(),
+                    self.url(bucket, key),
+                ]);
             }
             let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             let out = curl(&a);
@@ -221,7 +229,11 @@ pub fn curl(args: &[&str]) -> Output {
 pub fn tempdir(tag: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let p = std::env::temp_dir().join(format!("thinimg-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let p = std::env::temp_dir().join(format!(
+        "thinimg-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
@@ -251,7 +263,8 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
 }
 
@@ -270,7 +283,15 @@ impl Thinimg {
     pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         std::fs::create_dir_all(&self.home).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_thinimg"));
-        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "THINIMG_ANONYMOUS", "THINIMG_FAULT", "THINIMG_FAULT_SKIP", "RUST_LOG"] {
+        for k in [
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "THINIMG_ANONYMOUS",
+            "THINIMG_FAULT",
+            "THINIMG_FAULT_SKIP",
+            "RUST_LOG",
+        ] {
             c.env_remove(k);
         }
         c.env("HOME", &self.home)
