@@ -312,7 +312,6 @@ impl BlobStore {
         let mut checked_type = false;
         if offset > 0 {
             log::info!("resuming {url} at byte {offset} of {}", job.size);
-            checked_type = check_head(url, head, offset, job.size)?;
         }
         let mut etag = job.etag.to_string();
         let mut size = job.size;
@@ -364,6 +363,11 @@ impl BlobStore {
                         body.total_size, body.etag
                     ),
                 ));
+            }
+            if !checked_type && offset > 0 {
+                // Resuming: the partial's first block is of this version
+                // (If-Match held), so it can be judged now.
+                checked_type = check_head(url, head, offset, size)?;
             }
             loop {
                 let want = (size - offset).min(BUF as u64) as usize;

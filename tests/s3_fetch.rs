@@ -422,3 +422,58 @@ fn dropped_connections_and_slowdown_are_retried() {
     assert!(r.stderr.contains("giving up after 6 attempts"), "{}", r.stderr);
     proxy.plan().fail_503 = 0;
 }
+
+/// The object changed between the listing and the GET: If-Match fails
+/// (412) and the download restarts cleanly from byte 0, also when it was
+/// resuming a partial of the old version.
+#[test]
+fn precondition_failed_restarts_from_zero() {
+    use thinimg::blobs::{BlobStore, DownloadJob, Progress};
+    let srv = S3Server::shared();
+    let data = tar_layer(51, 3 << 20);
+    let key = "precond/images/p/1.tar";
+    srv.put("priv", key, &data);
+    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
+    let client = thinimg::s3::S3Client::new(thinimg::s3::S3Config {
+        bucket: "priv".into(),
+        prefix: "precond/images/".into(),
+        region: "us-east-1".into(),
+        endpoint: Some(srv.endpoint.clone()),
+        anonymous: false,
+    })
+    .unwrap();
+    let real_etag = client.stat(key).unwrap().etag;
+    let state = common::tempdir("precond");
+    let store = BlobStore::open(&state).unwrap();
+    // A partial of "the old version": 1 MiB of other bytes.
+    std::fs::write(state.join("blobs/partial/7.partial"), common::noise(5, 1 << 20)).unwrap();
+    for (partial, resume) in [("7.partial", 1u64 << 20), ("8.partial", 0)] {
+        let stale = "0123456789abcdef0123456789abcdef";
+        let job = DownloadJob {
+            key,
+            etag: stale,
+            size: data.len() as u64,
+            partial,
+            resume_offset: resume,
+            max_size: 1 << 30,
+            counter: None,
+        };
+        let mut events = Vec::new();
+        let d = store
+            .download(&client, &job, &mut |p| {
+                if let Progress::Durable { offset, etag, .. } = p {
+                    events.push((offset, etag.to_string()));
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(d.digest.as_str(), sha256_hex(&data), "{partial}");
+        assert_eq!(d.etag, real_etag);
+        assert_eq!(d.transferred, data.len() as u64);
+        assert_eq!(events.first().map(|e| e.0), Some(0), "restart recorded as durable offset 0: {events:?}");
+        assert_eq!(std::fs::read(store.blob_path(&d.digest)).unwrap(), data);
+        assert!(!state.join("blobs/partial").join(partial).exists());
+    }
+    std::fs::remove_dir_all(&state).ok();
+}
