@@ -261,7 +261,7 @@ impl BlobStore {
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         let outcome = std::thread::scope(|scope| {
             let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
-            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp };
+            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
             let r = self.receive(s3, job, &url, &mut w, &mut head, offset, progress);
             drop(w);
             let (file, hasher, werr) = match writer.join() {
@@ -422,10 +422,14 @@ impl BlobStore {
                 if let Some(c) = job.counter {
                     c.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                if since_checkpoint >= CHECKPOINT_BYTES && offset < size {
-                    w.sync()?;
-                    progress(Progress::Durable { offset, etag: &etag, size })?;
+                // Checkpoints are asynchronous: the writer fsyncs while
+                // this thread keeps receiving, and the offset is reported
+                // durable when the fsync has answered.
+                if since_checkpoint >= CHECKPOINT_BYTES && offset < size && w.request_sync(offset)? {
                     since_checkpoint = 0;
+                }
+                if let Some(durable) = w.poll()? {
+                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
                     fault::point("download:chunk");
                 }
             }
@@ -436,16 +440,17 @@ impl BlobStore {
 
 enum ToWriter {
     Data(Vec<u8>),
-    /// fsync what was written, then answer `Synced`.
-    Sync,
-    /// Truncate to 0 and start hashing afresh, then answer `Synced`.
+    /// fsync what was written (up to the offset given), then answer `Synced`.
+    Sync(u64),
+    /// Truncate to 0 and start hashing afresh, then answer `Synced(0)`.
     Reset,
 }
 
 enum FromWriter {
     /// A written buffer, for reuse.
     Buf(Vec<u8>),
-    Synced(std::result::Result<(), String>),
+    /// Bytes up to this offset are durable (or the error that prevented it).
+    Synced(std::result::Result<u64, String>),
 }
 
 /// The network side's handle on the writer thread.
@@ -454,15 +459,12 @@ struct WriterLink<'a> {
     rx: std::sync::mpsc::Receiver<FromWriter>,
     pool: Vec<Vec<u8>>,
     path: &'a Path,
+    /// A Sync was sent and not yet answered.
+    syncing: bool,
 }
 
 impl WriterLink<'_> {
     fn buffer(&mut self) -> Vec<u8> {
-        while let Ok(m) = self.rx.try_recv() {
-            if let FromWriter::Buf(b) = m {
-                self.pool.push(b);
-            }
-        }
         self.pool.pop().unwrap_or_else(|| Vec::with_capacity(BUF))
     }
 
@@ -470,30 +472,62 @@ impl WriterLink<'_> {
         Error::new(Kind::Io, format!("writing {}: the writer thread stopped", self.path.display()))
     }
 
+    fn failed(&self, e: String) -> Error {
+        Error::new(Kind::Io, format!("writing {}: {e}", self.path.display()))
+    }
+
     fn write(&mut self, buf: Vec<u8>) -> Result<()> {
         self.tx.send(ToWriter::Data(buf)).map_err(|_| self.gone())
     }
 
-    fn wait_synced(&mut self, msg: ToWriter) -> Result<()> {
-        self.tx.send(msg).map_err(|_| self.gone())?;
+    /// Ask for an fsync of everything sent so far, unless one is running.
+    fn request_sync(&mut self, offset: u64) -> Result<bool> {
+        if self.syncing {
+            return Ok(false);
+        }
+        self.tx.send(ToWriter::Sync(offset)).map_err(|_| self.gone())?;
+        self.syncing = true;
+        Ok(true)
+    }
+
+    /// Take back written buffers; the offset of a finished fsync, if any.
+    fn poll(&mut self) -> Result<Option<u64>> {
+        let mut durable = None;
         loop {
-            match self.rx.recv() {
+            match self.rx.try_recv() {
                 Ok(FromWriter::Buf(b)) => self.pool.push(b),
-                Ok(FromWriter::Synced(Ok(()))) => return Ok(()),
-                Ok(FromWriter::Synced(Err(e))) => {
-                    return Err(Error::new(Kind::Io, format!("writing {}: {e}", self.path.display())))
+                Ok(FromWriter::Synced(Ok(off))) => {
+                    self.syncing = false;
+                    durable = Some(off);
                 }
-                Err(_) => return Err(self.gone()),
+                Ok(FromWriter::Synced(Err(e))) => return Err(self.failed(e)),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(durable),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.gone()),
             }
         }
     }
 
-    fn sync(&mut self) -> Result<()> {
-        self.wait_synced(ToWriter::Sync)
-    }
-
+    /// Truncate and restart hashing. An fsync still running belongs to the
+    /// old version: its answer is discarded, never reported.
     fn reset(&mut self) -> Result<()> {
-        self.wait_synced(ToWriter::Reset)
+        let mut reset_sent = false;
+        loop {
+            if !self.syncing && !reset_sent {
+                self.tx.send(ToWriter::Reset).map_err(|_| self.gone())?;
+                self.syncing = true;
+                reset_sent = true;
+            }
+            match self.rx.recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(r)) => {
+                    self.syncing = false;
+                    if reset_sent {
+                        return r.map(drop).map_err(|e| self.failed(e));
+                    }
+                }
+                Err(_) => return Err(self.gone()),
+            }
+        }
     }
 }
 
@@ -526,10 +560,10 @@ fn write_loop(
                 }
                 let _ = tx.send(FromWriter::Buf(buf));
             }
-            ToWriter::Sync => {
+            ToWriter::Sync(offset) => {
                 let r = match &err {
                     Some(e) => Err(e.to_string()),
-                    None => file.sync_data().map_err(|e| e.to_string()),
+                    None => file.sync_data().map(|()| offset).map_err(|e| e.to_string()),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
@@ -543,6 +577,7 @@ fn write_loop(
                         .set_len(0)
                         .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
                         .and_then(|()| file.sync_data())
+                        .map(|()| 0)
                         .map_err(|e| e.to_string()),
                 };
                 let _ = tx.send(FromWriter::Synced(r));

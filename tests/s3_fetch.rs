@@ -147,9 +147,10 @@ fn kill_mid_download_resumes_with_only_the_remainder() {
     assert!(t.blob_files().is_empty());
     let j = t.ok(&["fetch", "--json", "big"]).json();
     let l = &j["images"][0]["layers"][0];
-    // Checkpoints fall on the first read boundary past each 16 MiB.
+    // The second checkpoint is requested at the first read boundary past
+    // 32 MiB (later if the first fsync is still running).
     let resumed = l["resumed_from"].as_u64().unwrap();
-    assert!((32 << 20..33 << 20).contains(&resumed), "{j:#}");
+    assert!(resumed >= 32 << 20 && resumed < big.len() as u64, "{j:#}");
     assert_eq!(l["transferred"].as_u64().unwrap(), big.len() as u64 - resumed);
     assert_eq!(j["bytes_transferred"].as_u64().unwrap(), big.len() as u64 - resumed);
     assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&big));
