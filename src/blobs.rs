@@ -245,7 +245,7 @@ impl BlobStore {
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
         file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (hasher, n) =
+        let (mut hasher, n) =
             hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
@@ -260,11 +260,11 @@ impl BlobStore {
         let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         let outcome = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
+            let writer = scope.spawn(move || write_loop(file, offset, writer_rx, writer_tx));
             let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
-            let r = self.receive(s3, job, &url, &mut w, &mut head, offset, progress);
+            let r = self.receive(s3, job, &url, &mut w, &mut hasher, &mut head, offset, progress);
             drop(w);
-            let (file, hasher, werr) = match writer.join() {
+            let (file, werr) = match writer.join() {
                 Ok(v) => v,
                 Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
             };
@@ -305,6 +305,7 @@ impl BlobStore {
         job: &DownloadJob<'_>,
         url: &str,
         w: &mut WriterLink<'_>,
+        hasher: &mut Sha256,
         head: &mut Vec<u8>,
         mut offset: u64,
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
@@ -334,6 +335,7 @@ impl BlobStore {
                     }
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
                     w.reset()?;
+                    *hasher = Sha256::new();
                     offset = 0;
                     head.clear();
                     checked_type = false;
@@ -414,6 +416,8 @@ impl BlobStore {
                         checked_type = true;
                     }
                 }
+                // Hashing here and writing on the writer thread overlap.
+                hasher.update(&buf);
                 w.write(buf)?;
                 offset += n as u64;
                 transferred += n as u64;
@@ -442,7 +446,7 @@ enum ToWriter {
     Data(Vec<u8>),
     /// fsync what was written (up to the offset given), then answer `Synced`.
     Sync(u64),
-    /// Truncate to 0 and start hashing afresh, then answer `Synced(0)`.
+    /// Truncate to 0, then answer `Synced(0)`.
     Reset,
 }
 
@@ -507,7 +511,7 @@ impl WriterLink<'_> {
         }
     }
 
-    /// Truncate and restart hashing. An fsync still running belongs to the
+    /// Truncate the partial. An fsync still running belongs to the
     /// old version: its answer is discarded, never reported.
     fn reset(&mut self) -> Result<()> {
         let mut reset_sent = false;
@@ -531,15 +535,14 @@ impl WriterLink<'_> {
     }
 }
 
-/// The writer thread: hash, write, start writeback, fsync on request.
-/// Returns the file, the hash state and the first write error.
+/// The writer thread: write, start writeback, fsync on request.
+/// Returns the file and the first write error.
 fn write_loop(
     mut file: File,
-    mut hasher: Sha256,
     mut pos: u64,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     tx: std::sync::mpsc::Sender<FromWriter>,
-) -> (File, Sha256, Option<std::io::Error>) {
+) -> (File, Option<std::io::Error>) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
     for m in rx {
@@ -548,7 +551,6 @@ fn write_loop(
                 if err.is_none() {
                     match file.write_all(&buf) {
                         Ok(()) => {
-                            hasher.update(&buf);
                             pos += buf.len() as u64;
                             if pos - written_back >= WRITEBACK_BYTES {
                                 start_writeback(&file, written_back, pos - written_back);
@@ -568,7 +570,6 @@ fn write_loop(
                 let _ = tx.send(FromWriter::Synced(r));
             }
             ToWriter::Reset => {
-                hasher = Sha256::new();
                 pos = 0;
                 written_back = 0;
                 let r = match &err {
@@ -584,7 +585,7 @@ fn write_loop(
             }
         }
     }
-    (file, hasher, err)
+    (file, err)
 }
 
 /// Ask the kernel to start writing [start, start+len) to disk now, without
