@@ -190,6 +190,10 @@ enum Plan {
 
 /// Fetch `layers` (distinct keys). Returns one result per layer, in order.
 /// `Err` only for failures that stop everything (database, store).
+///
+/// The caller holds the state-dir lock, and runs at most one
+/// `fetch_layers` per state dir at a time: it starts by removing partial
+/// files that no download row names.
 pub fn fetch_layers(
     db: &mut Db,
     s3: &S3Client,
