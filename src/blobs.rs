@@ -274,7 +274,7 @@ impl BlobStore {
             }
             Ok((r, file, hasher))
         });
-        let ((etag, size, transferred), file, hasher) = match outcome {
+        let ((etag, size, transferred, restarted), file, hasher) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 if e.kind() == Kind::BadData {
@@ -293,11 +293,13 @@ impl BlobStore {
         progress(Progress::Verified { digest: &digest, size })?;
         self.install(&pp, &digest)?;
         fault::point("download:renamed");
-        Ok(Downloaded { digest, size, etag, transferred, resumed_from: offset })
+        let resumed_from = if restarted { 0 } else { offset };
+        Ok(Downloaded { digest, size, etag, transferred, resumed_from })
     }
 
     /// The network side of [`BlobStore::download`]: requests, retries,
-    /// type check, checkpoints. Returns (etag, size, bytes transferred).
+    /// type check, checkpoints. Returns (etag, size, bytes transferred,
+    /// whether it restarted from byte 0 because the object changed).
     #[allow(clippy::too_many_arguments)]
     fn receive(
         &self,
@@ -309,7 +311,7 @@ impl BlobStore {
         head: &mut Vec<u8>,
         mut offset: u64,
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
-    ) -> Result<(String, u64, u64)> {
+    ) -> Result<(String, u64, u64, bool)> {
         let mut checked_type = false;
         if offset > 0 {
             log::info!("resuming {url} at byte {offset} of {}", job.size);
@@ -438,7 +440,7 @@ impl BlobStore {
                 }
             }
         }
-        Ok((etag, size, transferred))
+        Ok((etag, size, transferred, restarts > 0))
     }
 }
 

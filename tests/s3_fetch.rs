@@ -472,6 +472,7 @@ fn precondition_failed_restarts_from_zero() {
         assert_eq!(d.digest.as_str(), sha256_hex(&data), "{partial}");
         assert_eq!(d.etag, real_etag);
         assert_eq!(d.transferred, data.len() as u64);
+        assert_eq!(d.resumed_from, 0, "the old version's bytes were not reused");
         assert_eq!(events.first().map(|e| e.0), Some(0), "restart recorded as durable offset 0: {events:?}");
         assert_eq!(std::fs::read(store.blob_path(&d.digest)).unwrap(), data);
         assert!(!state.join("blobs/partial").join(partial).exists());
