@@ -637,6 +637,11 @@ mod tests {
         let f = status_failure("get", 404, "<Error><Code>NoSuchKey</Code></Error>", "b", Some("images/x/1.tar"));
         assert_eq!(f.err.kind(), Kind::NoSuchImage);
         assert!(f.err.message().contains("s3://b/images/x/1.tar"));
+        let skew = "<Error><Code>RequestTimeTooSkewed</Code></Error>";
+        let f = status_failure("listing", 403, skew, "b", None);
+        assert_eq!(f.err.kind(), Kind::NoPerm);
+        assert!(f.err.message().contains("clock"), "{}", f.err.message());
+        assert!(!f.retryable);
         assert!(status_failure("g", 503, "", "b", None).retryable);
         assert!(!status_failure("g", 400, "", "b", None).retryable);
     }

@@ -479,3 +479,23 @@ fn precondition_failed_restarts_from_zero() {
     }
     std::fs::remove_dir_all(&state).ok();
 }
+
+#[test]
+fn fetch_takes_the_state_lock_and_blobs_does_not() {
+    let srv = S3Server::shared();
+    srv.put("priv", "lock/images/l/1.tar", &tar_layer(61, 5000));
+    let t = Thinimg::new(srv, "priv", "lock/images/");
+    t.ok(&["fetch", "l"]);
+    let held = thinimg::ops::lock::StateLock::acquire(&t.state, None).unwrap();
+    let r = t.run(&["fetch", "l"], &[]);
+    assert_eq!(r.code, 75, "{}", r.stderr);
+    assert!(r.stderr.contains("another thinimg instance"), "{}", r.stderr);
+    // Read-only: works while the lock is held.
+    let b = t.ok(&["blobs", "--json"]).json();
+    assert_eq!(b.as_array().unwrap().len(), 1);
+    // --wait: succeeds once the holder lets go.
+    let mut child = t.command(&["fetch", "--wait", "30", "l"], &[]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(held);
+    assert!(child.wait().unwrap().success());
+}
