@@ -378,6 +378,14 @@ impl BlobStore {
                 if want == 0 {
                     break 'request;
                 }
+                if crate::ops::signals::pending().is_some() {
+                    // Make what was received durable, so the next run
+                    // resumes from here, then unwind.
+                    let durable = w.sync_now(offset)?;
+                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
+                    return Err(crate::ops::signals::interrupted_error()
+                        .context(format!("{url}: stopped at byte {durable} of {size}")));
+                }
                 let mut buf = w.buffer();
                 buf.resize(want, 0);
                 let n = match body.read(&mut buf[..want]) {
@@ -390,7 +398,7 @@ impl BlobStore {
                             ));
                         }
                         log::warn!("{url}: body ended at byte {offset} of {size}; resuming");
-                        retry.sleep(failures);
+                        retry.sleep(failures)?;
                         continue 'request;
                     }
                     Ok(n) => n,
@@ -405,7 +413,7 @@ impl BlobStore {
                             .with_source(e));
                         }
                         log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
-                        retry.sleep(failures);
+                        retry.sleep(failures)?;
                         continue 'request;
                     }
                 };
@@ -509,6 +517,27 @@ impl WriterLink<'_> {
                 Ok(FromWriter::Synced(Err(e))) => return Err(self.failed(e)),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(durable),
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.gone()),
+            }
+        }
+    }
+
+    /// fsync everything sent so far and wait for it; the durable offset.
+    fn sync_now(&mut self, offset: u64) -> Result<u64> {
+        loop {
+            if !self.syncing {
+                self.tx.send(ToWriter::Sync(offset)).map_err(|_| self.gone())?;
+                self.syncing = true;
+            }
+            match self.rx.recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(Ok(off))) => {
+                    self.syncing = false;
+                    if off == offset {
+                        return Ok(off);
+                    }
+                }
+                Ok(FromWriter::Synced(Err(e))) => return Err(self.failed(e)),
+                Err(_) => return Err(self.gone()),
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod magic;
 pub mod journal;
 pub mod ops;
+pub mod pipeline;
 pub mod remote;
 pub mod s3;
 pub mod store;

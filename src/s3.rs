@@ -84,12 +84,12 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Sleep before retry number `attempt` (1-based): full jitter over
-    /// base·2^(attempt-1), capped.
-    pub fn sleep(&self, attempt: u32) {
+    /// Sleep before retry number `attempt` (1-based): "equal jitter" over
+    /// base·2^(attempt-1), capped. Wakes early with an error on SIGINT/SIGTERM.
+    pub fn sleep(&self, attempt: u32) -> Result<()> {
         let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
         let max = exp.min(self.cap).as_millis().max(1) as u64;
-        std::thread::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)));
+        crate::ops::signals::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)))
     }
 }
 
@@ -415,7 +415,7 @@ impl S3Client {
                 Ok(v) => return Ok(v),
                 Err(Failure { err, retryable: true }) if attempt < self.retry.attempts => {
                     log::warn!("{} (attempt {attempt} of {}; retrying)", err.full_message(), self.retry.attempts);
-                    self.retry.sleep(attempt);
+                    self.retry.sleep(attempt)?;
                 }
                 Err(Failure { err, retryable }) => {
                     return Err(if retryable {

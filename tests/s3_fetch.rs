@@ -494,8 +494,51 @@ fn fetch_takes_the_state_lock_and_blobs_does_not() {
     let b = t.ok(&["blobs", "--json"]).json();
     assert_eq!(b.as_array().unwrap().len(), 1);
     // --wait: succeeds once the holder lets go.
-    let mut child = t.command(&["fetch", "--wait", "30", "l"], &[]).spawn().unwrap();
+    let mut child = t
+        .command(&["fetch", "--wait", "30", "l"], &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     drop(held);
     assert!(child.wait().unwrap().success());
+}
+
+/// SIGINT mid-download: exit 130 after making the received bytes durable;
+/// the next run resumes from there.
+#[test]
+fn sigint_checkpoints_and_the_next_run_resumes() {
+    let srv = S3Server::shared();
+    let big = tar_layer(71, 96 << 20);
+    srv.put("priv", "sigint/images/s/1.tar", &big);
+    let t = Thinimg::new(srv, "priv", "sigint/images/");
+    let mut child = t.command(&["fetch", "s"], &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let partial_dir = t.state.join("blobs/partial");
+    let t0 = std::time::Instant::now();
+    loop {
+        let grown = std::fs::read_dir(&partial_dir)
+            .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > (4 << 20)).unwrap_or(false)))
+            .unwrap_or(false);
+        if grown {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "download never started");
+        assert!(child.try_wait().unwrap().is_none(), "fetch finished before it could be interrupted");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) on the pid of our own child; no memory involved.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    let j = t.ok(&["fetch", "--json", "s"]).json();
+    let l = &j["images"][0]["layers"][0];
+    let resumed = l["resumed_from"].as_u64().unwrap();
+    assert!(resumed > 4 << 20, "the bytes received before SIGINT were kept: {j:#}");
+    assert_eq!(l["transferred"].as_u64().unwrap() + resumed, big.len() as u64);
+    assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&big));
 }

@@ -5,3 +5,4 @@ pub mod fault;
 pub mod lock;
 pub mod log;
 pub mod output;
+pub mod signals;
