@@ -25,6 +25,9 @@ use crate::s3::{Got, S3Client};
 /// Durable progress is reported every this many bytes.
 pub const CHECKPOINT_BYTES: u64 = 16 << 20;
 const BUF: usize = 256 << 10;
+/// Buffers in flight to the writer thread (16 × 256 KiB = 4 MiB): enough
+/// to keep receiving through a checkpoint's fsync.
+const WRITE_QUEUE: usize = 16;
 /// Writeback of what was written is started every this many bytes, so a
 /// checkpoint's fsync finds little left to wait for.
 const WRITEBACK_BYTES: u64 = 4 << 20;
@@ -121,9 +124,8 @@ impl BlobStore {
     }
 
     fn partial_path(&self, name: &str) -> Result<PathBuf> {
-        let ok = name
-            .strip_suffix(".partial")
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        let ok =
+            name.strip_suffix(".partial").is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
         if !ok {
             return Err(Error::software(format!("partial download name {name:?} is not <id>.partial")));
         }
@@ -243,7 +245,8 @@ impl BlobStore {
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
         file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (hasher, n) = hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (mut hasher, n) =
+            hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -254,14 +257,14 @@ impl BlobStore {
             check_head(&url, &head, 0, 0)?;
             return Err(Error::bad_data(format!("{url} is empty")));
         }
-        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(4);
+        let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         let outcome = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || write_loop(file, hasher, offset, writer_rx, writer_tx));
-            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp };
-            let r = self.receive(s3, job, &url, &mut w, &mut head, offset, progress);
+            let writer = scope.spawn(move || write_loop(file, offset, writer_rx, writer_tx));
+            let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
+            let r = self.receive(s3, job, &url, &mut w, &mut hasher, &mut head, offset, progress);
             drop(w);
-            let (file, hasher, werr) = match writer.join() {
+            let (file, werr) = match writer.join() {
                 Ok(v) => v,
                 Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
             };
@@ -271,7 +274,7 @@ impl BlobStore {
             }
             Ok((r, file, hasher))
         });
-        let ((etag, size, transferred), file, hasher) = match outcome {
+        let ((etag, size, transferred, restarted), file, hasher) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 if e.kind() == Kind::BadData {
@@ -290,11 +293,13 @@ impl BlobStore {
         progress(Progress::Verified { digest: &digest, size })?;
         self.install(&pp, &digest)?;
         fault::point("download:renamed");
-        Ok(Downloaded { digest, size, etag, transferred, resumed_from: offset })
+        let resumed_from = if restarted { 0 } else { offset };
+        Ok(Downloaded { digest, size, etag, transferred, resumed_from })
     }
 
     /// The network side of [`BlobStore::download`]: requests, retries,
-    /// type check, checkpoints. Returns (etag, size, bytes transferred).
+    /// type check, checkpoints. Returns (etag, size, bytes transferred,
+    /// whether it restarted from byte 0 because the object changed).
     #[allow(clippy::too_many_arguments)]
     fn receive(
         &self,
@@ -302,14 +307,14 @@ impl BlobStore {
         job: &DownloadJob<'_>,
         url: &str,
         w: &mut WriterLink<'_>,
+        hasher: &mut Sha256,
         head: &mut Vec<u8>,
         mut offset: u64,
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
-    ) -> Result<(String, u64, u64)> {
+    ) -> Result<(String, u64, u64, bool)> {
         let mut checked_type = false;
         if offset > 0 {
             log::info!("resuming {url} at byte {offset} of {}", job.size);
-            checked_type = check_head(url, head, offset, job.size)?;
         }
         let mut etag = job.etag.to_string();
         let mut size = job.size;
@@ -325,10 +330,14 @@ impl BlobStore {
                 Got::Changed => {
                     restarts += 1;
                     if restarts > 3 {
-                        return Err(Error::new(Kind::Unavailable, format!("{url} keeps changing while being downloaded")));
+                        return Err(Error::new(
+                            Kind::Unavailable,
+                            format!("{url} keeps changing while being downloaded"),
+                        ));
                     }
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
                     w.reset()?;
+                    *hasher = Sha256::new();
                     offset = 0;
                     head.clear();
                     checked_type = false;
@@ -353,13 +362,29 @@ impl BlobStore {
             } else if body.total_size != size || (!body.etag.is_empty() && body.etag != etag) {
                 return Err(Error::new(
                     Kind::Unavailable,
-                    format!("{url}: server sent a different version on resume (size {} ETag {}); retry", body.total_size, body.etag),
+                    format!(
+                        "{url}: server sent a different version on resume (size {} ETag {}); retry",
+                        body.total_size, body.etag
+                    ),
                 ));
+            }
+            if !checked_type && offset > 0 {
+                // Resuming: the partial's first block is of this version
+                // (If-Match held), so it can be judged now.
+                checked_type = check_head(url, head, offset, size)?;
             }
             loop {
                 let want = (size - offset).min(BUF as u64) as usize;
                 if want == 0 {
                     break 'request;
+                }
+                if crate::ops::signals::pending().is_some() {
+                    // Make what was received durable, so the next run
+                    // resumes from here, then unwind.
+                    let durable = w.sync_now(offset)?;
+                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
+                    return Err(crate::ops::signals::interrupted_error()
+                        .context(format!("{url}: stopped at byte {durable} of {size}")));
                 }
                 let mut buf = w.buffer();
                 buf.resize(want, 0);
@@ -373,7 +398,7 @@ impl BlobStore {
                             ));
                         }
                         log::warn!("{url}: body ended at byte {offset} of {size}; resuming");
-                        retry.sleep(failures);
+                        retry.sleep(failures)?;
                         continue 'request;
                     }
                     Ok(n) => n,
@@ -381,10 +406,14 @@ impl BlobStore {
                     Err(e) => {
                         failures += 1;
                         if failures >= retry.attempts {
-                            return Err(Error::new(Kind::Unavailable, format!("{url}: reading at byte {offset} of {size}")).with_source(e));
+                            return Err(Error::new(
+                                Kind::Unavailable,
+                                format!("{url}: reading at byte {offset} of {size}"),
+                            )
+                            .with_source(e));
                         }
                         log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
-                        retry.sleep(failures);
+                        retry.sleep(failures)?;
                         continue 'request;
                     }
                 };
@@ -397,6 +426,8 @@ impl BlobStore {
                         checked_type = true;
                     }
                 }
+                // Hashing here and writing on the writer thread overlap.
+                hasher.update(&buf);
                 w.write(buf)?;
                 offset += n as u64;
                 transferred += n as u64;
@@ -405,30 +436,35 @@ impl BlobStore {
                 if let Some(c) = job.counter {
                     c.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                if since_checkpoint >= CHECKPOINT_BYTES && offset < size {
-                    w.sync()?;
-                    progress(Progress::Durable { offset, etag: &etag, size })?;
+                // Checkpoints are asynchronous: the writer fsyncs while
+                // this thread keeps receiving, and the offset is reported
+                // durable when the fsync has answered.
+                if since_checkpoint >= CHECKPOINT_BYTES && offset < size && w.request_sync(offset)? {
                     since_checkpoint = 0;
+                }
+                if let Some(durable) = w.poll()? {
+                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
                     fault::point("download:chunk");
                 }
             }
         }
-        Ok((etag, size, transferred))
+        Ok((etag, size, transferred, restarts > 0))
     }
 }
 
 enum ToWriter {
     Data(Vec<u8>),
-    /// fsync what was written, then answer `Synced`.
-    Sync,
-    /// Truncate to 0 and start hashing afresh, then answer `Synced`.
+    /// fsync what was written (up to the offset given), then answer `Synced`.
+    Sync(u64),
+    /// Truncate to 0, then answer `Synced(0)`.
     Reset,
 }
 
 enum FromWriter {
     /// A written buffer, for reuse.
     Buf(Vec<u8>),
-    Synced(std::result::Result<(), String>),
+    /// Bytes up to this offset are durable (or the error that prevented it).
+    Synced(std::result::Result<u64, String>),
 }
 
 /// The network side's handle on the writer thread.
@@ -437,15 +473,12 @@ struct WriterLink<'a> {
     rx: std::sync::mpsc::Receiver<FromWriter>,
     pool: Vec<Vec<u8>>,
     path: &'a Path,
+    /// A Sync was sent and not yet answered.
+    syncing: bool,
 }
 
 impl WriterLink<'_> {
     fn buffer(&mut self) -> Vec<u8> {
-        while let Ok(m) = self.rx.try_recv() {
-            if let FromWriter::Buf(b) = m {
-                self.pool.push(b);
-            }
-        }
         self.pool.pop().unwrap_or_else(|| Vec::with_capacity(BUF))
     }
 
@@ -453,42 +486,94 @@ impl WriterLink<'_> {
         Error::new(Kind::Io, format!("writing {}: the writer thread stopped", self.path.display()))
     }
 
+    fn failed(&self, e: String) -> Error {
+        Error::new(Kind::Io, format!("writing {}: {e}", self.path.display()))
+    }
+
     fn write(&mut self, buf: Vec<u8>) -> Result<()> {
         self.tx.send(ToWriter::Data(buf)).map_err(|_| self.gone())
     }
 
-    fn wait_synced(&mut self, msg: ToWriter) -> Result<()> {
-        self.tx.send(msg).map_err(|_| self.gone())?;
+    /// Ask for an fsync of everything sent so far, unless one is running.
+    fn request_sync(&mut self, offset: u64) -> Result<bool> {
+        if self.syncing {
+            return Ok(false);
+        }
+        self.tx.send(ToWriter::Sync(offset)).map_err(|_| self.gone())?;
+        self.syncing = true;
+        Ok(true)
+    }
+
+    /// Take back written buffers; the offset of a finished fsync, if any.
+    fn poll(&mut self) -> Result<Option<u64>> {
+        let mut durable = None;
         loop {
+            match self.rx.try_recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(Ok(off))) => {
+                    self.syncing = false;
+                    durable = Some(off);
+                }
+                Ok(FromWriter::Synced(Err(e))) => return Err(self.failed(e)),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(durable),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.gone()),
+            }
+        }
+    }
+
+    /// fsync everything sent so far and wait for it; the durable offset.
+    fn sync_now(&mut self, offset: u64) -> Result<u64> {
+        loop {
+            if !self.syncing {
+                self.tx.send(ToWriter::Sync(offset)).map_err(|_| self.gone())?;
+                self.syncing = true;
+            }
             match self.rx.recv() {
                 Ok(FromWriter::Buf(b)) => self.pool.push(b),
-                Ok(FromWriter::Synced(Ok(()))) => return Ok(()),
-                Ok(FromWriter::Synced(Err(e))) => {
-                    return Err(Error::new(Kind::Io, format!("writing {}: {e}", self.path.display())))
+                Ok(FromWriter::Synced(Ok(off))) => {
+                    self.syncing = false;
+                    if off == offset {
+                        return Ok(off);
+                    }
                 }
+                Ok(FromWriter::Synced(Err(e))) => return Err(self.failed(e)),
                 Err(_) => return Err(self.gone()),
             }
         }
     }
 
-    fn sync(&mut self) -> Result<()> {
-        self.wait_synced(ToWriter::Sync)
-    }
-
+    /// Truncate the partial. An fsync still running belongs to the
+    /// old version: its answer is discarded, never reported.
     fn reset(&mut self) -> Result<()> {
-        self.wait_synced(ToWriter::Reset)
+        let mut reset_sent = false;
+        loop {
+            if !self.syncing && !reset_sent {
+                self.tx.send(ToWriter::Reset).map_err(|_| self.gone())?;
+                self.syncing = true;
+                reset_sent = true;
+            }
+            match self.rx.recv() {
+                Ok(FromWriter::Buf(b)) => self.pool.push(b),
+                Ok(FromWriter::Synced(r)) => {
+                    self.syncing = false;
+                    if reset_sent {
+                        return r.map(drop).map_err(|e| self.failed(e));
+                    }
+                }
+                Err(_) => return Err(self.gone()),
+            }
+        }
     }
 }
 
-/// The writer thread: hash, write, start writeback, fsync on request.
-/// Returns the file, the hash state and the first write error.
+/// The writer thread: write, start writeback, fsync on request.
+/// Returns the file and the first write error.
 fn write_loop(
     mut file: File,
-    mut hasher: Sha256,
     mut pos: u64,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     tx: std::sync::mpsc::Sender<FromWriter>,
-) -> (File, Sha256, Option<std::io::Error>) {
+) -> (File, Option<std::io::Error>) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
     for m in rx {
@@ -497,7 +582,6 @@ fn write_loop(
                 if err.is_none() {
                     match file.write_all(&buf) {
                         Ok(()) => {
-                            hasher.update(&buf);
                             pos += buf.len() as u64;
                             if pos - written_back >= WRITEBACK_BYTES {
                                 start_writeback(&file, written_back, pos - written_back);
@@ -509,15 +593,14 @@ fn write_loop(
                 }
                 let _ = tx.send(FromWriter::Buf(buf));
             }
-            ToWriter::Sync => {
+            ToWriter::Sync(offset) => {
                 let r = match &err {
                     Some(e) => Err(e.to_string()),
-                    None => file.sync_data().map_err(|e| e.to_string()),
+                    None => file.sync_data().map(|()| offset).map_err(|e| e.to_string()),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
             ToWriter::Reset => {
-                hasher = Sha256::new();
                 pos = 0;
                 written_back = 0;
                 let r = match &err {
@@ -526,13 +609,14 @@ fn write_loop(
                         .set_len(0)
                         .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
                         .and_then(|()| file.sync_data())
+                        .map(|()| 0)
                         .map_err(|e| e.to_string()),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
         }
     }
-    (file, hasher, err)
+    (file, err)
 }
 
 /// Ask the kernel to start writing [start, start+len) to disk now, without

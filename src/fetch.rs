@@ -149,7 +149,9 @@ pub fn fetch_refs(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, 
         let layers = img
             .layers
             .iter()
-            .map(|l| by_key.get(&l.key).cloned().ok_or_else(|| Error::software(format!("layer {} was not fetched", l.key))))
+            .map(|l| {
+                by_key.get(&l.key).cloned().ok_or_else(|| Error::software(format!("layer {} was not fetched", l.key)))
+            })
             .collect::<Result<Vec<_>>>()?;
         report.images.push(ImageFetch { reference: r.clone(), family: img.family, top: img.top, layers });
     }
@@ -157,16 +159,35 @@ pub fn fetch_refs(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, 
     Ok(report)
 }
 
+/// Re-hash a stored blob before use (the pipeline calls this before
+/// unpacking). A corrupt or missing blob is removed and marked missing, so
+/// the next fetch downloads it again; returns whether it is intact.
+pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bool> {
+    if store.verify(digest)? {
+        q::blob_mark_verified(&db.conn, digest.as_str())?;
+        Ok(true)
+    } else {
+        q::blob_mark_missing(&db.conn, digest.as_str())?;
+        Ok(false)
+    }
+}
+
 /// What to do for one layer, decided on the calling thread.
 enum Plan {
     Done(LayerFetch),
     /// Download; the other layer indexes share its plain-MD5 ETag and size.
-    Download { followers: Vec<usize> },
+    Download {
+        followers: Vec<usize>,
+    },
     Follow,
 }
 
 /// Fetch `layers` (distinct keys). Returns one result per layer, in order.
 /// `Err` only for failures that stop everything (database, store).
+///
+/// The caller holds the state-dir lock, and runs at most one
+/// `fetch_layers` per state dir at a time: it starts by removing partial
+/// files that no download row names.
 pub fn fetch_layers(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, store: &BlobStore, layers: &[Layer], opts: &FetchOptions) -> Result<Vec<Result<LayerFetch>>> {
     let bucket = s3.bucket();
     // Partials that no download row names are leftovers of a crash.
@@ -211,7 +232,10 @@ pub fn fetch_layers(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client
         })
         .collect();
     if work.is_empty() {
-        return Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err(Error::software("layer not planned")))).collect());
+        return Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::software("layer not planned"))))
+            .collect());
     }
     let queue = Mutex::new(work.into_iter().rev().collect::<Vec<_>>());
     let shared: Mutex<&mut Vec<Option<Result<LayerFetch>>>> = Mutex::new(&mut results);
@@ -347,8 +371,19 @@ fn download_group(
         Ok(f) => {
             for &i in followers {
                 let fl = &layers[i];
-                let r = if f.size == fl.size && q::object_get(&db.conn, s3.bucket(), &l.key).ok().flatten().is_some_and(|o| o.etag == fl.etag) {
-                    q::object_record(&db.conn, s3.bucket(), &fl.key, &fl.etag, fl.size, &fl.last_modified, f.digest.as_str()).map(|()| LayerFetch {
+                let r = if f.size == fl.size
+                    && q::object_get(&db.conn, s3.bucket(), &l.key).ok().flatten().is_some_and(|o| o.etag == fl.etag)
+                {
+                    q::object_record(
+                        &db.conn,
+                        s3.bucket(),
+                        &fl.key,
+                        &fl.etag,
+                        fl.size,
+                        &fl.last_modified,
+                        f.digest.as_str(),
+                    )
+                    .map(|()| LayerFetch {
                         family: fl.family.clone(),
                         n: fl.n,
                         key: fl.key.clone(),
@@ -368,7 +403,19 @@ fn download_group(
         Err(e) => {
             for &i in followers {
                 let fl = &layers[i];
-                out.push((i, Err(Error::new(e.kind(), format!("s3://{}/{}: same content as {}, which failed: {}", s3.bucket(), fl.key, l.key, e.full_message())))));
+                out.push((
+                    i,
+                    Err(Error::new(
+                        e.kind(),
+                        format!(
+                            "s3://{}/{}: same content as {}, which failed: {}",
+                            s3.bucket(),
+                            fl.key,
+                            l.key,
+                            e.full_message()
+                        ),
+                    )),
+                ));
             }
         }
     }
@@ -376,7 +423,14 @@ fn download_group(
     out
 }
 
-fn download_one(db: &mut Db, s3: &S3Client, store: &BlobStore, l: &Layer, opts: &FetchOptions, received: &AtomicU64) -> Result<LayerFetch> {
+fn download_one(
+    db: &mut Db,
+    s3: &S3Client,
+    store: &BlobStore,
+    l: &Layer,
+    opts: &FetchOptions,
+    received: &AtomicU64,
+) -> Result<LayerFetch> {
     let bucket = s3.bucket();
     let mut row = q::download_get(&db.conn, bucket, &l.key)?;
     // A download that a crash cut off after verifying it: finish it.
@@ -437,7 +491,16 @@ fn download_one(db: &mut Db, s3: &S3Client, store: &BlobStore, l: &Layer, opts: 
             return Err(e);
         }
     };
-    q::download_commit(&mut db.conn, Some(row.id), bucket, &l.key, &d.etag, d.size, &l.last_modified, d.digest.as_str())?;
+    q::download_commit(
+        &mut db.conn,
+        Some(row.id),
+        bucket,
+        &l.key,
+        &d.etag,
+        d.size,
+        &l.last_modified,
+        d.digest.as_str(),
+    )?;
     Ok(LayerFetch {
         family: l.family.clone(),
         n: l.n,

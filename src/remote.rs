@@ -185,7 +185,11 @@ impl Catalog {
             Some((f, l)) => {
                 let l = if l.ends_with(".tar") { l.to_string() } else { format!("{l}.tar") };
                 let n = layer_number(&l).map_err(|why| {
-                    Error::usage(format!("reference {:?}: {why}; expected FAMILY, FAMILY/N or {}FAMILY/N.tar", show_key(r), self.prefix))
+                    Error::usage(format!(
+                        "reference {:?}: {why}; expected FAMILY, FAMILY/N or {}FAMILY/N.tar",
+                        show_key(r),
+                        self.prefix
+                    ))
                 })?;
                 (f, Some(n))
             }
@@ -210,12 +214,22 @@ impl Catalog {
         if !fam.layers.iter().any(|l| l.n == top) {
             return Err(Error::new(
                 Kind::NoSuchImage,
-                format!("image {family} has no layer {top} (no object s3://{}/{}{family}/{top}.tar)", self.bucket, self.prefix),
+                format!(
+                    "image {family} has no layer {top} (no object s3://{}/{}{family}/{top}.tar)",
+                    self.bucket, self.prefix
+                ),
             ));
         }
         let layers: Vec<Layer> = fam.layers.iter().filter(|l| l.n <= top).cloned().collect();
         if let Some(missing) = first_gap(&layers) {
-            return Err(Error::bad_data(gap_message(&self.bucket, &self.prefix, family, missing, &fam.layers, &self.ignored)));
+            return Err(Error::bad_data(gap_message(
+                &self.bucket,
+                &self.prefix,
+                family,
+                missing,
+                &fam.layers,
+                &self.ignored,
+            )));
         }
         Ok(ImageRef { family: family.to_string(), top, layers })
     }
@@ -226,7 +240,14 @@ fn first_gap(layers: &[Layer]) -> Option<u32> {
     (1..).zip(layers).find(|(want, l)| l.n != *want).map(|(want, _)| want)
 }
 
-fn gap_message(bucket: &str, prefix: &str, family: &str, missing: u32, layers: &[Layer], ignored: &[Ignored]) -> String {
+fn gap_message(
+    bucket: &str,
+    prefix: &str,
+    family: &str,
+    missing: u32,
+    layers: &[Layer],
+    ignored: &[Ignored],
+) -> String {
     let key = format!("{prefix}{family}/{missing}.tar");
     let have: Vec<String> = layers.iter().map(|l| l.n.to_string()).collect();
     let mut m = format!(
@@ -289,7 +310,8 @@ mod tests {
 
     #[test]
     fn refs_resolve_to_layer_prefixes() {
-        let c = catalog(&[("images/go/1.tar", 1), ("images/go/2.tar", 2), ("images/go/10.tar", 3), ("images/py/1.tar", 4)]);
+        let c =
+            catalog(&[("images/go/1.tar", 1), ("images/go/2.tar", 2), ("images/go/10.tar", 3), ("images/py/1.tar", 4)]);
         // go has a gap at 3: the whole family is invalid, but go/2 is fine.
         assert!(c.families["go"].invalid.as_deref().unwrap().contains("layer 3 is missing"));
         let e = c.resolve("go").unwrap_err();

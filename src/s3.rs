@@ -84,12 +84,12 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Sleep before retry number `attempt` (1-based): full jitter over
-    /// base·2^(attempt-1), capped.
-    pub fn sleep(&self, attempt: u32) {
+    /// Sleep before retry number `attempt` (1-based): "equal jitter" over
+    /// base·2^(attempt-1), capped. Wakes early with an error on SIGINT/SIGTERM.
+    pub fn sleep(&self, attempt: u32) -> Result<()> {
         let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
         let max = exp.min(self.cap).as_millis().max(1) as u64;
-        std::thread::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)));
+        crate::ops::signals::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)))
     }
 }
 
@@ -155,12 +155,10 @@ fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
             log::debug!("using credentials from AWS_ACCESS_KEY_ID");
             return Ok(Some(c));
         }
-        (Some(_), None) | (None, Some(_)) => {
-            return Err(Error::new(
-                Kind::NoPerm,
-                "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set; set both, or neither (with --anonymous)",
-            ))
-        }
+        (Some(_), None) | (None, Some(_)) => return Err(Error::new(
+            Kind::NoPerm,
+            "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set; set both, or neither (with --anonymous)",
+        )),
         (None, None) => {}
     }
     let explicit = env("AWS_PROFILE");
@@ -377,6 +375,38 @@ impl S3Client {
         })
     }
 
+    /// Size and ETag of one object, without a listing. Presigned URLs
+    /// are method-specific and rust-s3 presigns only GET, so this is a GET
+    /// of the first byte (`Range: bytes=0-0`), which S3 answers with the
+    /// whole object's size in Content-Range, like a HEAD would.
+    pub fn stat(&self, key: &str) -> Result<ObjectInfo> {
+        let what = format!("checking {}", self.url_of(key));
+        self.with_retries(&what, || {
+            let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
+            let mut resp =
+                self.agent.get(&url).header("Range", "bytes=0-0").call().map_err(|e| transport_failure(&what, e))?;
+            let status = resp.status().as_u16();
+            let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
+            let last_modified = header("last-modified").unwrap_or_default();
+            let size = match status {
+                206 => header("content-range").as_deref().and_then(parse_content_range).map(|(_, t)| t),
+                200 => header("content-length").and_then(|v| v.trim().parse().ok()),
+                // Not satisfiable: only an empty object has no byte 0.
+                416 => Some(0),
+                _ => {
+                    let body = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
+                    return Err(status_failure(&what, status, &body, &self.config.bucket, Some(key)));
+                }
+            };
+            let size = size.ok_or_else(|| Failure {
+                err: Error::new(Kind::Unavailable, format!("{what}: reply without a usable size")),
+                retryable: true,
+            })?;
+            Ok(ObjectInfo { key: key.to_string(), etag, size, last_modified })
+        })
+    }
+
     fn with_retries<T>(&self, what: &str, mut f: impl FnMut() -> std::result::Result<T, Failure>) -> Result<T> {
         let mut attempt = 0;
         loop {
@@ -385,7 +415,7 @@ impl S3Client {
                 Ok(v) => return Ok(v),
                 Err(Failure { err, retryable: true }) if attempt < self.retry.attempts => {
                     log::warn!("{} (attempt {attempt} of {}; retrying)", err.full_message(), self.retry.attempts);
-                    self.retry.sleep(attempt);
+                    self.retry.sleep(attempt)?;
                 }
                 Err(Failure { err, retryable }) => {
                     return Err(if retryable {
@@ -432,7 +462,9 @@ fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option
         (301 | 307 | 308, _) => (
             Kind::Unavailable,
             false,
-            format!("bucket {bucket} is in another region or needs another endpoint (redirect); set --region or --endpoint"),
+            format!(
+                "bucket {bucket} is in another region or needs another endpoint (redirect); set --region or --endpoint"
+            ),
         ),
         (429, _) | (503, _) => (Kind::Unavailable, true, "server is throttling (SlowDown)".into()),
         (500..=599, _) => (Kind::Unavailable, true, "server error".into()),
@@ -605,6 +637,11 @@ mod tests {
         let f = status_failure("get", 404, "<Error><Code>NoSuchKey</Code></Error>", "b", Some("images/x/1.tar"));
         assert_eq!(f.err.kind(), Kind::NoSuchImage);
         assert!(f.err.message().contains("s3://b/images/x/1.tar"));
+        let skew = "<Error><Code>RequestTimeTooSkewed</Code></Error>";
+        let f = status_failure("listing", 403, skew, "b", None);
+        assert_eq!(f.err.kind(), Kind::NoPerm);
+        assert!(f.err.message().contains("clock"), "{}", f.err.message());
+        assert!(!f.retryable);
         assert!(status_failure("g", 503, "", "b", None).retryable);
         assert!(!status_failure("g", 400, "", "b", None).retryable);
     }

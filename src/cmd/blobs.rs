@@ -34,7 +34,14 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     }
     let rows: Vec<Vec<String>> = out
         .iter()
-        .map(|b| vec![b.digest.clone(), output::bytes(b.size), b.state.clone(), b.keys.iter().map(|k| show_key(k)).collect::<Vec<_>>().join(" ")])
+        .map(|b| {
+            vec![
+                b.digest.clone(),
+                output::bytes(b.size),
+                b.state.clone(),
+                b.keys.iter().map(|k| show_key(k)).collect::<Vec<_>>().join(" "),
+            ]
+        })
         .collect();
     output::table(&["DIGEST", "SIZE", "STATE", "KEYS"], &rows)?;
     Ok(0)

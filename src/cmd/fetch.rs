@@ -1,15 +1,12 @@
 //! `thinimg fetch REF...`: download layer blobs into the store.
 
-use std::time::Duration;
-
 use crate::blobs::BlobStore;
 use crate::cli::Invocation;
 use crate::error::Result;
 use crate::fetch::{fetch_refs, FetchOptions, Source};
-use crate::ops::lock::StateLock;
 use crate::ops::output;
+use crate::pipeline::Env;
 use crate::s3::S3Client;
-use crate::store::Db;
 
 pub fn run(inv: &Invocation) -> Result<u8> {
     let opts = FetchOptions {
@@ -18,14 +15,11 @@ pub fn run(inv: &Invocation) -> Result<u8> {
         verify: inv.flag("verify"),
         progress: !inv.flag("quiet") && !inv.json(),
     };
-    let wait = inv.u64_opt("wait")?.map(Duration::from_secs);
-    let state = inv.state_dir();
-    std::fs::create_dir_all(&state).map_err(|e| crate::Error::io(format!("creating state dir {}", state.display()), e))?;
-    let _lock = StateLock::acquire(&state, wait)?;
+    // Takes the state lock (--wait) and resumes interrupted runs first.
+    let env = Env::open(inv)?;
     let s3 = S3Client::from_invocation(inv)?;
-    let db = Db::open(&state)?;
-    let store = BlobStore::open(&state)?;
-    let report = fetch_refs(&db.conn, &inv.state_dir(), &s3, &store, &inv.args, &opts)?;
+    let store = BlobStore::open(&env.ctx.state_dir)?;
+    let report = fetch_refs(&env.db.conn, &env.ctx.state_dir, &s3, &store, &inv.args, &opts)?;
     if inv.json() {
         return output::json(&report).map(|()| 0);
     }
@@ -40,7 +34,13 @@ pub fn run(inv: &Invocation) -> Result<u8> {
                 Source::Cached => "cached",
                 Source::Deduped => "deduped",
             };
-            rows.push(vec![img.reference.clone(), l.n.to_string(), l.digest.as_str()[..12].to_string(), output::bytes(l.size), src.to_string()]);
+            rows.push(vec![
+                img.reference.clone(),
+                l.n.to_string(),
+                l.digest.as_str()[..12].to_string(),
+                output::bytes(l.size),
+                src.to_string(),
+            ]);
         }
     }
     output::table(&["REF", "LAYER", "BLOB", "SIZE", "SOURCE"], &rows)?;

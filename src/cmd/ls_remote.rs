@@ -12,7 +12,10 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     let mut cat = Catalog::build(s3.bucket(), s3.prefix(), objects);
     if let Some(f) = inv.args.first() {
         if !cat.families.contains_key(f) {
-            return Err(Error::new(Kind::NoSuchImage, format!("no image family {:?} under s3://{}/{}", show_key(f), s3.bucket(), s3.prefix())));
+            return Err(Error::new(
+                Kind::NoSuchImage,
+                format!("no image family {:?} under s3://{}/{}", show_key(f), s3.bucket(), s3.prefix()),
+            ));
         }
         cat.families.retain(|k, _| k == f);
         let pre = format!("{}{f}/", s3.prefix());
@@ -28,11 +31,8 @@ pub fn run(inv: &Invocation) -> Result<u8> {
         }
     }
     output::table(&["FAMILY", "LAYER", "SIZE", "ETAG", "KEY"], &rows)?;
-    let invalid: Vec<Vec<String>> = cat
-        .families
-        .values()
-        .filter_map(|f| f.invalid.as_ref().map(|why| vec![f.name.clone(), why.clone()]))
-        .collect();
+    let invalid: Vec<Vec<String>> =
+        cat.families.values().filter_map(|f| f.invalid.as_ref().map(|why| vec![f.name.clone(), why.clone()])).collect();
     if !invalid.is_empty() {
         println!();
         output::table(&["INVALID", "REASON"], &invalid)?;

@@ -1,13 +1,14 @@
 //! One function per command: read the invocation, call into the library,
 //! print the result. No business logic lives here.
 
+mod blobs;
+mod fetch;
 mod images;
+mod ls_remote;
 mod ops;
+mod pool;
 mod runs;
-pub mod pool;
-pub mod blobs;
-pub mod fetch;
-pub mod ls_remote;
+mod unpack;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
@@ -15,9 +16,6 @@ use crate::error::{Error, Result};
 /// Run the command; `Ok(code)` is the exit code (non-zero without an error
 /// only for `sync` with failed images and `doctor` with warnings). With
 /// --metrics-file, the metrics are written whatever the outcome.
-pub mod unpack;
-
-/// Run the command; `Ok(code)` is the exit code (0, or 1 for a partial sync).
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
     let t0 = std::time::Instant::now();
     let res = run(inv);
@@ -58,11 +56,11 @@ fn run(inv: &Invocation) -> Result<u8> {
         "sync" => ops::sync(inv),
         "status" => ops::status(inv),
         "doctor" => ops::doctor(inv),
-        "pool create" => crate::cmd::pool::create(inv),
-        "pool status" => crate::cmd::pool::status(inv),
-        "ls-remote" => crate::cmd::ls_remote::run(inv),
-        "fetch" => crate::cmd::fetch::run(inv),
-        "blobs" => crate::cmd::blobs::run(inv),
+        "pool create" => pool::create(inv),
+        "pool status" => pool::status(inv),
+        "ls-remote" => ls_remote::run(inv),
+        "fetch" => fetch::run(inv),
+        "blobs" => blobs::run(inv),
         "unpack" => unpack::run(inv),
         other => Err(Error::software(format!("command '{other}' is not implemented in this build"))),
     }

@@ -69,9 +69,7 @@ pub fn blobs_with_keys(c: &Connection) -> Result<Vec<(BlobRow, ObjectKeys)>> {
     let mut keys = c.prepare("SELECT bucket, key FROM objects WHERE digest = ?1 ORDER BY bucket, key")?;
     let mut out = Vec::with_capacity(blobs.len());
     for b in blobs {
-        let k = keys
-            .query_map([&b.digest], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let k = keys.query_map([&b.digest], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
         out.push((b, k));
     }
     Ok(out)
@@ -119,7 +117,15 @@ pub fn digest_by_etag(c: &Connection, etag: &str, size: u64) -> Result<Option<St
 
 /// Record that (bucket, key, etag, size) holds `digest` (which must be a
 /// present blob).
-pub fn object_record(c: &Connection, bucket: &str, key: &str, etag: &str, size: u64, last_modified: &str, digest: &str) -> Result<()> {
+pub fn object_record(
+    c: &Connection,
+    bucket: &str,
+    key: &str,
+    etag: &str,
+    size: u64,
+    last_modified: &str,
+    digest: &str,
+) -> Result<()> {
     c.execute(
         "INSERT INTO objects (bucket, key, etag, size, last_modified, digest, seen_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)

@@ -172,7 +172,9 @@ impl S3Server {
 
     pub fn try_put(&self, bucket: &str, key: &str, data: &[u8]) -> bool {
         let f = tempfile_with(data);
-        let ok = curl(&["--path-as-is", "-o", "/dev/null", "-T", f.to_str().unwrap(), &self.url(bucket, key)]).status.success();
+        let ok = curl(&["--path-as-is", "-o", "/dev/null", "-T", f.to_str().unwrap(), &self.url(bucket, key)])
+            .status
+            .success();
         let _ = std::fs::remove_file(f);
         ok
     }
@@ -185,7 +187,13 @@ impl S3Server {
             for (i, (key, data)) in chunk.iter().enumerate() {
                 let p = dir.join(i.to_string());
                 std::fs::write(&p, data).unwrap();
-                args.extend(["-o".into(), "/dev/null".into(), "-T".into(), p.display().to_string(), self.url(bucket, key)]);
+                args.extend([
+                    "-o".into(),
+                    "/dev/null".into(),
+                    "-T".into(),
+                    p.display().to_string(),
+                    self.url(bucket, key),
+                ]);
             }
             let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
             let out = curl(&a);
@@ -221,7 +229,11 @@ pub fn curl(args: &[&str]) -> Output {
 pub fn tempdir(tag: &str) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let p = std::env::temp_dir().join(format!("thinimg-test-{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let p = std::env::temp_dir().join(format!(
+        "thinimg-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
@@ -251,7 +263,8 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
 }
 
@@ -270,7 +283,15 @@ impl Thinimg {
     pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         std::fs::create_dir_all(&self.home).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_thinimg"));
-        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "THINIMG_ANONYMOUS", "THINIMG_FAULT", "THINIMG_FAULT_SKIP", "RUST_LOG"] {
+        for k in [
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "THINIMG_ANONYMOUS",
+            "THINIMG_FAULT",
+            "THINIMG_FAULT_SKIP",
+            "RUST_LOG",
+        ] {
             c.env_remove(k);
         }
         c.env("HOME", &self.home)
@@ -353,4 +374,101 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 pub fn file_count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A TCP proxy in front of the real server that injects transport faults,
+/// like toxiproxy: it cuts connections after a byte budget (dropped
+/// connections, short bodies) or answers with a 503 SlowDown before
+/// forwarding anything. Requests it lets through reach the real S3 server
+/// unchanged.
+pub struct FaultProxy {
+    pub endpoint: String,
+    plan: std::sync::Arc<std::sync::Mutex<FaultPlan>>,
+}
+
+#[derive(Default)]
+pub struct FaultPlan {
+    /// Per new connection: forward at most this many response bytes, then cut.
+    pub cut_after: std::collections::VecDeque<u64>,
+    /// Answer this many new connections with 503 SlowDown.
+    pub fail_503: u32,
+    pub connections: u32,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str) -> FaultProxy {
+        let up = upstream.trim_start_matches("http://").to_string();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        let plan = std::sync::Arc::new(std::sync::Mutex::new(FaultPlan::default()));
+        let p2 = plan.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(client) = c else { continue };
+                let (budget, fail) = {
+                    let mut p = p2.lock().unwrap();
+                    p.connections += 1;
+                    let fail = p.fail_503 > 0;
+                    if fail {
+                        p.fail_503 -= 1;
+                    }
+                    (if fail { None } else { p.cut_after.pop_front() }, fail)
+                };
+                let up = up.clone();
+                std::thread::spawn(move || proxy_conn(client, &up, budget, fail));
+            }
+        });
+        FaultProxy { endpoint, plan }
+    }
+
+    pub fn plan(&self) -> std::sync::MutexGuard<'_, FaultPlan> {
+        self.plan.lock().unwrap()
+    }
+}
+
+fn proxy_conn(mut client: std::net::TcpStream, up: &str, budget: Option<u64>, fail: bool) {
+    use std::io::Read;
+    if fail {
+        // Read the request head, answer 503 SlowDown, close.
+        let mut head = Vec::new();
+        let mut b = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match client.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&b[..n]),
+            }
+        }
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+        let _ = write!(
+            client,
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let Ok(server) = std::net::TcpStream::connect(up) else { return };
+    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut s2);
+        let _ = s2.shutdown(std::net::Shutdown::Write);
+    });
+    let mut server = server;
+    let mut left = budget.unwrap_or(u64::MAX);
+    let mut b = vec![0u8; 64 << 10];
+    loop {
+        let n = match server.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n2 = (n as u64).min(left) as usize;
+        if client.write_all(&b[..n2]).is_err() {
+            break;
+        }
+        left -= n2 as u64;
+        if left == 0 {
+            break;
+        }
+    }
+    let _ = client.shutdown(std::net::Shutdown::Both);
+    let _ = server.shutdown(std::net::Shutdown::Both);
 }
