@@ -129,8 +129,6 @@ pub struct Report {
     pub xattrs_dropped: u64,
     /// Entries naming the root itself ("./"), which never change it.
     pub root_entries_ignored: u64,
-    /// Entries applied before the layer was rejected (0 on success).
-    pub applied_before_rejection: u64,
 }
 
 /// An entry-level failure: a rule violation, or an error of the target.
@@ -227,10 +225,9 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
                 Some(e) => format!("entry {e:?}"),
                 None => format!("entry #{}", stream.members().max(1)),
             };
-            report.applied_before_rejection = applied;
             let consequence = if applied > 0 {
                 format!(
-                    " ({applied} entries of the rejected layer were applied to {} before the rejection; it is not a consistent image)",
+                    " ({applied} entries of the rejected layer were applied to {0} before the rejection; {0} is not a consistent image)",
                     root.display()
                 )
             } else {
@@ -305,6 +302,7 @@ impl Applier<'_> {
                 return Err(r("xattr-size", "xattr value larger than 64 KiB"));
             }
             xattrs.push((name, v.clone()));
+            self.report.xattrs_set += 1;
         }
         Ok(Meta { uid, gid, mode: m.mode, mtime_sec: m.mtime_sec, mtime_nsec: m.mtime_nsec, xattrs })
     }
