@@ -411,7 +411,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Apply layer tarballs in order into a directory, with all hostile-input rules.",
-        description: "Applies each layer with container-layer semantics (whiteouts, opaque directories, hard links resolved inside the root) under the same limits and containment as the pipeline. Must run as root to set ownership and device nodes. A rejected layer exits 65 naming the layer, the entry and the rule.",
+        description: "Applies each layer with container-layer semantics (whiteouts, opaque directories, hard links resolved inside the root) under the same limits and containment as the pipeline. Layers must be uncompressed tar: gzip, zstd, xz, bzip2 and lz4 layers are recognised by magic number and refused (no decompressor is built in). Must run as root to set ownership and device nodes. A rejected layer exits 65 with one line naming the layer, the entry and the rule, and says how many of its entries were already applied to DIR (DIR is then not a consistent image); nothing outside DIR is changed. --json prints a report per applied layer.",
         flags: &[DEST, EXTRACT],
         writes: false,
     },

@@ -20,7 +20,21 @@ pub fn run(inv: &Invocation) -> Result<u8> {
             Error::io(format!("opening layer {layer}"), e).with_kind(k)
         })?;
         let mut src = std::io::BufReader::with_capacity(1 << 20, &mut f);
-        let rep = apply_layer(&dest, &mut src, &name, &opts)?;
+        let rep = match apply_layer(&dest, &mut src, &name, &opts) {
+            Ok(r) => r,
+            Err(e) if inv.json() => {
+                // One document: the layers applied, then the one that failed.
+                let code = e.kind().exit_code();
+                crate::ops::output::json(&serde_json::json!({
+                    "dest": dest,
+                    "layers": reports,
+                    "failed": { "layer": name, "kind": e.kind().as_str(), "message": e.full_message(), "exit_code": code },
+                }))?;
+                log::error!("{}", e.full_message());
+                return Ok(code);
+            }
+            Err(e) => return Err(e),
+        };
         log::debug!(
             "layer {name}: {} entries, {} files, {} written",
             rep.entries,

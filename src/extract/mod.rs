@@ -129,8 +129,6 @@ pub struct Report {
     pub xattrs_dropped: u64,
     /// Entries naming the root itself ("./"), which never change it.
     pub root_entries_ignored: u64,
-    /// Entries applied before the layer was rejected (0 on success).
-    pub applied_before_rejection: u64,
 }
 
 /// An entry-level failure: a rule violation, or an error of the target.
@@ -204,11 +202,12 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
         dir_meta: Vec::new(),
         dir_index: HashMap::new(),
         total: 0,
+        applied: 0,
     };
     let mut stream = TarStream::new(&mut chained, opts.limits);
     let mut current: Option<String> = None;
     let mut res = a.run(&mut stream, &mut current);
-    let applied = a.report.entries.saturating_sub(1);
+    let applied = a.applied;
     let mut report = std::mem::take(&mut a.report);
     let dir_meta = std::mem::take(&mut a.dir_meta);
     drop(a);
@@ -226,10 +225,9 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
                 Some(e) => format!("entry {e:?}"),
                 None => format!("entry #{}", stream.members().max(1)),
             };
-            report.applied_before_rejection = applied;
             let consequence = if applied > 0 {
                 format!(
-                    " ({applied} entries of the rejected layer were applied to {} before the rejection; it is not a consistent image)",
+                    " ({applied} entries of the rejected layer were applied to {0} before the rejection; {0} is not a consistent image)",
                     root.display()
                 )
             } else {
@@ -266,6 +264,8 @@ struct Applier<'a> {
     dir_meta: Vec<DirMeta>,
     dir_index: HashMap<Vec<u8>, usize>,
     total: u64,
+    /// Entries fully applied (for the report of a rejected layer).
+    applied: u64,
 }
 
 fn xattr_allowed(name: &[u8]) -> bool {
@@ -282,6 +282,7 @@ impl Applier<'_> {
             self.report.entries += 1;
             self.pool.check()?;
             self.entry(&m, stream)?;
+            self.applied += 1;
         }
         *current = None;
         Ok(())
@@ -301,6 +302,7 @@ impl Applier<'_> {
                 return Err(r("xattr-size", "xattr value larger than 64 KiB"));
             }
             xattrs.push((name, v.clone()));
+            self.report.xattrs_set += 1;
         }
         Ok(Meta { uid, gid, mode: m.mode, mtime_sec: m.mtime_sec, mtime_nsec: m.mtime_nsec, xattrs })
     }
@@ -633,4 +635,104 @@ fn apply_dir_meta(root: &Root, dirs: &[DirMeta]) -> Result<(), Fail> {
 /// Kind of an error from [`apply_layer`] that means "this layer is bad".
 pub fn is_rejection(e: &Error) -> bool {
     e.kind() == Kind::BadData
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_limits_are_the_flag_table_defaults() {
+        let d = Limits::default();
+        let want = |long: &str| -> u64 {
+            let f = crate::cli::table::EXTRACT.iter().find(|f| f.long == long).expect("flag in table");
+            crate::cli::parse_size(f.default.expect("a default")).expect("parses")
+        };
+        assert_eq!(d.max_entries, want("max-entries"));
+        assert_eq!(d.max_file_size, want("max-file-size"));
+        assert_eq!(d.max_total_size, want("max-total-size"));
+        assert_eq!(d.max_path_len, want("max-path-len"));
+        assert_eq!(d.max_depth, want("max-depth"));
+        assert_eq!(d.max_header_size, want("max-header-size"));
+    }
+
+    #[test]
+    fn limits_from_flags() {
+        let inv = crate::cli::Invocation::for_test(
+            "unpack",
+            &[],
+            &[("max-entries", "10"), ("max-file-size", "1K"), ("max-header-size", "2M"), ("jobs", "3")],
+        );
+        let o = Options::from_invocation(&inv).unwrap();
+        assert_eq!((o.limits.max_entries, o.limits.max_file_size, o.limits.max_header_size), (10, 1024, 2 << 20));
+        assert_eq!(o.jobs, 3);
+        assert_eq!(o.limits.max_depth, Limits::default().max_depth);
+        let bad = crate::cli::Invocation::for_test("unpack", &[], &[("max-entries", "lots")]);
+        assert_eq!(Limits::from_invocation(&bad).unwrap_err().kind(), Kind::Usage);
+        let zero = crate::cli::Invocation::for_test("unpack", &[], &[("jobs", "0")]);
+        assert_eq!(Options::from_invocation(&zero).unwrap_err().kind(), Kind::Usage);
+    }
+
+    fn tar_of(n: usize, pax_comment: usize) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..n {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(3);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            if pax_comment > 0 {
+                b.append_pax_extensions([("comment", vec![b'c'; pax_comment].as_slice())]).unwrap();
+            }
+            b.append_data(&mut h, format!("f{i}"), &b"abc"[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn walk(bytes: &[u8], limits: Limits) -> std::result::Result<u64, &'static str> {
+        let mut src: &[u8] = bytes;
+        let mut s = TarStream::new(&mut src, limits);
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        loop {
+            match s.next_member() {
+                Ok(Some(_)) => {
+                    n += 1;
+                    while s.read_data(&mut buf).map_err(|r| r.rule)? > 0 {}
+                }
+                Ok(None) => return Ok(n),
+                Err(r) => return Err(r.rule),
+            }
+        }
+    }
+
+    #[test]
+    fn entry_count_is_accounted_exactly() {
+        let t = tar_of(5, 0);
+        assert_eq!(walk(&t, Limits { max_entries: 5, ..Limits::default() }), Ok(5));
+        assert_eq!(walk(&t, Limits { max_entries: 4, ..Limits::default() }), Err("entry-count"));
+    }
+
+    #[test]
+    fn extension_header_size_is_accounted_before_reading() {
+        let t = tar_of(1, 3000);
+        assert_eq!(walk(&t, Limits { max_header_size: 4096, ..Limits::default() }), Ok(1));
+        assert_eq!(walk(&t, Limits { max_header_size: 2048, ..Limits::default() }), Err("header-size"));
+        // Only the header block of a huge extension is present: refused from
+        // its size field, without reading (or allocating) the body.
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(1 << 40);
+        h.set_cksum();
+        assert_eq!(walk(h.as_bytes(), Limits::default()), Err("header-size"));
+    }
+
+    #[test]
+    fn truncation_is_detected() {
+        let t = tar_of(2, 0);
+        // Cut inside the second file's data (header 512+512, header, 3 bytes of data).
+        assert_eq!(walk(&t[..1024 + 512 + 2], Limits::default()), Err("truncated"));
+        assert_eq!(walk(&t[..1024 + 100], Limits::default()), Err("truncated"));
+        // Cut right after a complete member (no end-of-archive marker) is accepted.
+        assert_eq!(walk(&t[..1024], Limits::default()), Ok(1));
+    }
 }

@@ -480,44 +480,39 @@ impl<'a> TarStream<'a> {
             (Some(1), Some(0)) => {
                 // The map is text at the start of the data: count, then
                 // offset/length pairs, one number a line, padded to a block.
-                let mut text: Vec<u8> = Vec::new();
                 let mut numbers: Vec<u64> = Vec::new();
-                let mut want: Option<u64> = None;
-                loop {
-                    if let Some(w) = want {
-                        if numbers.len() as u64 == 1 + 2 * w {
-                            break;
-                        }
-                    }
-                    if text.len() as u64 >= self.limits.max_header_size {
+                let mut line: Vec<u8> = Vec::new();
+                let mut read: u64 = 0;
+                let done = |numbers: &Vec<u64>| match numbers.first() {
+                    Some(&w) => numbers.len() as u64 == 1 + 2 * w,
+                    None => false,
+                };
+                while !done(&numbers) {
+                    if read >= self.limits.max_header_size {
                         return Err(rej("header-size", "PAX 1.0 sparse map exceeds --max-header-size"));
                     }
-                    let mut blk = [0u8; 512];
                     if self.data_left < 512 {
                         return Err(bad("sparse map runs past the entry's data"));
                     }
-                    let n = self.read_exact_data(&mut blk)?;
-                    debug_assert_eq!(n, 512);
-                    text.extend_from_slice(&blk);
-                    numbers.clear();
-                    let complete_lines = match text.iter().rposition(|&b| b == b'\n') {
-                        Some(p) => &text[..p],
-                        None => &text[..0],
-                    };
-                    for line in complete_lines.split(|&b| b == b'\n') {
-                        let s = std::str::from_utf8(line).map_err(|_| bad("sparse map is not text"))?;
-                        numbers.push(s.parse::<u64>().map_err(|_| bad("sparse map number"))?);
-                        if want.is_none() {
-                            let w = numbers[0];
-                            if w > 1_000_000 {
-                                return Err(bad("more than 1000000 sparse segments"));
+                    let mut blk = [0u8; 512];
+                    self.read_exact_data(&mut blk)?;
+                    read += 512;
+                    for &c in blk.iter() {
+                        if c != b'\n' {
+                            if line.len() >= 20 {
+                                return Err(bad("sparse map line is not a number"));
                             }
-                            want = Some(w);
+                            line.push(c);
+                            continue;
                         }
-                        if let Some(w) = want {
-                            if numbers.len() as u64 == 1 + 2 * w {
-                                break;
-                            }
+                        let s = std::str::from_utf8(&line).map_err(|_| bad("sparse map is not text"))?;
+                        numbers.push(s.parse::<u64>().map_err(|_| bad("sparse map number"))?);
+                        line.clear();
+                        if numbers.len() == 1 && numbers[0] > 1_000_000 {
+                            return Err(bad("more than 1000000 sparse segments"));
+                        }
+                        if done(&numbers) {
+                            break;
                         }
                     }
                 }
@@ -797,7 +792,7 @@ mod tests {
         assert!(parse_pax(b"14 path=ab\0cd\n", &mut Pax::default()).is_err());
         assert!(parse_pax(b"9 size=-1\n", &mut Pax::default()).is_err());
         let mut p = Pax::default();
-        parse_pax(b"20 mtime=1.500000000\n", &mut p).unwrap();
+        parse_pax(b"21 mtime=1.500000000\n", &mut p).unwrap();
         assert_eq!(p.mtime, Some((1, 500_000_000)));
         assert_eq!(pax_time(b"-1.25").unwrap(), (-2, 750_000_000));
     }

@@ -211,7 +211,7 @@ impl TarW {
     pub fn data(&mut self, d: &[u8]) {
         self.buf.extend_from_slice(d);
         let pad = (512 - d.len() % 512) % 512;
-        self.buf.extend(std::iter::repeat(0u8).take(pad));
+        self.buf.extend(std::iter::repeat_n(0u8, pad));
     }
 
     pub fn pax(&mut self, records: &[u8]) {
@@ -250,7 +250,7 @@ impl TarW {
     }
     pub fn finish(&mut self) -> Vec<u8> {
         let mut b = std::mem::take(&mut self.buf);
-        b.extend(std::iter::repeat(0u8).take(1024));
+        b.extend(std::iter::repeat_n(0u8, 1024));
         b
     }
 }
