@@ -64,7 +64,7 @@ impl Host {
         let run = base.join("run");
         let conf = base.join("thinimg.conf");
         // Small devices keep mkfs fast under emulation; 2G of sparse pool.
-        std::fs::write(&conf, "device-size = 256M\ndata-size = 2G\n").unwrap();
+        std::fs::write(&conf, "device-size = 64M\ndata-size = 1G\n").unwrap();
         Host { t, run, conf, prefix }
     }
 
