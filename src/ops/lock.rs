@@ -52,6 +52,7 @@ impl StateLock {
             let holder = holder_of(&mut file);
             match deadline {
                 Some(d) if Instant::now() < d => {
+                    crate::ops::signals::check()?;
                     if !announced {
                         log::info!("waiting for {holder} to release {}", path.display());
                         announced = true;

@@ -101,8 +101,10 @@ impl Env {
         let state_dir = inv.state_dir();
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
-        let lock = StateLock::acquire(&state_dir, wait_of(inv)?)?;
+        // Signals first: a SIGINT while queued behind another instance
+        // (--wait) must end with 130, not the default action.
         crate::ops::signals::install();
+        let lock = StateLock::acquire(&state_dir, wait_of(inv)?)?;
         let db = Db::open(&state_dir)?;
         let ctx = Ctx { state_dir, run_dir: inv.run_dir(), inv: inv.clone(), opts: Opts::from_invocation(inv)?, devices: None };
         let mut env = Env { db, ctx, policy: RetryPolicy::default(), _lock: lock };
