@@ -266,10 +266,9 @@ pub fn call(ctl: &File, cmd: Cmd, req: &Request<'_>) -> Result<Reply, IoctlError
         // other access to `words`.
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
             .copy_from_slice(&bytes);
-        // SAFETY: the fd is an open /dev/mapper/control; the request number
-        // says the kernel reads and writes a `struct dm_ioctl` and then up to
-        // `data_size` bytes, and `data_size` (set by `encode`) equals `len`,
-        // the size of the live buffer `words` points to.
+        // SAFETY: open /dev/mapper/control fd; the kernel reads/writes a
+        // dm_ioctl plus `data_size` bytes, and `data_size` (from `encode`)
+        // equals `len`, the size of the live buffer `words` points to.
         let r = unsafe { libc::ioctl(ctl.as_raw_fd(), cmd.request() as _, words.as_mut_ptr()) };
         if r < 0 {
             return Err(IoctlError { cmd, errno: Errno::last() });
