@@ -449,3 +449,38 @@ fn sigterm_mid_pull_then_rerun_converges() {
     assert_eq!(h.dm_devices().len(), 1);
     assert_eq!(h.thin_rows(), 5);
 }
+
+#[test]
+fn concurrent_syncs_queue_or_refuse_and_build_everything_once() {
+    let h = Host::new("conc");
+    upload(S3Server::shared(), &h.prefix, &[]);
+    let env = [("THINIMG_RUN_DIR", h.run.to_str().unwrap()), ("THINIMG_CONFIG", h.conf.to_str().unwrap())];
+    let first = h.t.command(&["sync", "golang", "node", "python"], &env).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until the first holds the lock (it writes its pid into the lock file).
+    let lock = h.t.state.join("lock");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).map(|s| s.contains(&format!("pid {}", first.id()))).unwrap_or(false) {
+        assert!(t0.elapsed().as_secs() < 60, "first sync never took the lock");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let refused = h.cmd(&["sync", "golang", "node", "python"], &[]);
+    assert_eq!(refused.code, 75, "{}", refused.stderr);
+    assert!(refused.stderr.contains(&format!("pid {}", first.id())), "names the holder: {}", refused.stderr);
+    let waited = h.cmd(&["--wait", "600", "sync", "golang", "node", "python"], &[]);
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(waited.code, 0, "{}", waited.stderr);
+    // Every distinct blob stored once, every chain built once.
+    assert_eq!(h.t.blob_files().len(), 8);
+    let built: i64 = h
+        .db()
+        .conn
+        .query_row(
+            "SELECT COUNT(*) FROM steps WHERE name LIKE 'chain:%' AND json_extract(outcome, '$.built') = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(built, 8, "chains built");
+    assert_eq!(h.thin_rows(), 8);
+}
