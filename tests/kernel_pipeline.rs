@@ -455,7 +455,7 @@ fn concurrent_syncs_queue_or_refuse_and_build_everything_once() {
     let h = Host::new("conc");
     upload(S3Server::shared(), &h.prefix, &[]);
     let env = [("THINIMG_RUN_DIR", h.run.to_str().unwrap()), ("THINIMG_CONFIG", h.conf.to_str().unwrap())];
-    let first = h.t.command(&["sync", "golang", "node", "python"], &env).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let first = h.t.command(&["sync", "golang", "node", "python"], &env).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until the first holds the lock (it writes its pid into the lock file).
     let lock = h.t.state.join("lock");
     let t0 = std::time::Instant::now();
