@@ -482,7 +482,7 @@ impl Applier<'_> {
         let pfd = self.parent_of(cp)?;
         root::symlink(pfd, &name, &m.link).map_err(|e| io_fail(e, "creating the symlink".into()))?;
         root::apply_meta_at(pfd, &name, &meta, true)
-            .map_err(|(op, e)| io_fail(e, format!("{op} on the symlink")))?;
+            .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the symlink")))?;
         self.mark_created(joined);
         self.report.symlinks += 1;
         Ok(())
@@ -521,6 +521,7 @@ impl Applier<'_> {
             Ok(()) => {}
             Err(Errno::ENOENT) => return Err(r("hardlink-target", "target vanished while linking")),
             Err(Errno::EXDEV) => return Err(r("mount-crossing", "hard link across file systems")),
+            Err(Errno::EMLINK) => return Err(r("hardlink-count", "the target has the most links the file system allows")),
             Err(e) => return Err(io_fail(e, "creating the hard link".into())),
         }
         self.mark_created(joined);
@@ -534,11 +535,16 @@ impl Applier<'_> {
             MemberKind::Block => SFlag::S_IFBLK,
             _ => SFlag::S_IFIFO,
         };
+        // Linux device numbers are 12-bit major, 20-bit minor; mknod
+        // refuses others with EINVAL, which is the archive's fault.
+        if kind != SFlag::S_IFIFO && (m.dev_major >= 1 << 12 || m.dev_minor >= 1 << 20) {
+            return Err(r("device-number", format!("device {}:{} is not a Linux device number", m.dev_major, m.dev_minor)));
+        }
         self.clear_name(cp)?;
         let name = cp.name().to_vec();
         let pfd = self.parent_of(cp)?;
         root::mknod(pfd, &name, kind, m.dev_major, m.dev_minor).map_err(|e| io_fail(e, "creating the node".into()))?;
-        root::apply_meta_at(pfd, &name, &meta, false).map_err(|(op, e)| io_fail(e, format!("{op} on the node")))?;
+        root::apply_meta_at(pfd, &name, &meta, false).map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the node")))?;
         self.mark_created(joined);
         if m.kind == MemberKind::Fifo {
             self.report.fifos += 1;
@@ -623,10 +629,7 @@ fn apply_dir_meta(root: &Root, dirs: &[DirMeta]) -> Result<(), Fail> {
             Err(e) => return Err(resolve_fail(e, "re-opening a directory for its metadata")),
         };
         root::apply_meta_fd(fd.as_fd(), &d.meta).map_err(|(op, e)| {
-            Fail::Err(Error::io(
-                format!("{op} on directory {:?}", stream::display_path(&d.path)),
-                std::io::Error::from(e),
-            ))
+            Fail::Err(root::meta_error(op, e, &format!("directory {:?}", stream::display_path(&d.path))))
         })?;
     }
     Ok(())

@@ -73,7 +73,7 @@ pub struct Pool {
 
 fn finalize(f: &PendingFile) -> Result<()> {
     apply_meta_fd(f.file.as_fd(), &f.meta)
-        .map_err(|(op, e)| Error::io(format!("{op} {}", f.name), std::io::Error::from(e)))
+        .map_err(|(op, e)| super::root::meta_error(op, e, &format!("file {:?}", f.name)))
 }
 
 /// Drop one reference to the file's outstanding work; the last one applies

@@ -286,3 +286,13 @@ pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, symlink: bool) 
     .map_err(|e| ("utimensat", e))?;
     Ok(())
 }
+
+/// The error for a failed metadata call on `what`. An xattr the kernel
+/// refuses as malformed (EINVAL, ERANGE, E2BIG: e.g. a corrupt
+/// security.capability) is the archive's fault; the rest are the target's.
+pub fn meta_error(op: &'static str, e: Errno, what: &str) -> crate::error::Error {
+    if op == "fsetxattr" && matches!(e, Errno::EINVAL | Errno::ERANGE | Errno::E2BIG) {
+        return crate::error::Error::bad_data(format!("rule xattr-value: {what}: the kernel refuses an xattr ({e})"));
+    }
+    crate::error::Error::io(format!("{op} on {what}"), std::io::Error::from(e))
+}
