@@ -63,6 +63,13 @@ fn setuid_setgid_sticky_owner_and_capability_survive() {
     assert_eq!(get_xattr(&r.join("usr/bin/ping"), "security.capability"), Some(cap), "capability set after chown");
     let f = lstat(&r.join("home/u/f"));
     assert_eq!((f.uid(), f.gid()), (123456, 654321), "numeric ids, no name lookup");
+    // A capability the kernel cannot parse is the layer's fault (exit 65).
+    let mut t = TarW::new();
+    t.pax(&pax_record("SCHILY.xattr.security.capability", b"bad"));
+    t.file("badcap", b"x", 0o755);
+    let bad = sb.layer("badcap.tar", &t.finish());
+    let (code, err) = sb.run(&[&bad], &[]);
+    assert_rejected(code, &err, "xattr-value");
     // Implicit parents exist as 0755 dirs.
     assert_eq!(lstat(&r.join("home/u")).mode() & 0o7777, 0o755);
     sb.check("setuid");
@@ -259,6 +266,12 @@ fn entries_replace_other_types() {
     let null = lstat(&r.join("null"));
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), libc::makedev(1, 3));
+    // A device number Linux cannot represent is the archive's fault.
+    let mut t = TarW::new();
+    t.header(b'4', b"bad", b"", 0, 0o600, 0, 0, (5000, 1));
+    let l3 = sb.layer("3.tar", &t.finish());
+    let (code, err) = sb.run(&[&l3], &[]);
+    assert_rejected(code, &err, "device-number");
     sb.check("types");
 }
 

@@ -8,7 +8,9 @@
 //! or removes the path cannot redirect a pending write: it goes to the inode
 //! the entry created. A file's metadata (owner, xattrs, mode, times) is
 //! applied by whichever thread finishes its last chunk, after all its data.
-//! The pool never resolves a path.
+//! The pool never resolves a path. Files of at most 32 KiB are written by
+//! the reader itself (see `Applier::small_file`): for them the hand-off
+//! costs more than the write.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -73,7 +75,7 @@ pub struct Pool {
 
 fn finalize(f: &PendingFile) -> Result<()> {
     apply_meta_fd(f.file.as_fd(), &f.meta)
-        .map_err(|(op, e)| Error::io(format!("{op} {}", f.name), std::io::Error::from(e)))
+        .map_err(|(op, e)| super::root::meta_error(op, e, &format!("file {:?}", f.name)))
 }
 
 /// Drop one reference to the file's outstanding work; the last one applies

@@ -31,14 +31,16 @@ pub struct Meta {
     pub xattrs: Vec<(CString, Vec<u8>)>,
 }
 
+const PARENT_CACHE: usize = 16;
+
 /// The root directory of the image being built.
 pub struct Root {
     fd: OwnedFd,
     path: PathBuf,
-    /// The last resolved parent directory: tar streams are mostly sorted, so
-    /// one entry saves most lookups. Dropped on every removal, the only
-    /// operation that can change what a resolved path names.
-    cache: Option<(Vec<u8>, OwnedFd)>,
+    /// Recently resolved parent directories (most recent last): tar streams
+    /// are sorted, so a few entries save most lookups. Dropped on every
+    /// removal, the only operation that can change what a resolved path names.
+    cache: Vec<(Vec<u8>, OwnedFd)>,
 }
 
 fn os(b: &[u8]) -> &OsStr {
@@ -72,7 +74,7 @@ impl Root {
             std::fs::create_dir_all(path)?;
         }
         let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
-        Ok(Root { fd, path: path.to_path_buf(), cache: None })
+        Ok(Root { fd, path: path.to_path_buf(), cache: Vec::new() })
     }
 
     pub fn path(&self) -> &Path {
@@ -80,7 +82,7 @@ impl Root {
     }
 
     pub fn invalidate(&mut self) {
-        self.cache = None;
+        self.cache.clear();
     }
 
     /// Resolve a directory (relative, cleaned) inside the root as an O_PATH fd.
@@ -98,16 +100,23 @@ impl Root {
     /// directories are made (mode 0755, root-owned), each step resolved in
     /// the root again; `made` receives the paths created.
     pub fn parent(&mut self, rel: &[u8], create: bool, made: &mut Vec<Vec<u8>>) -> Result<BorrowedFd<'_>, Errno> {
-        let hit = matches!(&self.cache, Some((p, _)) if p.as_slice() == rel);
-        if !hit {
-            let fd = match self.dir(rel) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT) if create => self.make_dirs(rel, made)?,
-                Err(e) => return Err(e),
-            };
-            self.cache = Some((rel.to_vec(), fd));
-        }
-        match &self.cache {
+        let hit = self.cache.iter().rposition(|(p, _)| p.as_slice() == rel);
+        let idx = match hit {
+            Some(i) => i,
+            None => {
+                let fd = match self.dir(rel) {
+                    Ok(fd) => fd,
+                    Err(Errno::ENOENT) if create => self.make_dirs(rel, made)?,
+                    Err(e) => return Err(e),
+                };
+                if self.cache.len() >= PARENT_CACHE {
+                    self.cache.remove(0);
+                }
+                self.cache.push((rel.to_vec(), fd));
+                self.cache.len() - 1
+            }
+        };
+        match self.cache.get(idx) {
             Some((_, fd)) => Ok(fd.as_fd()),
             None => Err(Errno::EIO),
         }
@@ -285,4 +294,14 @@ pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, symlink: bool) 
     )
     .map_err(|e| ("utimensat", e))?;
     Ok(())
+}
+
+/// The error for a failed metadata call on `what`. An xattr the kernel
+/// refuses as malformed (EINVAL, ERANGE, E2BIG: e.g. a corrupt
+/// security.capability) is the archive's fault; the rest are the target's.
+pub fn meta_error(op: &'static str, e: Errno, what: &str) -> crate::error::Error {
+    if op == "fsetxattr" && matches!(e, Errno::EINVAL | Errno::ERANGE | Errno::E2BIG) {
+        return crate::error::Error::bad_data(format!("rule xattr-value: {what}: the kernel refuses an xattr ({e})"));
+    }
+    crate::error::Error::io(format!("{op} on {what}"), std::io::Error::from(e))
 }
