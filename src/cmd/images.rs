@@ -53,6 +53,18 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
     activate::check_name(&name)?;
     let reference = &inv.args[0];
     let image = sources::image_name(inv, reference)?;
+    // The idempotent answer, from a read-only look: when the activation is
+    // active with its node in place and no interrupted run waits to be
+    // resumed, there is nothing to lock, resume or do.
+    if let Some(db) = Db::open_existing(&inv.state_dir())? {
+        if crate::journal::unfinished(&db.conn)?.is_empty() {
+            let ready = activate::info_for(&inv.state_dir(), &inv.run_dir(), &db.conn, &name)?
+                .filter(|i| i.image == image && i.state == "active" && i.minor.is_some());
+            if let Some(info) = ready {
+                return print_activation(inv, &info);
+            }
+        }
+    }
     let mut env = Env::open(inv)?;
     if let Some(a) = q::activation(&env.db.conn, &name)? {
         if a.image != image {
@@ -72,8 +84,12 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
                 .ok_or_else(|| Error::software(format!("activation {name} missing after a successful run")))?
         }
     };
+    print_activation(inv, &info)
+}
+
+fn print_activation(inv: &Invocation, info: &activate::ActivationInfo) -> Result<u8> {
     if inv.json() {
-        output::json(&info)?;
+        output::json(info)?;
     } else {
         log::info!(
             "activation {} of {}: {} ({})",
