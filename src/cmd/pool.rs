@@ -45,13 +45,7 @@ pub fn status(inv: &Invocation) -> Result<u8> {
     Ok(0)
 }
 
-fn pct(used: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        (used as f64 * 1000.0 / total as f64).round() / 10.0
-    }
-}
+use crate::pipeline::health::pct;
 
 fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: &str) -> Result<()> {
     let spec = pool.spec();

@@ -99,8 +99,7 @@ impl Executor for Activate<'_> {
 }
 
 fn thin_size(conn: &rusqlite::Connection, thin_id: u32) -> Result<u64> {
-    Ok(conn.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get::<_, i64>(0))?
-        as u64)
+    q::thin_size(conn, thin_id)
 }
 
 fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {

@@ -118,9 +118,8 @@ impl Devices {
             if a.state != "active" {
                 continue;
             }
-            let size: i64 =
-                conn.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [a.thin_id], |r| r.get(0))?;
-            match self.activate(&self.activation_name(&a.name), a.thin_id, size as u64) {
+            let size = crate::store::images::thin_size(conn, a.thin_id)?;
+            match self.activate(&self.activation_name(&a.name), a.thin_id, size) {
                 Ok(p) => log::info!("re-activated {} at {}", a.name, p.display()),
                 Err(e) => log::error!("re-activating {}: {}", a.name, e.full_message()),
             }

@@ -69,12 +69,8 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             if !present.contains(&n) {
                 rep.missing_devices.push(a.name.clone());
                 if !dry_run {
-                    let size: i64 = conn.query_row(
-                        "SELECT size_sectors FROM thin_devices WHERE thin_id = ?1",
-                        [a.thin_id],
-                        |r| r.get(0),
-                    )?;
-                    match dev.activate(&n, a.thin_id, size as u64) {
+                    let size = q::thin_size(conn, a.thin_id)?;
+                    match dev.activate(&n, a.thin_id, size) {
                         Ok(_) => rep.reactivated.push(a.name.clone()),
                         Err(e) => rep.errors.push(e.full_message()),
                     }

@@ -62,7 +62,8 @@ pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>>
     Ok(Some(v))
 }
 
-fn pct(used: u64, total: u64) -> f64 {
+/// used/total as a percentage with one decimal (0 for an empty total).
+pub fn pct(used: u64, total: u64) -> f64 {
     if total == 0 {
         0.0
     } else {

@@ -48,36 +48,29 @@ pub struct ActivationRow {
     pub created_at: i64,
 }
 
+fn image_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.get(0)?,
+        family: r.get(1)?,
+        top_layer: r.get(2)?,
+        top_chain: r.get(3)?,
+        state: r.get(4)?,
+        updated_at: r.get(5)?,
+    })
+}
+
 pub fn image(c: &Connection, name: &str) -> Result<Option<ImageRow>> {
     Ok(c.query_row(
         "SELECT name, family, top_layer, top_chain, state, updated_at FROM images WHERE name = ?1",
         [name],
-        |r| {
-            Ok(ImageRow {
-                name: r.get(0)?,
-                family: r.get(1)?,
-                top_layer: r.get(2)?,
-                top_chain: r.get(3)?,
-                state: r.get(4)?,
-                updated_at: r.get(5)?,
-            })
-        },
+        image_from_row,
     )
     .optional()?)
 }
 
 pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
     let mut st = c.prepare("SELECT name, family, top_layer, top_chain, state, updated_at FROM images ORDER BY name")?;
-    let rows = st.query_map([], |r| {
-        Ok(ImageRow {
-            name: r.get(0)?,
-            family: r.get(1)?,
-            top_layer: r.get(2)?,
-            top_chain: r.get(3)?,
-            state: r.get(4)?,
-            updated_at: r.get(5)?,
-        })
-    })?;
+    let rows = st.query_map([], image_from_row)?;
     rows.map(|r| r.map_err(Error::from)).collect()
 }
 
@@ -271,6 +264,12 @@ pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
         Ok(ThinRow { thin_id: r.get(0)?, role: r.get(1)?, state: r.get(2)?, origin: r.get(3)?, size_sectors: r.get::<_, i64>(4)?.max(0) as u64 })
     })?;
     rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+/// Virtual size of a thin device, in sectors.
+pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
+    let n: i64 = c.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
 }
 
 pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
