@@ -1,7 +1,9 @@
 # thinimg: build, test, install and package.
 #
 #   make                 release build (cargo, dependencies from crates.io only)
-#   make check           the whole test suite (scripts/check)
+#   make test            quick loop: unprivileged host tests, no installs, no root (about a minute)
+#   make lint            cargo fmt --check and cargo clippy --all-targets -- -D warnings
+#   make check           the whole test suite (scripts/check: lint, host, kernel VM, packaging)
 #   make demo | bench | fuzz
 #   make man             regenerate man/ and packaging/ documents from the binary
 #   make install         DESTDIR= and PREFIX= (default /usr) are honoured
@@ -27,7 +29,7 @@ STAGE   := build/stage
 # checked in (tests/docs.rs fails when they differ from the binary's output).
 GENERATED := man:man/thinimg.8 man-conf:man/thinimg.conf.5 conf:packaging/thinimg.conf bash:packaging/thinimg.bash
 
-.PHONY: all check bench demo fuzz man install uninstall stage deb rpm test-packaging clean
+.PHONY: all test lint check bench demo fuzz man install uninstall stage deb rpm test-packaging clean
 
 all:
 	$(CARGO) build --release --locked
@@ -36,6 +38,15 @@ all:
 # does not need cargo.
 $(BIN):
 	$(CARGO) build --release --locked
+
+# The quick loop: unit tests and the test targets that need neither root, nor
+# a server, nor device-mapper. Everything else runs in `make check`.
+test:
+	$(CARGO) test --locked --lib --bins --test docs
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 check bench demo fuzz:
 	@test -x scripts/$@ || { echo "make $@: scripts/$@ is missing or not executable" >&2; exit 1; }
