@@ -71,7 +71,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let n = (cycles / 2 * 2).max(1);
     let per = |d: Duration| d.as_secs_f64() * 1000.0 / n as f64;
-    println!("bench-dm: cycle = create_thin, activate, snapshot active origin, activate snapshot, remove x2, delete x2");
+    println!(
+        "bench-dm: cycle = create_thin, activate, snapshot active origin, activate snapshot, remove x2, delete x2"
+    );
     println!("bench-dm: cycles={n}");
     println!("bench-dm: thinimg ioctls  {:8.2} ms/cycle", per(a));
     println!("bench-dm: dmsetup execs   {:8.2} ms/cycle", per(b));

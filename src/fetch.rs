@@ -101,7 +101,14 @@ pub fn resolve_refs(s3: &S3Client, refs: &[String]) -> Result<(Catalog, Vec<Imag
 /// Fetch every layer of every ref. All refs are resolved before anything
 /// is downloaded; every download runs to its end even if another fails;
 /// then the first failure is returned.
-pub fn fetch_refs(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, store: &BlobStore, refs: &[String], opts: &FetchOptions) -> Result<FetchReport> {
+pub fn fetch_refs(
+    conn: &rusqlite::Connection,
+    state_dir: &Path,
+    s3: &S3Client,
+    store: &BlobStore,
+    refs: &[String],
+    opts: &FetchOptions,
+) -> Result<FetchReport> {
     let start = Instant::now();
     let (_, images) = resolve_refs(s3, refs)?;
     let mut layers: Vec<Layer> = Vec::new();
@@ -188,7 +195,14 @@ enum Plan {
 /// The caller holds the state-dir lock, and runs at most one
 /// `fetch_layers` per state dir at a time: it starts by removing partial
 /// files that no download row names.
-pub fn fetch_layers(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client, store: &BlobStore, layers: &[Layer], opts: &FetchOptions) -> Result<Vec<Result<LayerFetch>>> {
+pub fn fetch_layers(
+    conn: &rusqlite::Connection,
+    state_dir: &Path,
+    s3: &S3Client,
+    store: &BlobStore,
+    layers: &[Layer],
+    opts: &FetchOptions,
+) -> Result<Vec<Result<LayerFetch>>> {
     let bucket = s3.bucket();
     // Partials that no download row names are leftovers of a crash.
     let keep: HashSet<String> = q::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
@@ -301,7 +315,13 @@ pub fn fetch_layers(conn: &rusqlite::Connection, state_dir: &Path, s3: &S3Client
 
 /// The layer's blob, if this key is already stored with the same ETag and
 /// size, or its plain-MD5 ETag and size match another stored key.
-fn already_stored(conn: &rusqlite::Connection, store: &BlobStore, bucket: &str, l: &Layer, verify: bool) -> Result<Option<LayerFetch>> {
+fn already_stored(
+    conn: &rusqlite::Connection,
+    store: &BlobStore,
+    bucket: &str,
+    l: &Layer,
+    verify: bool,
+) -> Result<Option<LayerFetch>> {
     let usable = |conn: &rusqlite::Connection, d: &str| -> Result<Option<BlobDigest>> {
         let Some(b) = q::blob_get(conn, d)? else { return Ok(None) };
         if b.state != "present" || b.size != l.size {

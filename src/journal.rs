@@ -186,7 +186,8 @@ fn mark_done(tx: &Transaction, run: RunId, idx: i64, outcome: Option<&Value>) ->
 }
 
 fn append_steps(tx: &Transaction, run: RunId, names: &[String]) -> Result<()> {
-    let next: i64 = tx.query_row("SELECT COALESCE(MAX(idx), -1) + 1 FROM steps WHERE run_id = ?1", [run], |r| r.get(0))?;
+    let next: i64 =
+        tx.query_row("SELECT COALESCE(MAX(idx), -1) + 1 FROM steps WHERE run_id = ?1", [run], |r| r.get(0))?;
     for (i, n) in names.iter().enumerate() {
         tx.execute(
             "INSERT INTO steps (run_id, idx, name, state) VALUES (?1, ?2, ?3, 'pending')",
@@ -227,7 +228,8 @@ fn active_run(conn: &Connection, kind: &str, subject: &str) -> Result<Option<Run
 
 /// Runs that an earlier process left unfinished, oldest first.
 pub fn unfinished(conn: &Connection) -> Result<Vec<(RunId, String, String, RunState)>> {
-    let mut st = conn.prepare("SELECT id, kind, subject, state FROM runs WHERE state IN ('active', 'cancelling') ORDER BY id")?;
+    let mut st =
+        conn.prepare("SELECT id, kind, subject, state FROM runs WHERE state IN ('active', 'cancelling') ORDER BY id")?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))?;
     let mut out = Vec::new();
     for row in rows {
@@ -259,7 +261,13 @@ fn next_step(conn: &Connection, run: RunId) -> Result<Option<StepRow>> {
              WHERE run_id = ?1 AND state <> 'done' ORDER BY idx LIMIT 1",
             [run],
             |r| {
-                Ok(StepRow { idx: r.get(0)?, name: r.get(1)?, state: r.get(2)?, attempts: r.get(3)?, intent: r.get(4)? })
+                Ok(StepRow {
+                    idx: r.get(0)?,
+                    name: r.get(1)?,
+                    state: r.get(2)?,
+                    attempts: r.get(3)?,
+                    intent: r.get(4)?,
+                })
             },
         )
         .optional()?)
@@ -311,7 +319,9 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
         RunState::Cancelled => return Ok(Outcome::Cancelled),
         RunState::Failed => {
             let (ek, em): (Option<String>, Option<String>) =
-                conn.query_row("SELECT error_kind, error FROM runs WHERE id = ?1", [run], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                conn.query_row("SELECT error_kind, error FROM runs WHERE id = ?1", [run], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             let k = ek.as_deref().and_then(Kind::from_str).unwrap_or(Kind::Software);
             return Err(Error::new(k, em.unwrap_or_else(|| format!("run {run} failed"))));
         }
@@ -567,7 +577,10 @@ mod tests {
             if cx.step == "plan" {
                 return cx.complete(|tx| {
                     tx.execute("INSERT INTO meta (key, value) VALUES ('planned', 'yes')", [])?;
-                    Ok(Completion { outcome: Some(serde_json::json!({"n": 2})), append: vec!["x1".into(), "x2".into()] })
+                    Ok(Completion {
+                        outcome: Some(serde_json::json!({"n": 2})),
+                        append: vec!["x1".into(), "x2".into()],
+                    })
                 });
             }
             Ok(())
@@ -609,7 +622,8 @@ mod tests {
         let mut ex = Script { ran: vec![], fail: vec![("a".into(), Kind::Unavailable, 2)] };
         drive(&mut c, id, &mut ex, &fast()).unwrap();
         assert_eq!(ex.ran, vec!["a#1", "a#2", "a#3", "b#1"]);
-        let n: u32 = c.query_row("SELECT attempts FROM steps WHERE run_id=?1 AND name='a'", [id], |r| r.get(0)).unwrap();
+        let n: u32 =
+            c.query_row("SELECT attempts FROM steps WHERE run_id=?1 AND name='a'", [id], |r| r.get(0)).unwrap();
         assert_eq!(n, 3);
     }
 
@@ -645,8 +659,11 @@ mod tests {
         let mut c = db();
         let (id, _) = start(&mut c, &spec(&["a", "b"])).unwrap();
         // Simulate a process that recorded intent for `a` and died.
-        c.execute("UPDATE steps SET state='running', attempts=1, intent='{\"thin_id\":7}' WHERE run_id=?1 AND idx=0", [id])
-            .unwrap();
+        c.execute(
+            "UPDATE steps SET state='running', attempts=1, intent='{\"thin_id\":7}' WHERE run_id=?1 AND idx=0",
+            [id],
+        )
+        .unwrap();
         struct Check(Option<Value>);
         impl Executor for Check {
             fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
@@ -668,7 +685,8 @@ mod tests {
     fn cancel_aborts_the_current_steps_recorded_work() {
         let mut c = db();
         let (id, _) = start(&mut c, &spec(&["a", "b"])).unwrap();
-        c.execute("UPDATE steps SET state='running', intent='{\"dev\":\"x\"}' WHERE run_id=?1 AND idx=0", [id]).unwrap();
+        c.execute("UPDATE steps SET state='running', intent='{\"dev\":\"x\"}' WHERE run_id=?1 AND idx=0", [id])
+            .unwrap();
         struct Ab(Vec<Value>);
         impl Executor for Ab {
             fn step(&mut self, _cx: &mut StepCx<'_>) -> Result<()> {

@@ -206,8 +206,7 @@ pub fn attach(backing: &Path, read_only: bool) -> Result<Loop> {
     // Another process may take the free device between GET_FREE and the
     // bind (EBUSY): ask again, a bounded number of times.
     for _ in 0..16 {
-        let idx = ioctl_int(&ctl, LOOP_CTL_GET_FREE, 0)
-            .map_err(|e| Error::io("LOOP_CTL_GET_FREE", e.into()))?;
+        let idx = ioctl_int(&ctl, LOOP_CTL_GET_FREE, 0).map_err(|e| Error::io("LOOP_CTL_GET_FREE", e.into()))?;
         let path = PathBuf::from(format!("/dev/loop{idx}"));
         let dev = OpenOptions::new()
             .read(true)

@@ -85,12 +85,8 @@ pub fn header_checksum_ok(block: &[u8]) -> bool {
         return false;
     }
     let field = &block[148..156];
-    let digits: Vec<u8> = field
-        .iter()
-        .copied()
-        .skip_while(|&b| b == b' ' || b == 0)
-        .take_while(|b| (b'0'..=b'7').contains(b))
-        .collect();
+    let digits: Vec<u8> =
+        field.iter().copied().skip_while(|&b| b == b' ' || b == 0).take_while(|b| (b'0'..=b'7').contains(b)).collect();
     if digits.is_empty() {
         return false;
     }

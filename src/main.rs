@@ -34,7 +34,9 @@ fn main() -> ExitCode {
             }
             log::error!("{}", e.full_message());
             if matches!(e.kind(), Kind::Software) {
-                log::error!("this is a bug in thinimg; please report it with the output of 'thinimg runs --all --json'");
+                log::error!(
+                    "this is a bug in thinimg; please report it with the output of 'thinimg runs --all --json'"
+                );
             }
             ExitCode::from(code)
         }

@@ -99,7 +99,9 @@ pub fn loop_spec(dir: &Path, dm_name: DmName, data_size: u64, block_sectors: u64
     let block_bytes = block_sectors * 512;
     let data_bytes = data_size / block_bytes * block_bytes;
     if data_bytes < 16 * block_bytes {
-        return Err(Error::usage(format!("pool data size {data_size} is too small (at least 16 blocks of {block_bytes} bytes)")));
+        return Err(Error::usage(format!(
+            "pool data size {data_size} is too small (at least 16 blocks of {block_bytes} bytes)"
+        )));
     }
     let meta_bytes = metadata_bytes(data_bytes, block_sectors);
     Ok(PoolSpec {
@@ -121,19 +123,19 @@ pub fn make_loop_files(spec: &PoolSpec) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     for (p, size) in [(&spec.data_path, spec.data_sectors.bytes()), (&spec.meta_path, spec.meta_sectors.bytes())] {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(p)
-            .map_err(|e| Error::new(Kind::CantCreate, format!("creating pool file {}", p.display())).with_source(e))?;
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).map_err(|e| {
+                Error::new(Kind::CantCreate, format!("creating pool file {}", p.display())).with_source(e)
+            })?;
         let have = f.metadata().map_err(|e| Error::io(format!("stat {}", p.display()), e))?.len();
         if have != size {
             if have > size {
                 return Err(Error::new(
                     Kind::CantCreate,
-                    format!("pool file {} exists with {have} bytes, more than the {size} asked for; refusing to shrink it", p.display()),
+                    format!(
+                        "pool file {} exists with {have} bytes, more than the {size} asked for; refusing to shrink it",
+                        p.display()
+                    ),
                 ));
             }
             f.set_len(size).map_err(|e| Error::io(format!("sizing {}", p.display()), e))?;
@@ -297,18 +299,37 @@ impl PoolStatus {
     /// it is out of data space. Returns the usage of a usable pool.
     pub fn usable(&self, pool: &DmName) -> Result<&PoolUsage> {
         let u = match self {
-            PoolStatus::Fail => return Err(Error::new(Kind::HostFatal, format!("thin-pool {pool} has failed (status Fail); all I/O to it errors"))),
-            PoolStatus::Error => return Err(Error::new(Kind::HostFatal, format!("thin-pool {pool} reports Error status: its metadata cannot be read"))),
+            PoolStatus::Fail => {
+                return Err(Error::new(
+                    Kind::HostFatal,
+                    format!("thin-pool {pool} has failed (status Fail); all I/O to it errors"),
+                ))
+            }
+            PoolStatus::Error => {
+                return Err(Error::new(
+                    Kind::HostFatal,
+                    format!("thin-pool {pool} reports Error status: its metadata cannot be read"),
+                ))
+            }
             PoolStatus::Active(u) => u,
         };
         if u.needs_check {
-            return Err(Error::new(Kind::HostFatal, format!("thin-pool {pool} needs_check: run thin_check/thin_repair on its metadata before using it")));
+            return Err(Error::new(
+                Kind::HostFatal,
+                format!("thin-pool {pool} needs_check: run thin_check/thin_repair on its metadata before using it"),
+            ));
         }
         match u.mode {
-            PoolMode::Ro => Err(Error::new(Kind::HostFatal, format!("thin-pool {pool} is read-only (metadata error or full metadata)"))),
+            PoolMode::Ro => Err(Error::new(
+                Kind::HostFatal,
+                format!("thin-pool {pool} is read-only (metadata error or full metadata)"),
+            )),
             PoolMode::OutOfDataSpace => Err(Error::new(
                 Kind::TempFail,
-                format!("thin-pool {pool} is out of data space ({}/{} blocks used); free space by deleting devices", u.data_used, u.data_total),
+                format!(
+                    "thin-pool {pool} is out of data space ({}/{} blocks used); free space by deleting devices",
+                    u.data_used, u.data_total
+                ),
             )),
             PoolMode::Rw => Ok(u),
         }
@@ -541,14 +562,24 @@ impl Pool {
             loops.extend(loopdev::find(&spec.meta_path)?);
             loops.extend(loopdev::find(&spec.data_path)?);
         }
-        Ok(Some(Pool { spec: spec.clone(), dm, dev: info.dev, run_dir: run_dir.to_path_buf(), loops, assembled_now: false }))
+        Ok(Some(Pool {
+            spec: spec.clone(),
+            dm,
+            dev: info.dev,
+            run_dir: run_dir.to_path_buf(),
+            loops,
+            assembled_now: false,
+        }))
     }
 
     pub fn status(&self) -> Result<PoolStatus> {
         let t = self.dm.status(&self.spec.dm_name, false)?;
         match t.as_slice() {
             [one] if one.kind == "thin-pool" => PoolStatus::parse(&one.params),
-            _ => Err(Error::new(Kind::Software, format!("{} does not have one thin-pool target: {t:?}", self.spec.dm_name))),
+            _ => Err(Error::new(
+                Kind::Software,
+                format!("{} does not have one thin-pool target: {t:?}", self.spec.dm_name),
+            )),
         }
     }
 
@@ -606,11 +637,16 @@ impl Pool {
     /// it is ALWAYS resumed, whatever happened.
     pub fn snapshot(&self, new: ThinId, origin: ThinId, active_origin: Option<&DmName>) -> Result<Created> {
         if let Some(o) = active_origin {
-            self.dm.suspend(o).map_err(|e| Error::from(e).context(format!("suspending origin {o} for snapshot {new}")))?;
+            self.dm
+                .suspend(o)
+                .map_err(|e| Error::from(e).context(format!("suspending origin {o} for snapshot {new}")))?;
         }
         let r = self.message(&format!("create_snap {new} {origin}"));
         let resumed = match active_origin {
-            Some(o) => self.dm.resume(o).map_err(|e| Error::from(e).context(format!("resuming origin {o} after snapshot {new}"))),
+            Some(o) => self
+                .dm
+                .resume(o)
+                .map_err(|e| Error::from(e).context(format!("resuming origin {o} after snapshot {new}"))),
             None => Ok(()),
         };
         let created = match r {
@@ -691,11 +727,17 @@ impl Pool {
         let dev = match self.dm.try_info(name)? {
             Some(info) if info.active_table => {
                 let t = self.dm.table(name)?;
-                let same = t.len() == 1 && t[0].kind == want.kind && t[0].length == want.length && norm(&t[0].params) == norm(&want.params);
+                let same = t.len() == 1
+                    && t[0].kind == want.kind
+                    && t[0].length == want.length
+                    && norm(&t[0].params) == norm(&want.params);
                 if !same {
                     return Err(Error::new(
                         Kind::CantCreate,
-                        format!("dm device {name} exists with another table ({t:?}), not thin {id} of {}", self.spec.dm_name),
+                        format!(
+                            "dm device {name} exists with another table ({t:?}), not thin {id} of {}",
+                            self.spec.dm_name
+                        ),
                     ));
                 }
                 if info.suspended {
@@ -876,7 +918,8 @@ mod tests {
         };
         assert_eq!((u.meta_used, u.meta_total, u.data_used, u.data_total), (60, 512, 0, 4096));
         assert_eq!((u.mode, u.meta_low_water), (PoolMode::Rw, Some(128)));
-        let full = PoolStatus::parse("0 64/512 512/512 - out_of_data_space discard_passdown error_if_no_space - 128 ").unwrap();
+        let full = PoolStatus::parse("0 64/512 512/512 - out_of_data_space discard_passdown error_if_no_space - 128 ")
+            .unwrap();
         let PoolStatus::Active(u) = &full else { panic!() };
         assert_eq!((u.data_used, u.data_total, u.mode), (512, 512, PoolMode::OutOfDataSpace));
         let n = DmName::new("p").unwrap();
@@ -885,10 +928,10 @@ mod tests {
 
     #[test]
     fn status_parse_variants() {
-        let PoolStatus::Active(u) =
-            PoolStatus::parse("7 300/1024 32768/32768 123 out_of_data_space ignore_discard queue_if_no_space needs_check")
-                .unwrap()
-        else {
+        let PoolStatus::Active(u) = PoolStatus::parse(
+            "7 300/1024 32768/32768 123 out_of_data_space ignore_discard queue_if_no_space needs_check",
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(u.held_root, Some(123));
@@ -897,7 +940,8 @@ mod tests {
         assert_eq!(u.no_space, NoSpaceMode::QueueIfNoSpace);
         assert!(u.needs_check);
         assert_eq!(u.meta_low_water, None);
-        let PoolStatus::Active(u) = PoolStatus::parse("1 1/2 3/4 - ro no_discard_passdown error_if_no_space - 9").unwrap()
+        let PoolStatus::Active(u) =
+            PoolStatus::parse("1 1/2 3/4 - ro no_discard_passdown error_if_no_space - 9").unwrap()
         else {
             panic!()
         };

@@ -28,7 +28,12 @@ pub fn loop_dir(state_dir: &Path) -> PathBuf {
 
 /// Create the pool, or finish a creation a crash interrupted, or (already
 /// ready) just assemble it. Returns the pool and whether it was ready before.
-pub fn create(conn: &rusqlite::Connection, state_dir: &Path, run_dir: &Path, req: &CreateRequest) -> Result<(Pool, bool)> {
+pub fn create(
+    conn: &rusqlite::Connection,
+    state_dir: &Path,
+    run_dir: &Path,
+    req: &CreateRequest,
+) -> Result<(Pool, bool)> {
     let spec = match spool::load(conn)? {
         Some((spec, PoolState::Ready)) => {
             let asked = if req.devices.is_some() { PoolKind::Block } else { PoolKind::Loop };

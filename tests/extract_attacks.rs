@@ -130,7 +130,13 @@ fn hardlink_to_a_symlink_pointing_outside_stays_a_symlink() {
 #[test]
 fn malformed_whiteout_names_are_refused() {
     require_root();
-    for (name, rule) in [(".wh..", "whiteout-name"), (".wh.", "whiteout-name"), ("d/.wh...", "whiteout-name"), ("../.wh.x", "path-escape"), (".wh..wh.plnk", "whiteout-name")] {
+    for (name, rule) in [
+        (".wh..", "whiteout-name"),
+        (".wh.", "whiteout-name"),
+        ("d/.wh...", "whiteout-name"),
+        ("../.wh.x", "path-escape"),
+        (".wh..wh.plnk", "whiteout-name"),
+    ] {
         let sb = Sandbox::new(name);
         let mut t = TarW::new();
         t.file("keep", b"k", 0o644).file(name, b"", 0o644);
@@ -239,7 +245,11 @@ fn file_replaced_by_symlink_then_written_through() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read(sb.root.join("etc/conf")).unwrap(), b"v3\n");
     assert!(lstat(&sb.root.join("etc/conf")).is_file());
-    assert_eq!(std::fs::read(sb.root.join("tmp/thinimg-escape")).unwrap(), b"in root\n", "absolute symlink resolved in the root");
+    assert_eq!(
+        std::fs::read(sb.root.join("tmp/thinimg-escape")).unwrap(),
+        b"in root\n",
+        "absolute symlink resolved in the root"
+    );
     sb.check("replace + write through");
 }
 
@@ -496,7 +506,10 @@ fn opaque_marker_acts_on_lower_layers_only_wherever_it_sits() {
     let (code, err) = sb.run(&[&l1, &l2], &[]);
     assert_eq!(code, 0, "{err}");
     let names = |p: &str| {
-        let mut v: Vec<String> = std::fs::read_dir(sb.root.join(p)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(sb.root.join(p))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     };

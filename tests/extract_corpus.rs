@@ -52,16 +52,8 @@ const DEVIATIONS: &[(&str, Outcome, &str)] = &[
         Outcome::Reject,
         "gzip-compressed: refused by magic (rule compressed); no decompressor is in the allowed dependency set.",
     ),
-    (
-        "libarchive_test_compat_zstd_1.tar.zst",
-        Outcome::Reject,
-        "zstd-compressed: refused by magic (rule compressed).",
-    ),
-    (
-        "gcr_whiteout_dir_layer.tar.gz",
-        Outcome::Reject,
-        "gzip-compressed: refused by magic (rule compressed).",
-    ),
+    ("libarchive_test_compat_zstd_1.tar.zst", Outcome::Reject, "zstd-compressed: refused by magic (rule compressed)."),
+    ("gcr_whiteout_dir_layer.tar.gz", Outcome::Reject, "gzip-compressed: refused by magic (rule compressed)."),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +134,8 @@ fn corpus_outcomes_match_the_manifest() {
         if got == Outcome::Reject {
             let lines: Vec<&str> = err.lines().collect();
             if lines.len() != 1 || !lines[0].contains(&format!("layer {}", row.file)) || !lines[0].contains("rule ") {
-                failures.push(format!("{}: rejection is not one line naming the layer and the rule: {err:?}", row.file));
+                failures
+                    .push(format!("{}: rejection is not one line naming the layer and the rule: {err:?}", row.file));
             }
         }
         specific_checks(&row.file, &sb, got, &mut failures);

@@ -73,7 +73,8 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 // A numeric header field: size, uid, mtime, mode, checksum.
                 let fields = [(124, 12), (108, 8), (136, 12), (100, 8), (148, 8), (483, 12), (329, 8)];
                 let (o, l) = fields[rng.below(fields.len())];
-                let vals: [&[u8]; 7] = [b"77777777777", b"00000000000", b"-1", b"\xff\xff\xff\xff", b"\x80\0\0\0\0\0\0\x01", b"7", b" "];
+                let vals: [&[u8]; 7] =
+                    [b"77777777777", b"00000000000", b"-1", b"\xff\xff\xff\xff", b"\x80\0\0\0\0\0\0\x01", b"7", b" "];
                 let v = vals[rng.below(vals.len())];
                 for (k, &c) in v.iter().enumerate().take(l) {
                     if block + o + k < b.len() {
@@ -82,7 +83,10 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 }
             }
             2 => {
-                let t = [b'0', b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'L', b'K', b'x', b'g', b'S', b'X', b'D', b'V', 0, b'Z'];
+                let t = [
+                    b'0', b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'L', b'K', b'x', b'g', b'S', b'X', b'D', b'V', 0,
+                    b'Z',
+                ];
                 if block + 156 < b.len() {
                     b[block + 156] = t[rng.below(t.len())];
                 }

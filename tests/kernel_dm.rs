@@ -83,12 +83,19 @@ impl Drop for Fx {
 
 fn run(c: &mut Command) -> String {
     let out = c.output().unwrap_or_else(|e| panic!("running {c:?}: {e}"));
-    assert!(out.status.success(), "{c:?} failed: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn mkfs(dev: &Path) {
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]).arg(dev));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(dev));
 }
 
 fn norm(s: &str) -> String {
@@ -117,7 +124,11 @@ fn version_list_and_pool_matches_dmsetup() {
     assert!(listed.iter().any(|(n, d)| n == p.name().as_str() && *d == p.dev()), "{listed:?}");
     // Our table and status equal dmsetup's.
     let t = dm.table(p.name()).unwrap();
-    let ours = t.iter().map(|t| format!("{} {} {} {}", t.start.0, t.length.0, t.kind, t.params)).collect::<Vec<_>>().join("\n");
+    let ours = t
+        .iter()
+        .map(|t| format!("{} {} {} {}", t.start.0, t.length.0, t.kind, t.params))
+        .collect::<Vec<_>>()
+        .join("\n");
     let theirs = run(Command::new("dmsetup").args(["table", p.name().as_str()]));
     assert_eq!(norm(&ours), norm(&theirs));
     let s = dm.status(p.name(), false).unwrap();
@@ -408,7 +419,11 @@ fn cli_pool_create_and_status() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, _, err) = cmd(&["pool", "status"]);
     assert_eq!(code, Some(66), "status without a pool: {err}");
@@ -467,7 +482,11 @@ fn crash_after_intent_is_finished_by_rerun() {
         std::fs::read_dir("/sys/block")
             .unwrap()
             .flatten()
-            .filter(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).map(|s| s.trim() == p.to_str().unwrap()).unwrap_or(false))
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("loop/backing_file"))
+                    .map(|s| s.trim() == p.to_str().unwrap())
+                    .unwrap_or(false)
+            })
             .count()
     };
     assert_eq!(bound(&spec.data_path), 1);
@@ -481,8 +500,10 @@ fn list_grows_its_buffer_past_16k() {
     need_dm();
     let dm = Dm::open().unwrap();
     let tag = format!("kt-list-{}-", std::process::id());
-    let names: Vec<DmName> = (0..300).map(|i| DmName::new(format!("{tag}{i:03}-{}", "x".repeat(48))).unwrap()).collect();
-    let err = [thinimg::dm::Target { start: Sectors(0), length: Sectors(8), kind: "error".into(), params: String::new() }];
+    let names: Vec<DmName> =
+        (0..300).map(|i| DmName::new(format!("{tag}{i:03}-{}", "x".repeat(48))).unwrap()).collect();
+    let err =
+        [thinimg::dm::Target { start: Sectors(0), length: Sectors(8), kind: "error".into(), params: String::new() }];
     for n in &names {
         dm.create(n, None).unwrap();
         dm.load(n, &err).unwrap();

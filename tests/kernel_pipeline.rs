@@ -69,17 +69,19 @@ impl Host {
     }
 
     fn cmd(&self, args: &[&str], env: &[(&str, &str)]) -> common::Run {
-        let mut e: Vec<(&str, &str)> = vec![
-            ("THINIMG_RUN_DIR", self.run.to_str().unwrap()),
-            ("THINIMG_CONFIG", self.conf.to_str().unwrap()),
-        ];
+        let mut e: Vec<(&str, &str)> =
+            vec![("THINIMG_RUN_DIR", self.run.to_str().unwrap()), ("THINIMG_CONFIG", self.conf.to_str().unwrap())];
         e.extend_from_slice(env);
         self.t.run(args, &e)
     }
 
     fn ok(&self, args: &[&str]) -> common::Run {
         let r = self.cmd(args, &[]);
-        assert_eq!(r.code, 0, "thinimg {args:?} failed (exit {}):\nstdout:\n{}\nstderr:\n{}", r.code, r.stdout, r.stderr);
+        assert_eq!(
+            r.code, 0,
+            "thinimg {args:?} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
+            r.code, r.stdout, r.stderr
+        );
         r
     }
 
@@ -97,7 +99,8 @@ impl Host {
     fn dm_devices(&self) -> Vec<String> {
         let prefix = thinimg::pipeline::devices::prefix_for(&self.t.state);
         let dm = thinimg::dm::Dm::open().unwrap();
-        let mut v: Vec<String> = dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix)).collect();
+        let mut v: Vec<String> =
+            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix)).collect();
         v.sort();
         v
     }
@@ -170,7 +173,14 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         } else if ft.is_dir() {
             format!("d {:o} {}:{}", m.mode(), m.uid(), m.gid())
         } else if ft.is_file() {
-            format!("f {:o} {}:{} {} {}", m.mode(), m.uid(), m.gid(), m.len(), common::sha256_hex(&std::fs::read(&p).unwrap()))
+            format!(
+                "f {:o} {}:{} {} {}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.len(),
+                common::sha256_hex(&std::fs::read(&p).unwrap())
+            )
         } else {
             format!("o {:o} {}", m.mode(), m.rdev())
         };
@@ -183,7 +193,13 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
 
 fn activation(h: &Host, name: &str) -> serde_json::Value {
     let v = h.json(&["activations"]);
-    v["activations"].as_array().unwrap().iter().find(|a| a["name"] == name).cloned().unwrap_or_else(|| panic!("no activation {name}: {v}"))
+    v["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no activation {name}: {v}"))
 }
 
 #[test]
@@ -294,7 +310,8 @@ fn kill9_anywhere_then_rerun_converges() {
         let skip = if *fault == "chain:intent" && i > 6 { "3" } else { "0" };
         let h = Host::new(&format!("k9-{i}"));
         upload(S3Server::shared(), &h.prefix, &[]);
-        let r = h.cmd(&["activate", "python", "--name", "vm"], &[("THINIMG_FAULT", fault), ("THINIMG_FAULT_SKIP", skip)]);
+        let r =
+            h.cmd(&["activate", "python", "--name", "vm"], &[("THINIMG_FAULT", fault), ("THINIMG_FAULT_SKIP", skip)]);
         assert_eq!(r.code, -1, "{fault}: expected death by SIGKILL, got exit {}:\n{}", r.code, r.stderr);
         assert!(r.stderr.contains("THINIMG_FAULT"), "{fault}: {}", r.stderr);
 
@@ -315,7 +332,8 @@ fn kill9_anywhere_then_rerun_converges() {
         h.db().integrity_check().unwrap();
         let thin: i64 = h.thin_rows();
         assert_eq!(thin, 6, "{fault}: thin rows (5 chains + 1 activation)");
-        let building: i64 = h.db().conn.query_row("SELECT COUNT(*) FROM chains WHERE state <> 'ready'", [], |r| r.get(0)).unwrap();
+        let building: i64 =
+            h.db().conn.query_row("SELECT COUNT(*) FROM chains WHERE state <> 'ready'", [], |r| r.get(0)).unwrap();
         assert_eq!(building, 0, "{fault}");
     }
 }
@@ -331,7 +349,8 @@ fn done_steps(h: &Host) -> Vec<(String, u32)> {
         .conn
         .prepare("SELECT r.kind || '/' || r.subject || '/' || s.name, s.attempts FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.state = 'done'")
         .unwrap();
-    let v = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))).unwrap().map(|r| r.unwrap()).collect();
+    let v =
+        st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))).unwrap().map(|r| r.unwrap()).collect();
     v
 }
 
@@ -356,7 +375,10 @@ fn reboot_brings_back_the_pool_and_activations_with_data() {
     assert_eq!(act["state"], "active");
     let path = PathBuf::from(act["path"].as_str().unwrap());
     let m = manifest(&path);
-    assert!(m.get("etc/written-by-vm").is_some_and(|d| d.contains(&common::sha256_hex(b"hello after reboot"))), "data lost");
+    assert!(
+        m.get("etc/written-by-vm").is_some_and(|d| d.contains(&common::sha256_hex(b"hello after reboot"))),
+        "data lost"
+    );
     // And activate by name answers with the device.
     h.ok(&["activate", "node", "--name", "keep"]);
 }
@@ -422,9 +444,11 @@ fn sync_reports_each_failure_and_pulls_the_rest() {
 fn sigterm_mid_pull_then_rerun_converges() {
     let h = Host::new("term");
     upload(S3Server::shared(), &h.prefix, &[]);
-    let child = h
-        .t
-        .command(&["pull", "golang"], &[("THINIMG_RUN_DIR", h.run.to_str().unwrap()), ("THINIMG_CONFIG", h.conf.to_str().unwrap())])
+    let child =
+        h.t.command(
+            &["pull", "golang"],
+            &[("THINIMG_RUN_DIR", h.run.to_str().unwrap()), ("THINIMG_CONFIG", h.conf.to_str().unwrap())],
+        )
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -455,7 +479,12 @@ fn concurrent_syncs_queue_or_refuse_and_build_everything_once() {
     let h = Host::new("conc");
     upload(S3Server::shared(), &h.prefix, &[]);
     let env = [("THINIMG_RUN_DIR", h.run.to_str().unwrap()), ("THINIMG_CONFIG", h.conf.to_str().unwrap())];
-    let first = h.t.command(&["sync", "golang", "node", "python"], &env).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let first =
+        h.t.command(&["sync", "golang", "node", "python"], &env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     // Wait until the first holds the lock (it writes its pid into the lock file).
     let lock = h.t.state.join("lock");
     let t0 = std::time::Instant::now();

@@ -159,10 +159,8 @@ where
             Short(c) => (table::flags_of(command).find(|f| f.short == Some(*c)), format!("-{c}")),
             Long(l) => (table::flags_of(command).find(|f| f.long == *l), format!("--{l}")),
             Value(v) => {
-                let s = v
-                    .clone()
-                    .into_string()
-                    .map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?;
+                let s =
+                    v.clone().into_string().map_err(|v| Error::usage(format!("argument {v:?} is not valid UTF-8")))?;
                 if command.is_none() {
                     if s == "generate" {
                         let what = p.value().map_err(usage_err)?.string().map_err(usage_err)?;
@@ -174,9 +172,7 @@ where
                         command = Some(c);
                         words.clear();
                     } else if !table::COMMANDS.iter().any(|c| c.name.starts_with(&format!("{joined} "))) {
-                        return Err(Error::usage(format!(
-                            "unknown command '{joined}' (see 'thinimg --help')"
-                        )));
+                        return Err(Error::usage(format!("unknown command '{joined}' (see 'thinimg --help')")));
                     }
                 } else {
                     words.push(s);
@@ -253,8 +249,7 @@ where
     let all: Vec<&'static Flag> = table::flags_of(Some(command)).collect();
     if let Some(file) = &file {
         for (k, (line, _)) in &file.entries {
-            if !all.iter().any(|f| f.long == k && f.config) && !table::flags_of(None).any(|f| f.long == k && f.config)
-            {
+            if !all.iter().any(|f| f.long == k && f.config) && !table::flags_of(None).any(|f| f.long == k && f.config) {
                 // Keys for other commands are fine; unknown keys are an error.
                 let known = table::COMMANDS
                     .iter()

@@ -24,7 +24,12 @@ pub fn pull(inv: &Invocation) -> Result<u8> {
         output::json(&json!({ "images": done }))?;
     } else if !quiet(inv) {
         for d in &done {
-            println!("{} ready ({} layers, top chain {})", d["name"].as_str().unwrap_or("?"), d["layers"].as_array().map(|a| a.len()).unwrap_or(0), d["top_chain"].as_str().map(|s| &s[..12.min(s.len())]).unwrap_or("-"));
+            println!(
+                "{} ready ({} layers, top chain {})",
+                d["name"].as_str().unwrap_or("?"),
+                d["layers"].as_array().map(|a| a.len()).unwrap_or(0),
+                d["top_chain"].as_str().map(|s| &s[..12.min(s.len())]).unwrap_or("-")
+            );
         }
     }
     Ok(0)

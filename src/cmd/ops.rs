@@ -143,7 +143,14 @@ fn render_status(v: &serde_json::Value) -> String {
         );
     }
     for e in v["recent_errors"].as_array().into_iter().flatten() {
-        let _ = writeln!(s, "failed   run {} {} {}: {}", e["id"], e["kind"].as_str().unwrap_or(""), e["subject"].as_str().unwrap_or(""), e["error"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "failed   run {} {} {}: {}",
+            e["id"],
+            e["kind"].as_str().unwrap_or(""),
+            e["subject"].as_str().unwrap_or(""),
+            e["error"].as_str().unwrap_or("")
+        );
     }
     s
 }

@@ -34,7 +34,11 @@ pub fn status(inv: &Invocation) -> Result<u8> {
         if inv.json() {
             output::json(&serde_json::json!({ "dm_name": spec.dm_name, "kind": spec.kind, "assembled": false }))?;
         } else {
-            println!("pool {} ({}) is not assembled (after a reboot, the next command that needs it assembles it)", spec.dm_name, spec.kind.as_str());
+            println!(
+                "pool {} ({}) is not assembled (after a reboot, the next command that needs it assembles it)",
+                spec.dm_name,
+                spec.kind.as_str()
+            );
         }
         return Ok(0);
     };

@@ -264,8 +264,7 @@ pub fn call(ctl: &File, cmd: Cmd, req: &Request<'_>) -> Result<Reply, IoctlError
         // SAFETY: `words` owns at least `len` initialized bytes, u8 has no
         // alignment or validity requirements, and the view ends before any
         // other access to `words`.
-        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
-            .copy_from_slice(&bytes);
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }.copy_from_slice(&bytes);
         // SAFETY: open /dev/mapper/control fd; the kernel reads/writes a
         // dm_ioctl plus `data_size` bytes, and `data_size` (from `encode`)
         // equals `len`, the size of the live buffer `words` points to.
@@ -411,7 +410,8 @@ mod tests {
 
     #[test]
     fn encode_lays_out_header() {
-        let req = Request { name: Some("abc"), flags: DM_SUSPEND_FLAG, event_nr: 7, payload: b"xy", ..Default::default() };
+        let req =
+            Request { name: Some("abc"), flags: DM_SUSPEND_FLAG, event_nr: 7, payload: b"xy", ..Default::default() };
         let b = encode(Cmd::DevSuspend, &req, 1024);
         assert_eq!(b.len(), 1024);
         assert_eq!(get_u32(&b, 0), 4);

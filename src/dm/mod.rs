@@ -587,7 +587,10 @@ mod tests {
         d.extend_from_slice(&0u32.to_ne_bytes());
         d.extend_from_slice(b"thin1\0\0\0");
         let l = parse_name_list(&d);
-        assert_eq!(l, vec![("pool".into(), DevId { major: 253, minor: 0 }), ("thin1".into(), DevId { major: 253, minor: 1 })]);
+        assert_eq!(
+            l,
+            vec![("pool".into(), DevId { major: 253, minor: 0 }), ("thin1".into(), DevId { major: 253, minor: 1 })]
+        );
         assert!(parse_name_list(&[0u8; 16]).is_empty());
     }
 }

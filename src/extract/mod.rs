@@ -33,7 +33,7 @@ use nix::errno::Errno;
 use nix::sys::stat::SFlag;
 
 use crate::error::{Error, Kind, Result};
-use pool::{Pool, PendingFile, CHUNK};
+use pool::{PendingFile, Pool, CHUNK};
 use root::{Meta, Root};
 use rules::{CleanPath, Reject, Whiteout};
 use stream::{Member, MemberKind, TarStream};
@@ -178,12 +178,10 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
     let magic = crate::magic::classify(&head);
     match magic {
         crate::magic::Magic::Tar | crate::magic::Magic::EmptyTar => {}
-        m if m.is_compressed() => {
-            return Err(Error::bad_data(format!(
-                "layer {layer}: rule compressed: the layer is {}-compressed; thinimg reads uncompressed tar layers only",
-                m.name()
-            )))
-        }
+        m if m.is_compressed() => return Err(Error::bad_data(format!(
+            "layer {layer}: rule compressed: the layer is {}-compressed; thinimg reads uncompressed tar layers only",
+            m.name()
+        ))),
         crate::magic::Magic::TooShort if head.is_empty() => {
             return Err(Error::bad_data(format!("layer {layer}: rule not-tar: the layer is empty (0 bytes)")))
         }
@@ -298,8 +296,10 @@ impl Applier<'_> {
     }
 
     fn meta(&mut self, m: &Member) -> Result<Meta, Fail> {
-        let uid = u32::try_from(m.uid).map_err(|_| r("owner-range", format!("uid {} does not fit in 32 bits", m.uid)))?;
-        let gid = u32::try_from(m.gid).map_err(|_| r("owner-range", format!("gid {} does not fit in 32 bits", m.gid)))?;
+        let uid =
+            u32::try_from(m.uid).map_err(|_| r("owner-range", format!("uid {} does not fit in 32 bits", m.uid)))?;
+        let gid =
+            u32::try_from(m.gid).map_err(|_| r("owner-range", format!("gid {} does not fit in 32 bits", m.gid)))?;
         let mut xattrs = Vec::new();
         for (k, v) in &m.xattrs {
             if !xattr_allowed(k) {
@@ -429,7 +429,9 @@ impl Applier<'_> {
         let pfd = self.parent_of(cp)?;
         let existing = match root::mkdir(pfd, &name) {
             Ok(()) => None,
-            Err(Errno::EEXIST) => root::lstat_at(pfd, &name).map_err(|e| io_fail(e, "inspecting the existing entry".into()))?,
+            Err(Errno::EEXIST) => {
+                root::lstat_at(pfd, &name).map_err(|e| io_fail(e, "inspecting the existing entry".into()))?
+            }
             Err(e) => return Err(io_fail(e, "creating the directory".into())),
         };
         match existing {
@@ -484,7 +486,13 @@ impl Applier<'_> {
     /// A small file is written on the reader thread: handing it to a worker
     /// costs more (two thread wake-ups) than the write itself. Same order:
     /// data, then owner, xattrs, mode, times.
-    fn small_file(&mut self, file: std::fs::File, meta: Meta, m: &Member, stream: &mut TarStream<'_>) -> Result<(), Fail> {
+    fn small_file(
+        &mut self,
+        file: std::fs::File,
+        meta: Meta,
+        m: &Member,
+        stream: &mut TarStream<'_>,
+    ) -> Result<(), Fail> {
         use std::io::Write;
         let mut buf = std::mem::take(&mut self.small_buf);
         buf.resize(m.data_size as usize, 0);
@@ -504,7 +512,12 @@ impl Applier<'_> {
             .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, &format!("file {name:?}"))))
     }
 
-    fn stream_data(&mut self, pf: &Arc<PendingFile>, segs: &[(u64, u64)], stream: &mut TarStream<'_>) -> Result<(), Fail> {
+    fn stream_data(
+        &mut self,
+        pf: &Arc<PendingFile>,
+        segs: &[(u64, u64)],
+        stream: &mut TarStream<'_>,
+    ) -> Result<(), Fail> {
         for &(off, len) in segs {
             let mut done = 0u64;
             while done < len {
@@ -584,7 +597,9 @@ impl Applier<'_> {
             Ok(()) => {}
             Err(Errno::ENOENT) => return Err(r("hardlink-target", "target vanished while linking")),
             Err(Errno::EXDEV) => return Err(r("mount-crossing", "hard link across file systems")),
-            Err(Errno::EMLINK) => return Err(r("hardlink-count", "the target has the most links the file system allows")),
+            Err(Errno::EMLINK) => {
+                return Err(r("hardlink-count", "the target has the most links the file system allows"))
+            }
             Err(e) => return Err(io_fail(e, "creating the hard link".into())),
         }
         self.mark_created(joined);
@@ -601,12 +616,16 @@ impl Applier<'_> {
         // Linux device numbers are 12-bit major, 20-bit minor; mknod
         // refuses others with EINVAL, which is the archive's fault.
         if kind != SFlag::S_IFIFO && (m.dev_major >= 1 << 12 || m.dev_minor >= 1 << 20) {
-            return Err(r("device-number", format!("device {}:{} is not a Linux device number", m.dev_major, m.dev_minor)));
+            return Err(r(
+                "device-number",
+                format!("device {}:{} is not a Linux device number", m.dev_major, m.dev_minor),
+            ));
         }
         self.create_new(cp, "node", |pfd, n| root::mknod(pfd, n, kind, m.dev_major, m.dev_minor))?;
         let name = cp.name().to_vec();
         let pfd = self.parent_of(cp)?;
-        root::apply_meta_at(pfd, &name, &meta, false).map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the node")))?;
+        root::apply_meta_at(pfd, &name, &meta, false)
+            .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the node")))?;
         self.mark_created(joined);
         if m.kind == MemberKind::Fifo {
             self.report.fifos += 1;
@@ -627,7 +646,10 @@ impl Applier<'_> {
             Err(Errno::ENOENT) | Err(Errno::ENOTDIR) => return Ok(()),
             Err(e) => return Err(resolve_fail(e, "resolving the whiteout's directory")),
         };
-        if root::lstat_at(pfd.as_fd(), name).map_err(|e| io_fail(e, "inspecting the whited-out entry".into()))?.is_none() {
+        if root::lstat_at(pfd.as_fd(), name)
+            .map_err(|e| io_fail(e, "inspecting the whited-out entry".into()))?
+            .is_none()
+        {
             return Ok(());
         }
         self.prune(pfd.as_fd(), name, path.to_vec())

@@ -250,9 +250,7 @@ pub fn apply_meta_fd(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), (&'static str, 
     for (name, value) in &m.xattrs {
         // SAFETY: fd is a live descriptor borrowed for this call; name is a
         // NUL-terminated CString and value a valid slice for value.len() bytes.
-        let r = unsafe {
-            libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
-        };
+        let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
         if r != 0 {
             return Err(("fsetxattr", Errno::last()));
         }

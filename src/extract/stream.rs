@@ -120,7 +120,16 @@ fn rej(rule: &'static str, detail: impl Into<String>) -> Reject {
 
 impl<'a> TarStream<'a> {
     pub fn new(src: &'a mut dyn Read, limits: Limits) -> TarStream<'a> {
-        TarStream { src, limits, offset: 0, members: 0, data_left: 0, pad_left: 0, global: Pax::default(), ended: false }
+        TarStream {
+            src,
+            limits,
+            offset: 0,
+            members: 0,
+            data_left: 0,
+            pad_left: 0,
+            global: Pax::default(),
+            ended: false,
+        }
     }
 
     /// Members read so far.
@@ -261,7 +270,8 @@ impl<'a> TarStream<'a> {
             }
             let header = tar::Header::from_byte_slice(&block);
             let typeflag = block[156];
-            let size = num(&block[124..136]).map_err(|m| rej("header-field", format!("size field at byte {at}: {m}")))?;
+            let size =
+                num(&block[124..136]).map_err(|m| rej("header-field", format!("size field at byte {at}: {m}")))?;
             match typeflag {
                 // 'X' is Solaris's name for the PAX local header.
                 b'L' | b'K' | b'x' | b'X' | b'g' => {
@@ -378,17 +388,11 @@ impl<'a> TarStream<'a> {
             b'S' => MemberKind::File,
             // Old tars mark directories by a trailing slash on a regular entry.
             other => {
-                return Err(rej(
-                    "entry-type",
-                    format!("unsupported entry type {:?} (0x{other:02x})", other as char),
-                ))
+                return Err(rej("entry-type", format!("unsupported entry type {:?} (0x{other:02x})", other as char)))
             }
         };
-        let kind = if kind == MemberKind::File && typeflag != b'S' && path.ends_with(b"/") {
-            MemberKind::Dir
-        } else {
-            kind
-        };
+        let kind =
+            if kind == MemberKind::File && typeflag != b'S' && path.ends_with(b"/") { MemberKind::Dir } else { kind };
         // Like Go's archive/tar and GNU tar: links, devices, directories and
         // FIFOs carry no data whatever their size field says (old writers
         // put the target's size on hard links, with no bytes following).
@@ -520,7 +524,9 @@ impl<'a> TarStream<'a> {
                 Ok(Sparse { real_size, map })
             }
             _ => match &pax.sparse_map {
-                Some(v) if v.len() % 2 == 0 => Ok(Sparse { real_size, map: v.chunks(2).map(|c| (c[0], c[1])).collect() }),
+                Some(v) if v.len() % 2 == 0 => {
+                    Ok(Sparse { real_size, map: v.chunks(2).map(|c| (c[0], c[1])).collect() })
+                }
                 Some(_) => Err(bad("GNU.sparse.map has an odd number of values")),
                 None if pax.sparse_legacy.len() % 2 == 0 => {
                     Ok(Sparse { real_size, map: pax.sparse_legacy.chunks(2).map(|c| (c[0], c[1])).collect() })
@@ -583,7 +589,19 @@ fn merge(global: &Pax, local: Option<&Pax>) -> Pax {
         macro_rules! take {
             ($($f:ident),*) => { $( if l.$f.is_some() { p.$f = l.$f.clone(); } )* };
         }
-        take!(path, linkpath, size, uid, gid, mtime, sparse_major, sparse_minor, sparse_name, sparse_realsize, sparse_map);
+        take!(
+            path,
+            linkpath,
+            size,
+            uid,
+            gid,
+            mtime,
+            sparse_major,
+            sparse_minor,
+            sparse_name,
+            sparse_realsize,
+            sparse_map
+        );
         if !l.sparse_legacy.is_empty() {
             p.sparse_legacy = l.sparse_legacy.clone();
         }

@@ -70,11 +70,7 @@ impl StateLock {
                 }
             }
         }
-        let me = format!(
-            "pid {} ({})\n",
-            std::process::id(),
-            std::env::args().collect::<Vec<_>>().join(" ")
-        );
+        let me = format!("pid {} ({})\n", std::process::id(), std::env::args().collect::<Vec<_>>().join(" "));
         let _ = file.set_len(0);
         let _ = file.rewind();
         let _ = file.write_all(me.as_bytes());

@@ -107,9 +107,8 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
         return Ok(());
     };
     let name = intent.get("name").and_then(|v| v.as_str()).unwrap_or_default();
-    let state: Option<String> = conn
-        .query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))
-        .ok();
+    let state: Option<String> =
+        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0)).ok();
     if state.as_deref() == Some("ready") || state.is_none() {
         return Ok(());
     }
@@ -117,7 +116,10 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
     dev.deactivate(&dev.activation_name(name))?;
     dev.delete_thin(thin_id)?;
     let tx = conn.unchecked_transaction()?;
-    tx.execute("DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2", rusqlite::params![name, thin_id])?;
+    tx.execute(
+        "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
+        rusqlite::params![name, thin_id],
+    )?;
     tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
     tx.commit()?;
     Ok(())
@@ -151,7 +153,10 @@ impl Activate<'_> {
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
             Ok(json!({ "thin_id": thin_id, "name": n, "origin": origin }))
         })?;
-        let thin_id = cx.intent().and_then(|v| v["thin_id"].as_u64()).map(|v| v as u32)
+        let thin_id = cx
+            .intent()
+            .and_then(|v| v["thin_id"].as_u64())
+            .map(|v| v as u32)
             .ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
@@ -253,4 +258,3 @@ pub fn info_for(
         size_bytes: size,
     }))
 }
-

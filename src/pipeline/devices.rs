@@ -58,7 +58,12 @@ pub fn node_numbers(p: &Path) -> Option<(u32, u32)> {
 }
 
 /// Reserve a thin id (row in state `creating`) inside the caller's transaction.
-pub fn alloc_thin_id(tx: &rusqlite::Connection, activation: bool, origin: Option<u32>, size_sectors: u64) -> Result<u32> {
+pub fn alloc_thin_id(
+    tx: &rusqlite::Connection,
+    activation: bool,
+    origin: Option<u32>,
+    size_sectors: u64,
+) -> Result<u32> {
     use crate::store::pool::ThinRole;
     let role = if activation { ThinRole::Activation } else { ThinRole::Chain };
     let origin = origin.map(thin).transpose()?;

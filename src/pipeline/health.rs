@@ -150,7 +150,9 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
 
     // The database and the pool.
     match Db::open_existing(state_dir) {
-        Ok(None) => out.push(check("database", Level::Ok, format!("{} has no database yet", state_dir.display()), None)),
+        Ok(None) => {
+            out.push(check("database", Level::Ok, format!("{} has no database yet", state_dir.display()), None))
+        }
         Ok(Some(db)) => {
             match db.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
                 Ok(s) if s == "ok" => out.push(check("database", Level::Ok, "quick_check ok", None)),
@@ -177,7 +179,11 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
                 )),
                 Ok(Some(p)) => {
                     let mode = p.mode.clone().unwrap_or_default();
-                    if p.needs_check == Some(true) || mode.contains("fail") || mode.contains("ro") || mode.contains("error") {
+                    if p.needs_check == Some(true)
+                        || mode.contains("fail")
+                        || mode.contains("ro")
+                        || mode.contains("error")
+                    {
                         out.push(check(
                             "pool",
                             Level::Fail,
@@ -196,13 +202,20 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
                         } else {
                             (Level::Ok, None)
                         };
-                        out.push(check(if what == "data" { "pool data space" } else { "pool metadata space" }, lvl, format!("{v:.1}% used"), adv));
+                        out.push(check(
+                            if what == "data" { "pool data space" } else { "pool metadata space" },
+                            lvl,
+                            format!("{v:.1}% used"),
+                            adv,
+                        ));
                     }
                 }
                 Err(e) => out.push(check("pool", Level::Fail, e.full_message(), None)),
             }
         }
-        Err(e) => out.push(check("database", Level::Fail, e.full_message(), Some("check permissions of the state dir"))),
+        Err(e) => {
+            out.push(check("database", Level::Fail, e.full_message(), Some("check permissions of the state dir")))
+        }
     }
 
     // Processes stuck in uninterruptible sleep (often I/O on a full or failed pool).
@@ -231,8 +244,15 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
     // Pressure.
     for (res, name) in [("memory", "memory pressure"), ("io", "I/O wait")] {
         match psi_avg10(res) {
-            Some(v) if v >= 40.0 => out.push(check(name, Level::Fail, format!("{res} pressure some avg10 {v:.1}%"), Some("the host is thrashing; postpone image work"))),
-            Some(v) if v >= 10.0 => out.push(check(name, Level::Warn, format!("{res} pressure some avg10 {v:.1}%"), None)),
+            Some(v) if v >= 40.0 => out.push(check(
+                name,
+                Level::Fail,
+                format!("{res} pressure some avg10 {v:.1}%"),
+                Some("the host is thrashing; postpone image work"),
+            )),
+            Some(v) if v >= 10.0 => {
+                out.push(check(name, Level::Warn, format!("{res} pressure some avg10 {v:.1}%"), None))
+            }
             Some(v) => out.push(check(name, Level::Ok, format!("{res} pressure some avg10 {v:.1}%"), None)),
             None => out.push(check(name, Level::Ok, "pressure stall information not available", None)),
         }
@@ -277,7 +297,13 @@ fn kernel_log_errors() -> Option<Vec<String>> {
                 let rec = String::from_utf8_lossy(&buf[..n]);
                 let msg = rec.split_once(';').map(|(_, m)| m).unwrap_or(&rec).trim().to_string();
                 let l = msg.to_ascii_lowercase();
-                if (l.contains("device-mapper") || l.contains("thin")) && (l.contains("error") || l.contains("fail") || l.contains("needs_check") || l.contains("out of data space") || l.contains("read-only")) {
+                if (l.contains("device-mapper") || l.contains("thin"))
+                    && (l.contains("error")
+                        || l.contains("fail")
+                        || l.contains("needs_check")
+                        || l.contains("out of data space")
+                        || l.contains("read-only"))
+                {
                     out.push(msg);
                 }
             }
@@ -318,53 +344,108 @@ pub fn write_metrics(
     };
     let now = crate::ops::output::now() as f64;
     let cmd = command.replace('\\', "\\\\").replace('"', "\\\"");
-    gauge("thinimg_last_run_timestamp_seconds", "When the last thinimg command ended.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), now)]);
-    gauge("thinimg_last_run_exit_code", "Exit code of the last thinimg command.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), f64::from(exit_code))]);
-    gauge("thinimg_last_run_duration_seconds", "Wall time of the last thinimg command.", "gauge", &[(format!("{{command=\"{cmd}\"}}"), seconds)]);
+    gauge(
+        "thinimg_last_run_timestamp_seconds",
+        "When the last thinimg command ended.",
+        "gauge",
+        &[(format!("{{command=\"{cmd}\"}}"), now)],
+    );
+    gauge(
+        "thinimg_last_run_exit_code",
+        "Exit code of the last thinimg command.",
+        "gauge",
+        &[(format!("{{command=\"{cmd}\"}}"), f64::from(exit_code))],
+    );
+    gauge(
+        "thinimg_last_run_duration_seconds",
+        "Wall time of the last thinimg command.",
+        "gauge",
+        &[(format!("{{command=\"{cmd}\"}}"), seconds)],
+    );
     if let Ok(Some(db)) = Db::open_existing(state_dir) {
         if let Ok(c) = counts(&db) {
             gauge("thinimg_blobs", "Blobs in the local store.", "gauge", &[(String::new(), c.blobs as f64)]);
-            gauge("thinimg_blob_bytes", "Bytes of blobs in the local store.", "gauge", &[(String::new(), c.blob_bytes as f64)]);
-            gauge("thinimg_rejected_blobs", "Blobs rejected as hostile or invalid.", "gauge", &[(String::new(), c.rejected_blobs as f64)]);
+            gauge(
+                "thinimg_blob_bytes",
+                "Bytes of blobs in the local store.",
+                "gauge",
+                &[(String::new(), c.blob_bytes as f64)],
+            );
+            gauge(
+                "thinimg_rejected_blobs",
+                "Blobs rejected as hostile or invalid.",
+                "gauge",
+                &[(String::new(), c.rejected_blobs as f64)],
+            );
             gauge("thinimg_chains", "Layer chains built (thin devices).", "gauge", &[(String::new(), c.chains as f64)]);
             gauge(
                 "thinimg_images",
                 "Local images by state.",
                 "gauge",
-                &[("{state=\"ready\"}".into(), c.images_ready as f64), ("{state=\"pulling\"}".into(), (c.images - c.images_ready) as f64)],
+                &[
+                    ("{state=\"ready\"}".into(), c.images_ready as f64),
+                    ("{state=\"pulling\"}".into(), (c.images - c.images_ready) as f64),
+                ],
             );
             gauge(
                 "thinimg_activations",
                 "Activations by state.",
                 "gauge",
-                &[("{state=\"active\"}".into(), c.activations_active as f64), ("{state=\"other\"}".into(), (c.activations - c.activations_active) as f64)],
+                &[
+                    ("{state=\"active\"}".into(), c.activations_active as f64),
+                    ("{state=\"other\"}".into(), (c.activations - c.activations_active) as f64),
+                ],
             );
         }
-        if let Ok(mut st) = db.conn.prepare("SELECT kind, state, COUNT(*) FROM runs GROUP BY kind, state ORDER BY kind, state") {
+        if let Ok(mut st) =
+            db.conn.prepare("SELECT kind, state, COUNT(*) FROM runs GROUP BY kind, state ORDER BY kind, state")
+        {
             let rows: Vec<(String, f64)> = st
                 .query_map([], |r| {
-                    Ok((format!("{{kind=\"{}\",state=\"{}\"}}", r.get::<_, String>(0)?, r.get::<_, String>(1)?), r.get::<_, i64>(2)? as f64))
+                    Ok((
+                        format!("{{kind=\"{}\",state=\"{}\"}}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                        r.get::<_, i64>(2)? as f64,
+                    ))
                 })
                 .map(|it| it.flatten().collect())
                 .unwrap_or_default();
             gauge("thinimg_runs", "Journaled runs by kind and state.", "gauge", &rows);
         }
         if let Ok(Some(p)) = pool_view(&db, run_dir) {
-            gauge("thinimg_pool_up", "1 if the pool's dm device is present.", "gauge", &[(String::new(), if p.present { 1.0 } else { 0.0 })]);
+            gauge(
+                "thinimg_pool_up",
+                "1 if the pool's dm device is present.",
+                "gauge",
+                &[(String::new(), if p.present { 1.0 } else { 0.0 })],
+            );
             if let (Some(u), Some(t)) = (p.data_used_bytes, p.data_total_bytes) {
                 gauge("thinimg_pool_data_used_bytes", "Pool data space used.", "gauge", &[(String::new(), u as f64)]);
                 gauge("thinimg_pool_data_total_bytes", "Pool data space.", "gauge", &[(String::new(), t as f64)]);
             }
             if let Some(v) = p.meta_used_pct {
-                gauge("thinimg_pool_metadata_used_ratio", "Pool metadata space used, 0..1.", "gauge", &[(String::new(), v / 100.0)]);
+                gauge(
+                    "thinimg_pool_metadata_used_ratio",
+                    "Pool metadata space used, 0..1.",
+                    "gauge",
+                    &[(String::new(), v / 100.0)],
+                );
             }
             if let Some(nc) = p.needs_check {
-                gauge("thinimg_pool_needs_check", "1 if the pool's metadata needs checking.", "gauge", &[(String::new(), if nc { 1.0 } else { 0.0 })]);
+                gauge(
+                    "thinimg_pool_needs_check",
+                    "1 if the pool's metadata needs checking.",
+                    "gauge",
+                    &[(String::new(), if nc { 1.0 } else { 0.0 })],
+                );
             }
         }
     }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().and_then(|s| s.to_str()).unwrap_or("metrics"), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|s| s.to_str()).unwrap_or("metrics"),
+        std::process::id()
+    ));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;

@@ -106,7 +106,13 @@ impl Env {
         crate::ops::signals::install();
         let lock = StateLock::acquire(&state_dir, wait_of(inv)?)?;
         let db = Db::open(&state_dir)?;
-        let ctx = Ctx { state_dir, run_dir: inv.run_dir(), inv: inv.clone(), opts: Opts::from_invocation(inv)?, devices: None };
+        let ctx = Ctx {
+            state_dir,
+            run_dir: inv.run_dir(),
+            inv: inv.clone(),
+            opts: Opts::from_invocation(inv)?,
+            devices: None,
+        };
         let mut env = Env { db, ctx, policy: RetryPolicy::default(), _lock: lock };
         env.resume_all()?;
         Ok(env)
@@ -135,12 +141,11 @@ impl Env {
     }
 
     pub fn drive_existing(&mut self, id: RunId) -> Result<Outcome> {
-        let kind: String = self.db.conn.query_row("SELECT kind FROM runs WHERE id = ?1", [id], |r| r.get(0)).map_err(
-            |e| match e {
+        let kind: String =
+            self.db.conn.query_row("SELECT kind FROM runs WHERE id = ?1", [id], |r| r.get(0)).map_err(|e| match e {
                 rusqlite::Error::QueryReturnedNoRows => Error::new(Kind::NoSuchImage, format!("no run with id {id}")),
                 e => Error::from(e),
-            },
-        )?;
+            })?;
         let policy = self.policy;
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
@@ -153,7 +158,11 @@ fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + '
         "activate" => Box::new(activate::Activate { ctx }),
         "deactivate" => Box::new(activate::Deactivate { ctx }),
         "rm" => Box::new(Remove { ctx }),
-        _ => return Err(Error::software(format!("unknown run kind {kind:?} in the journal (written by a newer thinimg?)"))),
+        _ => {
+            return Err(Error::software(format!(
+                "unknown run kind {kind:?} in the journal (written by a newer thinimg?)"
+            )))
+        }
     })
 }
 
@@ -187,7 +196,10 @@ impl Executor for Remove<'_> {
                     let names: Vec<&str> = acts.iter().map(|a| a.name.as_str()).collect();
                     return Err(Error::new(
                         Kind::TempFail,
-                        format!("image {image} has activations ({}); deactivate them or pass --force", names.join(", ")),
+                        format!(
+                            "image {image} has activations ({}); deactivate them or pass --force",
+                            names.join(", ")
+                        ),
                     ));
                 }
                 for a in acts {

@@ -103,7 +103,8 @@ pub fn is_mountpoint(p: &Path) -> Result<bool> {
 
 /// Directories every image gets (mount points a VM's init expects), and
 /// the entries whose absence makes a root filesystem suspicious.
-pub const MOUNT_POINTS: &[(&str, u32)] = &[("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755)];
+pub const MOUNT_POINTS: &[(&str, u32)] =
+    &[("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755)];
 pub const EXPECTED: &[&str] = &["etc", "usr", "bin/sh"];
 
 /// Create missing mount points in-root and report what a root filesystem

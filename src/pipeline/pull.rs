@@ -130,7 +130,9 @@ impl Pull<'_> {
         let layers = q::layers(cx.conn, &image)?;
         let digests: Vec<String> = layers
             .iter()
-            .map(|l| l.digest.clone().ok_or_else(|| Error::software(format!("image {image}: layer {} has no blob", l.key))))
+            .map(|l| {
+                l.digest.clone().ok_or_else(|| Error::software(format!("image {image}: layer {} has no blob", l.key)))
+            })
             .collect::<Result<_>>()?;
         let ids = chain_ids(&digests);
         let idx = (pos - 1) as usize;
@@ -169,9 +171,9 @@ impl Pull<'_> {
         let parent_thin = match &parent {
             None => None,
             Some(p) => {
-                let pc = q::chain(cx.conn, p)?
-                    .filter(|c| c.state == "ready")
-                    .ok_or_else(|| Error::software(format!("image {image}: parent chain of layer {pos} is not built")))?;
+                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == "ready").ok_or_else(|| {
+                    Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
+                })?;
                 Some(pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?)
             }
         };
@@ -200,10 +202,12 @@ impl Pull<'_> {
             }))
         })?;
         let intent = cx.intent().cloned().unwrap_or(Value::Null);
-        let thin_id = intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
+        let thin_id =
+            intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("chain:intent");
 
-        let result = build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts);
+        let result =
+            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts);
         let report = match result {
             Ok(r) => r,
             Err(e) => {

@@ -110,9 +110,8 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
 pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {
     let store = BlobStore::open(&ctx.state_dir)?;
     let d = BlobDigest::parse(digest)?;
-    let size: Option<i64> = conn
-        .query_row("SELECT size FROM blobs WHERE digest = ?1 AND state = 'present'", [digest], |r| r.get(0))
-        .ok();
+    let size: Option<i64> =
+        conn.query_row("SELECT size FROM blobs WHERE digest = ?1 AND state = 'present'", [digest], |r| r.get(0)).ok();
     if let Some(size) = size {
         if store.size_ok(&d, size as u64)? {
             return Ok(store.blob_path(&d));
@@ -122,7 +121,11 @@ pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str
     let client = s3(ctx)?;
     // The key as listed now must still hold the same content.
     let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &fetch_opts(ctx))?;
-    let got = report.images.first().and_then(|i| i.layers.iter().find(|l| l.key == key)).map(|l| l.digest.as_str().to_string());
+    let got = report
+        .images
+        .first()
+        .and_then(|i| i.layers.iter().find(|l| l.key == key))
+        .map(|l| l.digest.as_str().to_string());
     match got {
         Some(g) if g == digest => Ok(store.blob_path(&d)),
         Some(g) => Err(Error::new(
@@ -157,6 +160,7 @@ pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(
     }
     let keep: std::collections::HashSet<String> =
         crate::store::blobs::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
-    let strays = if dry_run { Vec::new() } else { vec![format!("{} partial file(s)", store.remove_stale_partials(&keep)?)] };
+    let strays =
+        if dry_run { Vec::new() } else { vec![format!("{} partial file(s)", store.remove_stale_partials(&keep)?)] };
     Ok((removed, bytes, strays.into_iter().filter(|s| !s.starts_with("0 ")).collect()))
 }

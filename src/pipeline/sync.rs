@@ -78,7 +78,8 @@ fn failure(e: &Error) -> Failure {
 pub fn read_refs(path: &str) -> Result<Vec<String>> {
     let text = if path == "-" {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| Error::io("reading refs from stdin", e))?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Error::io("reading refs from stdin", e))?;
         s
     } else {
         std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading refs from {path}"), e))?

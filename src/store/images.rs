@@ -104,10 +104,7 @@ pub fn layers(c: &Connection, image: &str) -> Result<Vec<LayerRow>> {
 }
 
 pub fn set_layer_chain(c: &Connection, image: &str, pos: i64, chain: &str) -> Result<()> {
-    c.execute(
-        "UPDATE image_layers SET chain_id = ?1 WHERE image = ?2 AND position = ?3",
-        params![chain, image, pos],
-    )?;
+    c.execute("UPDATE image_layers SET chain_id = ?1 WHERE image = ?2 AND position = ?3", params![chain, image, pos])?;
     Ok(())
 }
 
@@ -147,7 +144,8 @@ pub fn chain(c: &Connection, id: &str) -> Result<Option<ChainRow>> {
 }
 
 pub fn chains(c: &Connection) -> Result<Vec<ChainRow>> {
-    let mut st = c.prepare("SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains ORDER BY depth DESC")?;
+    let mut st =
+        c.prepare("SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains ORDER BY depth DESC")?;
     let rows = st.query_map([], chain_from_row)?;
     rows.map(|r| r.map_err(Error::from)).collect()
 }
@@ -168,10 +166,7 @@ pub fn insert_chain_building(
 }
 
 pub fn set_chain_ready(c: &Connection, id: &str, report: &serde_json::Value) -> Result<()> {
-    c.execute(
-        "UPDATE chains SET state = 'ready', report = ?1 WHERE chain_id = ?2",
-        params![report.to_string(), id],
-    )?;
+    c.execute("UPDATE chains SET state = 'ready', report = ?1 WHERE chain_id = ?2", params![report.to_string(), id])?;
     Ok(())
 }
 
@@ -218,7 +213,8 @@ pub fn activation(c: &Connection, name: &str) -> Result<Option<ActivationRow>> {
 }
 
 pub fn activations(c: &Connection) -> Result<Vec<ActivationRow>> {
-    let mut st = c.prepare("SELECT name, image, chain_id, thin_id, state, created_at FROM activations ORDER BY name")?;
+    let mut st =
+        c.prepare("SELECT name, image, chain_id, thin_id, state, created_at FROM activations ORDER BY name")?;
     let rows = st.query_map([], act_from_row)?;
     rows.map(|r| r.map_err(Error::from)).collect()
 }
@@ -261,7 +257,13 @@ pub struct ThinRow {
 pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
     let mut st = c.prepare("SELECT thin_id, role, state, origin, size_sectors FROM thin_devices ORDER BY thin_id")?;
     let rows = st.query_map([], |r| {
-        Ok(ThinRow { thin_id: r.get(0)?, role: r.get(1)?, state: r.get(2)?, origin: r.get(3)?, size_sectors: r.get::<_, i64>(4)?.max(0) as u64 })
+        Ok(ThinRow {
+            thin_id: r.get(0)?,
+            role: r.get(1)?,
+            state: r.get(2)?,
+            origin: r.get(3)?,
+            size_sectors: r.get::<_, i64>(4)?.max(0) as u64,
+        })
     })?;
     rows.map(|r| r.map_err(Error::from)).collect()
 }
@@ -289,10 +291,9 @@ pub fn reject_blob(c: &Connection, digest: &str, reason: &str) -> Result<()> {
 }
 
 pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
-    Ok(c
-        .query_row("SELECT reason FROM blobs WHERE digest = ?1 AND state = 'rejected'", [digest], |r| {
-            r.get::<_, Option<String>>(0)
-        })
-        .optional()?
-        .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
+    Ok(c.query_row("SELECT reason FROM blobs WHERE digest = ?1 AND state = 'rejected'", [digest], |r| {
+        r.get::<_, Option<String>>(0)
+    })
+    .optional()?
+    .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
 }

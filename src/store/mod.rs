@@ -5,9 +5,9 @@
 //! timeout). Typed queries live in the submodules, one per domain table
 //! group. Nothing outside `store` and `journal` writes SQL.
 
+pub mod blobs;
 pub mod images;
 pub mod pool;
-pub mod blobs;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

@@ -14,7 +14,9 @@ pub fn bin() -> &'static str {
 /// These tests create devices, set owners and setuid bits: they need root.
 pub fn require_root() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        panic!("the extract tests must run as root (they chown, mknod and set setuid bits); run them with sudo or as root");
+        panic!(
+            "the extract tests must run as root (they chown, mknod and set setuid bits); run them with sudo or as root"
+        );
     }
 }
 
@@ -170,7 +172,17 @@ impl TarW {
 
     /// One header block; names longer than the fields go in a PAX header first.
     #[allow(clippy::too_many_arguments)]
-    pub fn header(&mut self, typeflag: u8, name: &[u8], link: &[u8], size: u64, mode: u32, uid: u64, gid: u64, dev: (u32, u32)) {
+    pub fn header(
+        &mut self,
+        typeflag: u8,
+        name: &[u8],
+        link: &[u8],
+        size: u64,
+        mode: u32,
+        uid: u64,
+        gid: u64,
+        dev: (u32, u32),
+    ) {
         let mut pax = Vec::new();
         if name.len() > 100 {
             pax.extend(pax_record("path", name));
