@@ -85,7 +85,7 @@ impl Kind {
         }
     }
 
-    pub fn from_str(s: &str) -> Option<Kind> {
+    pub fn parse(s: &str) -> Option<Kind> {
         ALL_KINDS.iter().copied().find(|k| k.as_str() == s)
     }
 }
@@ -268,7 +268,7 @@ mod tests {
             ]
         );
         for k in ALL_KINDS {
-            assert_eq!(Kind::from_str(k.as_str()), Some(k));
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
         }
     }
 

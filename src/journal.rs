@@ -322,7 +322,7 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
                 conn.query_row("SELECT error_kind, error FROM runs WHERE id = ?1", [run], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
-            let k = ek.as_deref().and_then(Kind::from_str).unwrap_or(Kind::Software);
+            let k = ek.as_deref().and_then(Kind::parse).unwrap_or(Kind::Software);
             return Err(Error::new(k, em.unwrap_or_else(|| format!("run {run} failed"))));
         }
         RunState::Cancelling => {

@@ -178,10 +178,12 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
     let magic = crate::magic::classify(&head);
     match magic {
         crate::magic::Magic::Tar | crate::magic::Magic::EmptyTar => {}
-        m if m.is_compressed() => return Err(Error::bad_data(format!(
+        m if m.is_compressed() => {
+            return Err(Error::bad_data(format!(
             "layer {layer}: rule compressed: the layer is {}-compressed; thinimg reads uncompressed tar layers only",
             m.name()
-        ))),
+        )))
+        }
         crate::magic::Magic::TooShort if head.is_empty() => {
             return Err(Error::bad_data(format!("layer {layer}: rule not-tar: the layer is empty (0 bytes)")))
         }

@@ -424,6 +424,6 @@ mod tests {
         h.update(format!("sha256:{a} sha256:{b}"));
         assert_eq!(ids[1], hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
-        assert_eq!(chain_ids(&[a.clone()])[0], ids[0]);
+        assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
     }
 }
