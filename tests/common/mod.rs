@@ -20,6 +20,9 @@ pub struct S3Server {
     pub endpoint: String,
     pub dir: PathBuf,
     pid: u32,
+    /// weed's master and filer ports (for `weed shell`).
+    master: u16,
+    filer: u16,
 }
 
 impl Drop for S3Server {
@@ -77,6 +80,11 @@ fn free_port_pair(taken: &mut Vec<u16>) -> u16 {
 impl S3Server {
     /// Start a fresh server (killed when dropped, and when this process dies).
     pub fn start() -> S3Server {
+        S3Server::start_with(&[])
+    }
+
+    /// Start a fresh server with extra `weed mini` arguments.
+    pub fn start_with(extra: &[&str]) -> S3Server {
         let weed = find_weed();
         let dir = tempdir("weed");
         std::fs::create_dir_all(dir.join("data")).unwrap();
@@ -108,6 +116,7 @@ impl S3Server {
             .arg(format!("-admin.port.grpc={}", admin + 10000))
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
             .args(["-bucket=pub,priv", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -124,7 +133,7 @@ impl S3Server {
             });
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
-        let srv = S3Server { endpoint: format!("http://127.0.0.1:{s3}"), dir, pid: child.id() };
+        let srv = S3Server { endpoint: format!("http://127.0.0.1:{s3}"), dir, pid: child.id(), master, filer };
         std::mem::forget(child);
         let t0 = Instant::now();
         loop {
@@ -159,6 +168,32 @@ impl S3Server {
             });
             rx.recv().expect("S3 server thread died while starting")
         })
+    }
+
+    /// Run `weed shell` commands against this server; panics on failure.
+    pub fn shell(&self, script: &str) -> String {
+        let mut child = Command::new(find_weed())
+            .arg("shell")
+            .arg(format!("-master=127.0.0.1:{}", self.master))
+            .arg(format!("-filer=127.0.0.1:{}", self.filer))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting weed shell");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let out = child.wait_with_output().expect("weed shell");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && !text.contains("error"), "weed shell failed:\n{script}\n{text}");
+        text
+    }
+
+    /// Stop the server (SIGKILL), keeping its data dir until drop.
+    pub fn stop(&self) {
+        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+        }
     }
 
     pub fn url(&self, bucket: &str, key: &str) -> String {
