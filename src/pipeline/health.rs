@@ -128,7 +128,11 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {
             Ok(v) => out.push(check("device-mapper", Level::Ok, format!("interface {}.{}.{}", v[0], v[1], v[2]), None)),
-            Err(e) => out.push(check("device-mapper", Level::Fail, e.full_message(), Some("run as root; load dm-mod"))),
+            Err(e) => {
+                let advice =
+                    if e.kind() == crate::error::Kind::NoPerm { "run as root" } else { crate::dm::MODPROBE_ADVICE };
+                out.push(check("device-mapper", Level::Fail, e.full_message(), Some(advice)))
+            }
         }
     } else {
         out.push(check(

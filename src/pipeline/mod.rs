@@ -122,7 +122,17 @@ impl Env {
     /// fails is recorded as failed and reported; only host-fatal errors and
     /// interruptions stop the current invocation.
     pub fn resume_all(&mut self) -> Result<()> {
+        let mut kernel: Option<Result<()>> = None;
         for (id, kind, subject, _) in journal::unfinished(&self.db.conn)? {
+            // Without device-mapper a kernel run cannot progress: leave it
+            // for a later invocation instead of failing it (or making this
+            // command, maybe about another subject, pay for it).
+            if needs_kernel(&kind) {
+                if let Err(e) = kernel.get_or_insert_with(require_kernel) {
+                    log::info!("run {id} ({kind} {subject}) waits for device-mapper: {}", e.message());
+                    continue;
+                }
+            }
             log::info!("resuming run {id} ({kind} {subject})");
             match self.drive_existing(id) {
                 Ok(_) => {}
@@ -135,6 +145,9 @@ impl Env {
 
     /// Start (or join the active) run for the spec and drive it to the end.
     pub fn run(&mut self, spec: &RunSpec) -> Result<(RunId, Outcome)> {
+        if needs_kernel(&spec.kind) {
+            require_kernel()?;
+        }
         let (id, _) = journal::start(&mut self.db.conn, spec)?;
         let out = self.drive_existing(id)?;
         Ok((id, out))
@@ -150,6 +163,17 @@ impl Env {
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
     }
+}
+
+/// Run kinds whose steps need device-mapper.
+fn needs_kernel(kind: &str) -> bool {
+    matches!(kind, "pull" | "activate" | "deactivate")
+}
+
+/// Fail fast, before any run is started, on a host without device-mapper:
+/// HostFatal (71) with the modprobe advice, no retries, no failed runs.
+pub fn require_kernel() -> Result<()> {
+    crate::dm::Dm::open().map(|_| ())
 }
 
 fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + 'a>> {
