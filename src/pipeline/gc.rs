@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::{mount, Ctx};
 use crate::error::Result;
+use crate::ops::fault;
 use crate::store::images as q;
 
 #[derive(Debug, Default, Serialize)]
@@ -88,20 +89,27 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 if dry_run {
                     continue;
                 }
+                // The chain stops being ready (its row goes) in the same
+                // transaction that marks its thin device for deletion: a
+                // crash after the kernel's delete can never leave a ready
+                // chain without a device for a pull to share.
+                let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(conn, t, "deleting")?;
+                    q::set_thin_state(&tx, t, "deleting")?;
+                }
+                q::delete_chain(&tx, &c.chain_id)?;
+                tx.commit()?;
+                progressed = true;
+                if let Some(t) = c.thin_id {
+                    fault::point("gc:chain-forgotten");
                     if let Err(e) = dev.deactivate(&dev.build_name(t)).and_then(|_| dev.delete_thin(t)) {
+                        // The thin row stays in `deleting`: step 5 retries it.
                         rep.errors.push(e.full_message());
                         continue;
                     }
+                    fault::point("gc:thin-deleted");
+                    q::delete_thin_row(conn, t)?;
                 }
-                let tx = conn.transaction()?;
-                q::delete_chain(&tx, &c.chain_id)?;
-                if let Some(t) = c.thin_id {
-                    q::delete_thin_row(&tx, t)?;
-                }
-                tx.commit()?;
-                progressed = true;
             }
             if dry_run || !progressed {
                 break;

@@ -150,6 +150,55 @@ pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, si
     Ok(id)
 }
 
+/// The pool's transaction id as the database recorded it, and the next
+/// value an interrupted bump was about to set (see `devices::Devices::open`).
+pub fn transaction_ids(conn: &Connection) -> Result<(Option<u64>, Option<u64>)> {
+    let get = |k: &str| -> Result<Option<u64>> {
+        let v: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()?;
+        v.map(|v| v.parse::<u64>().map_err(|_| Error::software(format!("meta {k} = {v:?} is not a number"))))
+            .transpose()
+    };
+    Ok((get("pool_transaction_id")?, get("pool_transaction_next")?))
+}
+
+/// Record that the pool's transaction id is about to become `next`.
+pub fn set_transaction_next(conn: &Connection, next: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('pool_transaction_next', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [next.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Record the pool's current transaction id (and drop any pending bump).
+pub fn set_transaction_id(conn: &Connection, id: u64) -> Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('pool_transaction_id', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [id.to_string()],
+    )?;
+    tx.execute("DELETE FROM meta WHERE key = 'pool_transaction_next'", [])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Forget the recorded transaction id (the pool itself is gone).
+pub fn forget_transaction_id(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next')", [])?;
+    Ok(())
+}
+
+/// Whether thin device `id` is recorded and `ready` (fully created and not
+/// being deleted): only such a device may be shared or snapshotted.
+pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
+    let st: Option<String> =
+        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?;
+    Ok(st.as_deref() == Some("ready"))
+}
+
 /// Number of thin devices the database knows (any state).
 pub fn thin_count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
@@ -191,6 +240,21 @@ mod tests {
         assert_eq!(load(&db.conn).unwrap().unwrap().1, PoolState::Ready);
         forget(&db.conn).unwrap();
         assert!(load(&db.conn).unwrap().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn transaction_ids_roundtrip() {
+        let d = tmpdir("txn");
+        let db = Db::open(&d).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (None, None));
+        set_transaction_id(&db.conn, 4).unwrap();
+        set_transaction_next(&db.conn, 5).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (Some(4), Some(5)));
+        set_transaction_id(&db.conn, 5).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (Some(5), None));
+        forget_transaction_id(&db.conn).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (None, None));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
