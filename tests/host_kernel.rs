@@ -125,3 +125,99 @@ fn an_interrupted_kernel_run_does_not_make_other_commands_pay() {
     assert_eq!(states, vec!["active", "active"]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+fn plain(state: &Path, cwd: &Path, args: &[&str]) -> Out {
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_thinimg"))
+        .args(args)
+        .current_dir(cwd)
+        .env("THINIMG_STATE_DIR", state)
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        .env("THINIMG_BUCKET", "b")
+        .env_remove("THINIMG_FAULT")
+        .env_remove("THINIMG_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: t0.elapsed(),
+    }
+}
+
+/// Issue 10 item 17: `--jobs` has one range, 1..=256, for every command.
+#[test]
+fn jobs_has_one_range_everywhere() {
+    let d = tempdir("jobs");
+    let state = d.join("state");
+    std::fs::write(d.join("l.tar"), [0u8; 1024]).unwrap();
+    for (args, want) in [
+        (&["pull", "node", "--jobs", "1000"][..], 64),
+        (&["pull", "node", "--jobs", "0"], 64),
+        (&["unpack", "--dest", "out", "--jobs", "257", "l.tar"], 64),
+        (&["unpack", "--dest", "out", "--jobs", "0", "l.tar"], 64),
+        (&["sync", "node", "--jobs", "100000"], 64),
+    ] {
+        let r = plain(&state, &d, args);
+        assert_eq!(r.code, want, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("--jobs"), "{args:?}: {}", r.stderr);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Issue 10 item 17: as root, a state dir others can write, or that
+/// another user owns, is refused before anything in it is trusted.
+#[test]
+fn root_refuses_a_state_dir_others_control() {
+    need_root();
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempdir("modes");
+    let state = d.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    for mode in [0o777, 0o775, 0o757] {
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(mode)).unwrap();
+        let r = plain(&state, &d, &["gc", "--dry-run"]);
+        assert_eq!(r.code, 77, "mode {mode:o}: {}", r.stderr);
+        assert!(r.stderr.contains("writable by group or others"), "{}", r.stderr);
+        assert!(!state.join("state.db").exists(), "a refused state dir was written to");
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let r = plain(&state, &d, &["gc", "--dry-run"]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("owned by uid 65534"), "{}", r.stderr);
+    nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    let r = plain(&state, &d, &["gc", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Issue 10 item 17: a lock file planted as a symlink is never followed.
+#[test]
+fn a_symlinked_lock_file_is_refused_and_its_target_untouched() {
+    let d = tempdir("locksym");
+    let state = d.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(d.join("victim"), "precious").unwrap();
+    std::os::unix::fs::symlink(d.join("victim"), state.join("lock")).unwrap();
+    let r = plain(&state, &d, &["gc", "--dry-run"]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("symlink"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(d.join("victim")).unwrap(), "precious");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Issue 10 item 17: a relative --state-dir/--run-dir is made absolute at
+/// parse time, so nothing relative is ever recorded.
+#[test]
+fn relative_state_and_run_dirs_become_absolute() {
+    let thinimg::cli::Parsed::Run(inv) =
+        thinimg::cli::parse(["--state-dir", "rel/st", "--run-dir", "./run", "runs"]).unwrap()
+    else {
+        panic!("not a run")
+    };
+    let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+    assert_eq!(inv.state_dir(), cwd.join("rel/st"));
+    assert_eq!(inv.run_dir(), cwd.join("run"));
+}

@@ -191,7 +191,7 @@ pub static EXTRACT: &[Flag] = &[
         env: None,
         config: true,
         default: None,
-        help: "File-writer threads per unpack (default: number of CPUs).",
+        help: "File-writer threads per unpack, 1 to 256 (default: number of CPUs).",
     },
     Flag {
         long: "max-entries",

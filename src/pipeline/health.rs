@@ -452,7 +452,29 @@ pub fn write_metrics(
     ));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A fresh file only: never follow or reuse whatever sits at the
+        // predictable temp name (a planted symlink would be written through).
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A leftover of an earlier process with our pid: unlink it
+                // (unlink never follows) and create afresh, once.
+                std::fs::remove_file(&tmp)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&tmp)?
+            }
+            r => r?,
+        };
         f.write_all(m.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

@@ -49,11 +49,7 @@ impl Opts {
             device_size,
             extract: crate::extract::Options {
                 limits: crate::extract::Limits::from_invocation(inv)?,
-                jobs: match inv.u64_opt("jobs")? {
-                    Some(0) => return Err(Error::usage("--jobs must be at least 1")),
-                    Some(n) => n as usize,
-                    None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-                },
+                jobs: crate::extract::Options::from_invocation(inv)?.jobs,
             },
             download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
             max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
@@ -99,6 +95,7 @@ pub struct Env {
 impl Env {
     pub fn open(inv: &Invocation) -> Result<Env> {
         let state_dir = inv.state_dir();
+        crate::ops::lock::check_state_dir_modes(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         // Signals first: a SIGINT while queued behind another instance
