@@ -221,3 +221,30 @@ fn relative_state_and_run_dirs_become_absolute() {
     assert_eq!(inv.state_dir(), cwd.join("rel/st"));
     assert_eq!(inv.run_dir(), cwd.join("run"));
 }
+
+/// Issue 11 item 7: `gc --dry-run` changes nothing in the kernel and works
+/// without device-mapper, whatever pool is recorded (a finished one that is
+/// not assembled, or an unfinished creation it must not "finish").
+#[test]
+fn gc_dry_run_never_creates_or_assembles_a_pool() {
+    need_root();
+    for state_kind in [thinimg::store::pool::PoolState::Ready, thinimg::store::pool::PoolState::Creating] {
+        let d = tempdir(&format!("gcdry-{state_kind:?}"));
+        let state = d.join("state");
+        {
+            let db = thinimg::store::Db::open(&state).unwrap();
+            let name = thinimg::pool::default_dm_name(&state).unwrap();
+            let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 1 << 30, 128).unwrap();
+            thinimg::store::pool::save(&db.conn, &spec, state_kind).unwrap();
+        }
+        for control in [Control::Missing, Control::NoDriver] {
+            let r = thinimg(&state, control, &["gc", "--dry-run"]);
+            assert_eq!(r.code, 0, "{state_kind:?} {control:?}: exit {}:\n{}", r.code, r.stderr);
+            assert!(r.took < Duration::from_secs(1), "{control:?}: took {:?}", r.took);
+        }
+        assert!(!state.join("pool").exists(), "{state_kind:?}: a dry run made pool files");
+        let db = thinimg::store::Db::open(&state).unwrap();
+        assert_eq!(thinimg::store::pool::load(&db.conn).unwrap().unwrap().1, state_kind);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -94,6 +94,14 @@ pub struct Env {
 
 impl Env {
     pub fn open(inv: &Invocation) -> Result<Env> {
+        let mut env = Env::open_without_resume(inv)?;
+        env.resume_all()?;
+        Ok(env)
+    }
+
+    /// The lock and the database, without resuming interrupted runs: for
+    /// commands that must not change anything (`gc --dry-run`).
+    pub fn open_without_resume(inv: &Invocation) -> Result<Env> {
         let state_dir = inv.state_dir();
         crate::ops::lock::check_state_dir_modes(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
@@ -110,9 +118,7 @@ impl Env {
             opts: Opts::from_invocation(inv)?,
             devices: None,
         };
-        let mut env = Env { db, ctx, policy: RetryPolicy::default(), _lock: lock };
-        env.resume_all()?;
-        Ok(env)
+        Ok(Env { db, ctx, policy: RetryPolicy::default(), _lock: lock })
     }
 
     /// Resume every run an earlier process left unfinished. A run that now

@@ -293,6 +293,18 @@ pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str
     )?)
 }
 
+/// Thin ids no chain and no activation owns (e.g. a failed deletion).
+pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
+    let mut st = c.prepare(
+        "SELECT thin_id FROM thin_devices t
+         WHERE NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = t.thin_id)
+           AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = t.thin_id)
+         ORDER BY thin_id",
+    )?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
 pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
     c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
     Ok(())
