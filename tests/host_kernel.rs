@@ -24,7 +24,7 @@ fn tempdir(tag: &str) -> PathBuf {
     p
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Control {
     /// No /dev/mapper/control (module not loaded).
     Missing,
@@ -247,4 +247,102 @@ fn gc_dry_run_never_creates_or_assembles_a_pool() {
         assert_eq!(thinimg::store::pool::load(&db.conn).unwrap().unwrap().1, state_kind);
         std::fs::remove_dir_all(&d).unwrap();
     }
+}
+
+fn record_loop_pool(state: &Path, st: thinimg::store::pool::PoolState, files: bool) -> thinimg::pool::PoolSpec {
+    let db = thinimg::store::Db::open(state).unwrap();
+    let name = thinimg::pool::default_dm_name(state).unwrap();
+    let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 64 << 20, 128).unwrap();
+    thinimg::store::pool::save(&db.conn, &spec, st).unwrap();
+    if files {
+        thinimg::pool::make_loop_files(&spec).unwrap();
+    }
+    spec
+}
+
+/// Issue 11 item 7: no accidental loop pool. One larger than the free
+/// space is refused before anything is recorded or made; configured
+/// devices that are not the recorded pool's are refused with 78 naming
+/// both, never silently ignored.
+#[test]
+fn loop_pools_fit_and_configured_devices_must_match_the_recorded_pool() {
+    need_root();
+    let d = tempdir("loopfit");
+    let state = d.join("state");
+    let r = thinimg(&state, Control::Missing, &["pool", "create", "--data-size", "1000T"]);
+    assert_eq!(r.code, 73, "{}", r.stderr);
+    assert!(r.stderr.contains("does not fit"), "{}", r.stderr);
+    let db = thinimg::store::Db::open(&state).unwrap();
+    assert!(thinimg::store::pool::load(&db.conn).unwrap().is_none(), "a refused pool was recorded");
+    assert!(!state.join("pool").exists(), "a refused pool made files");
+    drop(db);
+
+    // Without dm, a fitting pool is refused fast with 71, leaving nothing.
+    let r = thinimg(&state, Control::Missing, &["pool", "create", "--data-size", "64M"]);
+    assert_eq!(r.code, 71, "{}", r.stderr);
+    assert!(thinimg::store::pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_none());
+
+    for st in [thinimg::store::pool::PoolState::Ready, thinimg::store::pool::PoolState::Creating] {
+        let spec = record_loop_pool(&state, st, false);
+        std::fs::write(d.join("data"), "").unwrap();
+        std::fs::write(d.join("meta"), "").unwrap();
+        let (dd, md) = (d.join("data"), d.join("meta"));
+        let r = thinimg(
+            &state,
+            Control::Missing,
+            &["pool", "create", "--data-dev", dd.to_str().unwrap(), "--meta-dev", md.to_str().unwrap()],
+        );
+        assert_eq!(r.code, 78, "{st:?}: {}", r.stderr);
+        for want in [dd.to_str().unwrap(), spec.data_path.to_str().unwrap(), "pool destroy"] {
+            assert!(r.stderr.contains(want), "{st:?}: message lacks {want}:\n{}", r.stderr);
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Issue 11 item 7: `pool destroy` refuses while chains exist unless
+/// forced, changes nothing with --dry-run, and rolls back an unfinished
+/// creation (row and loop files), also without device-mapper.
+#[test]
+fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
+    need_root();
+    let d = tempdir("destroy");
+    let state = d.join("state");
+    let r = thinimg(&state, Control::Missing, &["pool", "destroy"]);
+    assert_eq!(r.code, 66, "no pool: {}", r.stderr);
+
+    let spec = record_loop_pool(&state, thinimg::store::pool::PoolState::Creating, true);
+    assert!(spec.data_path.exists() && spec.meta_path.exists());
+    {
+        let mut db = thinimg::store::Db::open(&state).unwrap();
+        let tx = db.conn.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO blobs (digest, size, state, created_at) VALUES (?1, 1, 'present', 0)",
+            ["b".repeat(64)],
+        )
+        .unwrap();
+        let id = thinimg::pipeline::devices::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
+        thinimg::store::images::insert_chain_building(&tx, &"c".repeat(64), None, &"b".repeat(64), 1, id).unwrap();
+        tx.commit().unwrap();
+    }
+    let r = thinimg(&state, Control::Missing, &["pool", "destroy"]);
+    assert_eq!(r.code, 75, "chains exist: {}", r.stderr);
+    assert!(r.stderr.contains("--force"), "{}", r.stderr);
+    let r = thinimg(&state, Control::Missing, &["pool", "destroy", "--force", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(spec.data_path.exists(), "a dry run removed files");
+    assert!(thinimg::store::pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_some());
+    for control in [Control::NoDriver, Control::Missing] {
+        let r = thinimg(&state, control, &["pool", "destroy", "--force"]);
+        if control == Control::NoDriver {
+            assert_eq!(r.code, 0, "{}", r.stderr);
+        } else {
+            assert_eq!(r.code, 66, "already destroyed: {}", r.stderr);
+        }
+    }
+    let db = thinimg::store::Db::open(&state).unwrap();
+    assert!(thinimg::store::pool::load(&db.conn).unwrap().is_none());
+    assert_eq!(thinimg::store::pool::thin_count(&db.conn).unwrap(), 0);
+    assert!(!spec.data_path.exists() && !spec.meta_path.exists(), "loop files left");
+    std::fs::remove_dir_all(&d).unwrap();
 }

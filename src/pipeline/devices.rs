@@ -142,8 +142,17 @@ impl Devices {
     pub fn open(inv: &Invocation, conn: &rusqlite::Connection) -> Result<Devices> {
         use crate::store::pool::{self as spool, PoolState};
         let (state_dir, run_dir) = (inv.state_dir(), inv.run_dir());
+        let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
+            (Some(d), Some(m)) => Some((d, m)),
+            (None, None) => None,
+            _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
+        };
         let _g = dm_lock();
-        let (pool, was_down) = match spool::load(conn)? {
+        let recorded = spool::load(conn)?;
+        if let Some((spec, _)) = &recorded {
+            crate::poolctl::check_configured_devices(spec, devices.as_ref())?;
+        }
+        let (pool, was_down) = match recorded {
             Some((spec, PoolState::Ready)) => match Pool::find(&spec, &run_dir)? {
                 Some(p) => (p, false),
                 None => {
@@ -153,11 +162,6 @@ impl Devices {
             },
             _ => {
                 // First use (or an interrupted creation): the default pool.
-                let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
-                    (Some(d), Some(m)) => Some((d, m)),
-                    (None, None) => None,
-                    _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
-                };
                 let req = crate::poolctl::CreateRequest {
                     devices,
                     data_size: inv.u64_or("data-size", 20 << 30)?,

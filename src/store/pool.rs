@@ -199,6 +199,31 @@ pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
     Ok(st.as_deref() == Some("ready"))
 }
 
+/// (chains, activations) recorded on the pool.
+pub fn dependents(conn: &Connection) -> Result<(u64, u64)> {
+    let c: i64 = conn.query_row("SELECT COUNT(*) FROM chains", [], |r| r.get(0))?;
+    let a: i64 = conn.query_row("SELECT COUNT(*) FROM activations", [], |r| r.get(0))?;
+    Ok((c as u64, a as u64))
+}
+
+/// Forget the pool and everything that lives in it, in one transaction:
+/// activations, images (their layers), chains, thin ids, the pool row and
+/// its transaction id. Blobs stay: they are not in the pool.
+pub fn destroy_rows(conn: &Connection) -> Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "DELETE FROM activations;
+         DELETE FROM image_layers;
+         DELETE FROM images;
+         DELETE FROM chains;
+         DELETE FROM thin_devices;
+         DELETE FROM pool;
+         DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next');",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Number of thin devices the database knows (any state).
 pub fn thin_count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
