@@ -91,7 +91,7 @@ _thinimg() {
                 if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
-                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
+                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool destroy"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
                     esac
                 fi ;;
         esac
@@ -112,6 +112,7 @@ _thinimg() {
         "runs") opts="--all $opts" ;;
         "unpack") opts="--dest --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "pool destroy") opts="--force --dry-run $opts" ;;
         "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "activate") opts="--name --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "deactivate") opts="--delete $opts" ;;
@@ -127,7 +128,7 @@ _thinimg() {
 
     if [[ -z $cmd ]]; then
         case "$words" in
-            "pool") mapfile -t COMPREPLY < <(compgen -W "create status" -- "$cur") ;;
+            "pool") mapfile -t COMPREPLY < <(compgen -W "create destroy status" -- "$cur") ;;
             "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur") ;;
         esac
         return

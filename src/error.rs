@@ -31,6 +31,9 @@ pub enum Kind {
     TempFail,
     /// Credentials rejected, access denied, or not running as root (EX_NOPERM, 77).
     NoPerm,
+    /// The configuration contradicts recorded state, e.g. pool devices that
+    /// are not the recorded pool's (EX_CONFIG, 78).
+    Config,
     /// Internal inconsistency: a bug or a database this version cannot read (EX_SOFTWARE, 70).
     Software,
     /// The host's storage is unsafe to touch: pool in needs_check, read-only or
@@ -56,6 +59,7 @@ impl Kind {
             Kind::Io => 74,
             Kind::TempFail => 75,
             Kind::NoPerm => 77,
+            Kind::Config => 78,
             Kind::Interrupted => 130,
             Kind::Terminated => 143,
         }
@@ -78,6 +82,7 @@ impl Kind {
             Kind::Io => "io",
             Kind::TempFail => "temp_fail",
             Kind::NoPerm => "no_perm",
+            Kind::Config => "config",
             Kind::Software => "software",
             Kind::HostFatal => "host_fatal",
             Kind::Interrupted => "interrupted",
@@ -90,7 +95,7 @@ impl Kind {
     }
 }
 
-pub const ALL_KINDS: [Kind; 12] = [
+pub const ALL_KINDS: [Kind; 13] = [
     Kind::Usage,
     Kind::BadData,
     Kind::NoSuchImage,
@@ -101,6 +106,7 @@ pub const ALL_KINDS: [Kind; 12] = [
     Kind::Io,
     Kind::TempFail,
     Kind::NoPerm,
+    Kind::Config,
     Kind::Interrupted,
     Kind::Terminated,
 ];
@@ -263,6 +269,7 @@ mod tests {
                 ("io", 74),
                 ("temp_fail", 75),
                 ("no_perm", 77),
+                ("config", 78),
                 ("interrupted", 130),
                 ("terminated", 143),
             ]

@@ -239,6 +239,32 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<(RunId, String, String, RunSt
     Ok(out)
 }
 
+/// Intents (run, step index, intent) whose JSON field `key` equals `value`,
+/// left on steps of runs that will never run again (failed or cancelled):
+/// work a dead attempt could not tear down, for a later run to finish.
+pub fn dead_intents(conn: &Connection, key: &str, value: &str) -> Result<Vec<(RunId, i64, Value)>> {
+    let mut st = conn.prepare(
+        "SELECT s.run_id, s.idx, s.intent FROM steps s JOIN runs r ON r.id = s.run_id
+         WHERE r.state IN ('failed', 'cancelled') AND s.intent IS NOT NULL
+           AND json_extract(s.intent, '$.' || ?1) = ?2",
+    )?;
+    let rows = st.query_map(params![key, value], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (run, idx, intent) = row?;
+        if let Some(v) = parse_intent(run, Some(intent))? {
+            out.push((run, idx, v));
+        }
+    }
+    Ok(out)
+}
+
+/// Drop a step's intent once its work was undone.
+pub fn clear_intent(conn: &Connection, run: RunId, idx: i64) -> Result<()> {
+    conn.execute("UPDATE steps SET intent = NULL WHERE run_id = ?1 AND idx = ?2", params![run, idx])?;
+    Ok(())
+}
+
 /// How a driven run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -423,6 +449,8 @@ fn abort_run(conn: &mut Connection, run: RunId, exec: &mut dyn Executor) -> Resu
                 completed: false,
             };
             exec.abort(&mut cx)?;
+            // Undone: nothing may find this intent and undo it again later.
+            clear_intent(conn, run, row.idx)?;
         }
     }
     conn.execute("UPDATE runs SET state = 'cancelled', updated_at = ?1 WHERE id = ?2", params![now(), run])?;
@@ -439,9 +467,17 @@ pub fn request_cancel(conn: &Connection, run: RunId) -> Result<RunState> {
             Ok(RunState::Cancelling)
         }
         RunState::Failed => {
-            // A failed run has no active work left; record the operator's decision.
-            conn.execute("UPDATE runs SET state = 'cancelled', updated_at = ?1 WHERE id = ?2", params![now(), run])?;
-            Ok(RunState::Cancelled)
+            // A failed step may keep work its teardown could not undo: the
+            // caller drives the run to abort it. If a newer run of the same
+            // subject is active, that run finishes the teardown instead.
+            let (kind, subject, _, _) = load_run(conn, run)?;
+            let newer = active_run(conn, &kind, &subject)?.is_some();
+            let to = if newer { RunState::Cancelled } else { RunState::Cancelling };
+            conn.execute(
+                "UPDATE runs SET state = ?1, updated_at = ?2 WHERE id = ?3",
+                params![to.as_str(), now(), run],
+            )?;
+            Ok(to)
         }
         other => Ok(other),
     }

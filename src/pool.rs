@@ -530,7 +530,7 @@ impl Pool {
             }
             Some(info) => {
                 // Created but never loaded (a crash between the two): finish.
-                load_and_resume(&dm, name, &pool_target(spec, &want))?;
+                load_and_resume(&dm, name, &pool_target(spec, &want)).map_err(|e| pool_load_error(&dm, e))?;
                 assembled_now = true;
                 info.dev
             }
@@ -539,7 +539,7 @@ impl Pool {
                 let dev = dm.create(name, None)?;
                 if let Err(e) = load_and_resume(&dm, name, &pool_target(spec, &want)) {
                     let _ = dm.remove(name);
-                    return Err(Error::from(e).context(format!(
+                    return Err(pool_load_error(&dm, e).context(format!(
                         "creating thin-pool {name} on {} / {}",
                         spec.meta_path.display(),
                         spec.data_path.display()
@@ -817,6 +817,20 @@ fn pool_params(spec: &PoolSpec, meta: DevId, data: DevId) -> String {
 
 fn pool_target(spec: &PoolSpec, params: &str) -> [Target; 1] {
     [Target { start: Sectors(0), length: spec.data_sectors, kind: "thin-pool".into(), params: params.to_string() }]
+}
+
+/// A failed thin-pool table load. EINVAL is also the kernel's answer for
+/// a target type it cannot load (dm-thin-pool missing): that is a host
+/// condition, told apart by asking which targets the kernel has.
+fn pool_load_error(dm: &Dm, e: dm::DmError) -> Error {
+    if e.errno() == Errno::EINVAL {
+        if let Ok(targets) = dm.target_versions() {
+            if !targets.iter().any(|(n, _)| n == "thin-pool") {
+                return dm::unavailable("the kernel has no thin-pool target").with_source(e);
+            }
+        }
+    }
+    Error::from(e)
 }
 
 fn load_and_resume(dm: &Dm, name: &DmName, t: &[Target]) -> dm::DmResult<()> {

@@ -295,6 +295,15 @@ where
             return Err(Error::usage(format!("--log-format must be text or json, not {fmt:?}")));
         }
     }
+    // State and run dirs are absolute from here on (canonical when they
+    // exist), so nothing relative to the caller's cwd is ever recorded.
+    for k in ["state-dir", "run-dir"] {
+        if let Some(v) = values.get(k) {
+            let abs = crate::ops::lock::absolute_dir(std::path::Path::new(v))
+                .map_err(|e| Error::usage(format!("--{k} {v:?}: {e}")))?;
+            values.insert(k, abs.to_string_lossy().into_owned());
+        }
+    }
     Ok(Parsed::Run(Invocation { command, args: words, values, switches }))
 }
 

@@ -191,7 +191,7 @@ pub static EXTRACT: &[Flag] = &[
         env: None,
         config: true,
         default: None,
-        help: "File-writer threads per unpack (default: number of CPUs).",
+        help: "File-writer threads per unpack, 1 to 256 (default: number of CPUs).",
     },
     Flag {
         long: "max-entries",
@@ -320,6 +320,8 @@ pub static DEST: &[Flag] = &[Flag {
 pub static DELETE: &[Flag] = &[sw("delete", None, "Also delete the thin device and forget the activation.")];
 pub static FORCE: &[Flag] = &[sw("force", Some('f'), "Also deactivate and delete the image's activations.")];
 pub static DRY_RUN: &[Flag] = &[sw("dry-run", Some('n'), "Report what would be removed; change nothing.")];
+pub static POOL_FORCE: &[Flag] =
+    &[sw("force", Some('f'), "Destroy the pool even though chains or activations exist (they are destroyed with it).")];
 pub static ALL_RUNS: &[Flag] = &[sw("all", Some('a'), "Include finished runs.")];
 pub static WATCH: &[Flag] = &[Flag {
     long: "watch",
@@ -423,6 +425,16 @@ pub static COMMANDS: &[Command] = &[
         summary: "Create the thin-pool on block devices or on loop files under the state dir.",
         description: "Creates and records the one thin-pool. With --data-dev and --meta-dev it uses those devices (refusing a foreign pool with data in it); otherwise sparse loop files of --data-size under the state dir (for development).",
         flags: &[POOL_SIZE],
+        writes: true,
+    },
+    Command {
+        name: "pool destroy",
+        args: "",
+        min_args: 0,
+        max_args: Some(0),
+        summary: "Remove the recorded thin-pool, or roll back its unfinished creation.",
+        description: "Removes the pool's dm devices and loop bindings, deletes a loop pool's files, and forgets the pool, its chains, images and activations (downloaded blobs stay). Refuses while chains or activations exist unless --force. Block devices are left as they are; wipe the metadata device before creating a pool on it again. Use it to get rid of a pool created by accident (e.g. a loop pool on a host meant to use --data-dev/--meta-dev).",
+        flags: &[POOL_FORCE, DRY_RUN],
         writes: true,
     },
     Command {
@@ -546,11 +558,12 @@ pub static EXIT_CODES: &[(u8, &str)] = &[
     (66, "no such image, layer or activation"),
     (69, "S3 unavailable (network, 5xx after retries)"),
     (70, "internal error"),
-    (71, "the pool is unsafe to use (needs_check, read-only, failed)"),
+    (71, "the host cannot run the pool: device-mapper or its thin-pool target is missing, the pool is unsafe (needs_check, read-only, failed), or the database and the pool diverged"),
     (73, "cannot create a device, file or directory"),
     (74, "I/O error"),
     (75, "temporary failure: another instance holds the lock, a device is busy, or the pool is short of space; retry later"),
     (77, "permission denied: credentials rejected, access denied, or not root"),
+    (78, "configuration conflict: the configured pool devices are not the recorded pool's"),
     (130, "interrupted by SIGINT"),
     (143, "terminated by SIGTERM"),
 ];

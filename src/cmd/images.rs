@@ -207,8 +207,9 @@ pub fn activations(inv: &Invocation) -> Result<u8> {
 }
 
 pub fn gc(inv: &Invocation) -> Result<u8> {
-    let mut env = Env::open(inv)?;
     let dry = inv.flag("dry-run");
+    // A dry run changes nothing: not even interrupted runs are resumed.
+    let mut env = if dry { Env::open_without_resume(inv)? } else { Env::open(inv)? };
     let Env { db, ctx, .. } = &mut env;
     let rep = gc::run(ctx, &mut db.conn, dry)?;
     if inv.json() {

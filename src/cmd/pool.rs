@@ -1,4 +1,4 @@
-//! `thinimg pool create` and `thinimg pool status`: parse flags, call
+//! `thinimg pool create`, `pool status` and `pool destroy`: parse flags, call
 //! `poolctl`/`pool`, print.
 
 use crate::cli::Invocation;
@@ -24,6 +24,35 @@ pub fn create(inv: &Invocation) -> Result<u8> {
     let (pool, existed) = poolctl::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
     let status = pool.status()?;
     print(inv, &pool, Some(&status), &env.db, if existed { "exists" } else { "created" })?;
+    Ok(0)
+}
+
+pub fn destroy(inv: &Invocation) -> Result<u8> {
+    let dry = inv.flag("dry-run");
+    let env = if dry { crate::pipeline::Env::open_without_resume(inv)? } else { crate::pipeline::Env::open(inv)? };
+    let d = poolctl::destroy(&env.db.conn, &env.ctx.run_dir, inv.flag("force"), dry)?;
+    if inv.json() {
+        output::json(&d)?;
+    } else if !inv.flag("quiet") {
+        let verb = if dry { "would destroy" } else { "destroyed" };
+        println!(
+            "{verb} {} thin-pool {} ({:?}) with {} chain(s) and {} activation(s){}",
+            d.kind.as_str(),
+            d.dm_name,
+            d.state,
+            d.chains,
+            d.activations,
+            if d.removed_files.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} {}",
+                    if dry { "would remove" } else { "removed" },
+                    d.removed_files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                )
+            }
+        );
+    }
     Ok(0)
 }
 

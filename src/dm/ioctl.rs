@@ -105,6 +105,7 @@ pub enum Cmd {
     DevStatus = 7,
     TableLoad = 9,
     TableStatus = 12,
+    ListVersions = 13,
     TargetMsg = 14,
 }
 
@@ -119,6 +120,7 @@ impl Cmd {
     pub fn version(self) -> [u32; 3] {
         match self {
             Cmd::TargetMsg => [4, 2, 0],
+            Cmd::ListVersions => [4, 1, 0],
             _ => [4, 0, 0],
         }
     }
@@ -133,6 +135,7 @@ impl Cmd {
             Cmd::DevStatus => "DM_DEV_STATUS",
             Cmd::TableLoad => "DM_TABLE_LOAD",
             Cmd::TableStatus => "DM_TABLE_STATUS",
+            Cmd::ListVersions => "DM_LIST_VERSIONS",
             Cmd::TargetMsg => "DM_TARGET_MSG",
         }
     }
@@ -399,6 +402,7 @@ mod tests {
         assert_eq!(Cmd::DevStatus.request(), 0xc138fd07);
         assert_eq!(Cmd::TableLoad.request(), 0xc138fd09);
         assert_eq!(Cmd::TableStatus.request(), 0xc138fd0c);
+        assert_eq!(Cmd::ListVersions.request(), 0xc138fd0d);
         assert_eq!(Cmd::TargetMsg.request(), 0xc138fd0e);
     }
 

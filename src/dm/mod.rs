@@ -212,19 +212,30 @@ pub struct Dm {
 
 pub const CONTROL: &str = "/dev/mapper/control";
 
+/// What an operator does about a host without (working) device-mapper.
+pub const MODPROBE_ADVICE: &str =
+    "load the driver with `modprobe dm-mod dm-thin-pool` (the kernel needs CONFIG_DM_THIN_PROVISIONING)";
+
+/// The host lacks device-mapper or its thin-pool target: HostFatal (71),
+/// never retried, with the modprobe advice.
+pub fn unavailable(what: &str) -> Error {
+    Error::new(Kind::HostFatal, format!("device-mapper is not available on this host ({what}); {MODPROBE_ADVICE}"))
+}
+
 impl Dm {
     pub fn open() -> Result<Dm> {
         Dm::open_at(Path::new(CONTROL))
     }
 
+    /// Open the control node. A node that is missing, or whose driver is
+    /// absent (ENODEV/ENXIO), is a host condition (HostFatal, exit 71): no
+    /// retry can fix it, an operator must load the driver.
     pub fn open_at(path: &Path) -> Result<Dm> {
-        let ctl = OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                " (is the dm-mod module loaded? `modprobe dm-thin-pool`)"
-            } else {
-                ""
-            };
-            Error::io(format!("opening {}{hint}", path.display()), e)
+        let ctl = OpenOptions::new().read(true).write(true).open(path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                unavailable(&format!("opening {}", path.display())).with_source(e)
+            }
+            _ => Error::io(format!("opening {}", path.display()), e),
         })?;
         Ok(Dm { ctl })
     }
@@ -236,6 +247,12 @@ impl Dm {
     /// The kernel's dm interface version.
     pub fn version(&self) -> DmResult<[u32; 3]> {
         Ok(self.call(Cmd::Version, "version", "", &Request::default())?.version)
+    }
+
+    /// Target types the kernel has loaded, with their versions.
+    pub fn target_versions(&self) -> DmResult<Vec<(String, [u32; 3])>> {
+        let r = self.call(Cmd::ListVersions, "list versions", "", &Request::default())?;
+        Ok(parse_versions(&r.data))
     }
 
     /// All dm devices: (name, dev).
@@ -419,6 +436,23 @@ pub fn parse_name_list(data: &[u8]) -> Vec<(String, DevId)> {
     out
 }
 
+/// DM_LIST_VERSIONS reply: `struct dm_target_versions { u32 next; u32
+/// version[3]; char name[]; }`, `next` relative to the current entry, 0 ends.
+pub fn parse_versions(data: &[u8]) -> Vec<(String, [u32; 3])> {
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + 16 < data.len() {
+        let next = ioctl::get_u32(data, off) as usize;
+        let v = [ioctl::get_u32(data, off + 4), ioctl::get_u32(data, off + 8), ioctl::get_u32(data, off + 12)];
+        out.push((ioctl::cstr(&data[off + 16..]), v));
+        if next == 0 {
+            break;
+        }
+        off += next;
+    }
+    out
+}
+
 /// A block device node for `dev` at `<run_dir>/dev/<name>`, made with mknod
 /// (nothing else creates nodes without udev). An existing node with the
 /// right number is kept; a wrong one is replaced.
@@ -500,6 +534,55 @@ mod udev {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A missing control node and a node whose driver is absent are one
+    /// host condition: HostFatal (71) with the modprobe advice, not I/O.
+    #[test]
+    fn missing_or_driverless_control_node_is_host_fatal() {
+        let d = std::env::temp_dir().join(format!("thinimg-dm-open-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let e = Dm::open_at(&d.join("absent")).err().expect("a missing node must fail");
+        assert_eq!(e.kind(), Kind::HostFatal, "{e:?}");
+        assert!(e.full_message().contains("modprobe dm-mod dm-thin-pool"), "{e:?}");
+        // Char major 0 has no driver on any kernel: open gives ENXIO/ENODEV.
+        if nix::unistd::geteuid().is_root() {
+            let node = d.join("nodriver");
+            nix::sys::stat::mknod(
+                &node,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                0,
+            )
+            .unwrap();
+            let e = Dm::open_at(&node).err().expect("a node without a driver must fail");
+            assert_eq!(e.kind(), Kind::HostFatal, "{e:?}");
+            assert!(e.full_message().contains("modprobe dm-mod dm-thin-pool"), "{e:?}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn target_versions_are_parsed() {
+        let mut b = Vec::new();
+        for (i, (name, v)) in [("thin-pool", [1u32, 23, 0]), ("linear", [1, 4, 0])].iter().enumerate() {
+            let mut e = Vec::new();
+            let mut n = name.as_bytes().to_vec();
+            n.push(0);
+            while (16 + n.len()) % 8 != 0 {
+                n.push(0);
+            }
+            let next = if i == 1 { 0 } else { (16 + n.len()) as u32 };
+            e.extend_from_slice(&next.to_ne_bytes());
+            for x in v {
+                e.extend_from_slice(&x.to_ne_bytes());
+            }
+            e.extend_from_slice(&n);
+            b.extend_from_slice(&e);
+        }
+        let got = parse_versions(&b);
+        assert_eq!(got, vec![("thin-pool".to_string(), [1, 23, 0]), ("linear".to_string(), [1, 4, 0])]);
+        assert!(parse_versions(&[]).is_empty());
+    }
 
     #[test]
     fn names_are_checked() {

@@ -92,9 +92,10 @@ impl Default for Options {
 
 impl Options {
     pub fn from_invocation(inv: &crate::cli::Invocation) -> Result<Options> {
+        // One range everywhere (unpack and the pipeline): 1..=256.
         let jobs = match inv.u64_opt("jobs")? {
-            Some(0) => return Err(Error::usage("--jobs must be at least 1")),
-            Some(n) => usize::try_from(n.min(256)).unwrap_or(256),
+            Some(n @ 1..=256) => n as usize,
+            Some(n) => return Err(Error::usage(format!("--jobs {n}: must be between 1 and 256"))),
             None => default_jobs(),
         };
         Ok(Options { limits: Limits::from_invocation(inv)?, jobs })
@@ -102,7 +103,7 @@ impl Options {
 }
 
 pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(256)
 }
 
 /// What applying one layer did.

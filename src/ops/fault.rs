@@ -2,8 +2,9 @@
 //! SIGKILL itself when it reaches POINT, exactly as `kill -9` would (no
 //! destructors, no flushing). `THINIMG_FAULT_SKIP=N` lets the first N hits
 //! pass. POINT is matched against `before:STEP`, `after:STEP` and named
-//! points inside steps; a trailing `*` matches a prefix. Unset, this costs
-//! one environment lookup per process.
+//! points inside steps; a trailing `*` matches a prefix.
+//! `THINIMG_FAULT=fail:POINT` instead makes a [`fail`] point return an error.
+//! Unset, this costs one environment lookup per process.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -43,6 +44,19 @@ pub fn point(name: &str) {
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
     std::process::abort();
+}
+
+/// Declare a point that can be made to FAIL (not die): with
+/// `THINIMG_FAULT=fail:PATTERN` matching `name`, it returns an I/O error,
+/// so tests can make a cleanup path fail the way a busy mount would.
+pub fn fail(name: &str) -> crate::error::Result<()> {
+    let Some((pat, _)) = spec() else { return Ok(()) };
+    match pat.strip_prefix("fail:") {
+        Some(p) if matches(p, name) => {
+            Err(crate::error::Error::new(crate::error::Kind::Io, format!("THINIMG_FAULT: injected failure at {name}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,11 @@ impl Activate<'_> {
         let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
         let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
         let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
+        if chain.state != "ready" || !crate::store::pool::thin_ready(cx.conn, origin)? {
+            return Err(Error::software(format!(
+                "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
+            )));
+        }
         let size = thin_size(cx.conn, origin)?;
         let dev = self.ctx.devices(cx.conn)?;
         dev.check_usable()?;
@@ -230,7 +235,12 @@ pub fn info(ctx: &Ctx, conn: &rusqlite::Connection, name: &str) -> Result<Option
     info_for(&ctx.state_dir, &ctx.run_dir, conn, name)
 }
 
-/// Read-only: needs no pool, only the directories and the database.
+/// Read-only: needs no pool and no device-mapper access, only the
+/// database, the run directory and sysfs. The dm name comes from the pool
+/// the database recorded (not from where the state dir is now), and the
+/// node is reported only when the kernel agrees: its dev_t is a dm device
+/// (`/sys/dev/block/M:m/dm/name`) of exactly that name. A stale node, or
+/// one whose minor was reused by another device, is not an answer.
 pub fn info_for(
     state_dir: &std::path::Path,
     run_dir: &std::path::Path,
@@ -238,10 +248,17 @@ pub fn info_for(
     name: &str,
 ) -> Result<Option<ActivationInfo>> {
     let Some(a) = q::activation(conn, name)? else { return Ok(None) };
-    let dm_name = super::devices::activation_name_for(state_dir, name);
+    let dm_name = match super::devices::recorded_prefix(conn)? {
+        Some(prefix) => format!("{prefix}a-{name}"),
+        None => super::devices::activation_name_for(state_dir, name),
+    };
     let path = super::devices::node_path(run_dir, &dm_name);
     let (major, minor) = match super::devices::node_numbers(&path) {
-        Some((ma, mi)) if a.state == "active" => (Some(ma), Some(mi)),
+        Some((ma, mi))
+            if a.state == "active" && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
+        {
+            (Some(ma), Some(mi))
+        }
         _ => (None, None),
     };
     let size = thin_size(conn, a.thin_id).unwrap_or(0) * 512;
@@ -252,6 +269,8 @@ pub fn info_for(
         thin_id: a.thin_id,
         dm_name,
         path: path.display().to_string(),
+        // devtmpfs names every dm device dm-<minor>; only a verified dm
+        // device gets that path.
         dev_path: minor.map(|m| format!("/dev/dm-{m}")),
         major,
         minor,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::Invocation;
 use crate::dm::{DmName, Sectors, ThinId};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::pool::{Created, Pool};
 
 /// Device-mapper calls of all threads of this process go one at a time:
@@ -57,6 +57,13 @@ pub fn node_numbers(p: &Path) -> Option<(u32, u32)> {
     Some((libc::major(rdev), libc::minor(rdev)))
 }
 
+/// The dm name of block device `major:minor` as the kernel reports it in
+/// sysfs, or `None` when it is not a dm device (or not there at all).
+pub fn dm_name_of(major: u32, minor: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/dm/name")).ok()?;
+    Some(s.trim_end_matches('\n').to_string())
+}
+
 /// Reserve a thin id (row in state `creating`) inside the caller's transaction.
 pub fn alloc_thin_id(
     tx: &rusqlite::Connection,
@@ -78,14 +85,74 @@ fn thin(id: u32) -> Result<ThinId> {
     ThinId::new(u64::from(id))
 }
 
+/// EEXIST for a thin id the database just allocated as free.
+fn diverged(pool: &str, id: u32) -> Error {
+    Error::new(
+        Kind::HostFatal,
+        format!(
+            "thin id {id} already exists in thin-pool {pool}, but the database does not know it: the database and the \
+             pool have diverged (state.db restored from a backup?). Nothing was deleted; compare `thinimg pool status` \
+             with the pool (`dmsetup message {pool} 0 reserve_metadata_snap`, thin_dump) before going on"
+        ),
+    )
+}
+
+/// Keep the pool's transaction id in step with the database: compare it on
+/// every open, then bump it, so a database that is older than the pool (a
+/// restored backup) is caught before it hands out thin ids that are in use.
+/// The bump records its target first, so a crash between the kernel's
+/// change and the database's is recognized, not taken for a divergence.
+fn check_transaction_id(conn: &rusqlite::Connection, pool: &Pool) -> Result<()> {
+    use crate::store::pool as spool;
+    let crate::pool::PoolStatus::Active(u) = pool.status()? else {
+        return Ok(()); // Fail/Error: every use is refused by check_usable anyway
+    };
+    let k = u.transaction_id;
+    match spool::transaction_ids(conn)? {
+        (None, _) => log::info!("thin-pool {}: recording its transaction id {k}", pool.name()),
+        (Some(n), _) if n == k => {}
+        (Some(n), Some(next)) if next == n + 1 && k == next => {}
+        (Some(n), _) => {
+            return Err(Error::new(
+                Kind::HostFatal,
+                format!(
+                    "thin-pool {} has transaction id {k}, but the database recorded {n}: the database does not match \
+                     the pool (state.db restored from a backup, or the pool changed outside this state dir); refusing \
+                     to create or delete anything in it",
+                    pool.name()
+                ),
+            ));
+        }
+    }
+    let next = k + 1;
+    spool::set_transaction_next(conn, next)?;
+    pool.set_transaction_id(k, next)?;
+    spool::set_transaction_id(conn, next)
+}
+
+/// `thinimg-<tag>-` of the pool the database recorded (device names come
+/// from it, not from where the state dir is now), if one is recorded.
+pub fn recorded_prefix(conn: &rusqlite::Connection) -> Result<Option<String>> {
+    Ok(crate::store::pool::load(conn)?.map(|(spec, _)| spec.dm_name.as_str().trim_end_matches("pool").to_string()))
+}
+
 impl Devices {
     /// Assemble the recorded pool, or create the default loop pool when
     /// none is recorded yet.
     pub fn open(inv: &Invocation, conn: &rusqlite::Connection) -> Result<Devices> {
         use crate::store::pool::{self as spool, PoolState};
         let (state_dir, run_dir) = (inv.state_dir(), inv.run_dir());
+        let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
+            (Some(d), Some(m)) => Some((d, m)),
+            (None, None) => None,
+            _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
+        };
         let _g = dm_lock();
-        let (pool, was_down) = match spool::load(conn)? {
+        let recorded = spool::load(conn)?;
+        if let Some((spec, _)) = &recorded {
+            crate::poolctl::check_configured_devices(spec, devices.as_ref())?;
+        }
+        let (pool, was_down) = match recorded {
             Some((spec, PoolState::Ready)) => match Pool::find(&spec, &run_dir)? {
                 Some(p) => (p, false),
                 None => {
@@ -95,11 +162,6 @@ impl Devices {
             },
             _ => {
                 // First use (or an interrupted creation): the default pool.
-                let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
-                    (Some(d), Some(m)) => Some((d, m)),
-                    (None, None) => None,
-                    _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
-                };
                 let req = crate::poolctl::CreateRequest {
                     devices,
                     data_size: inv.u64_or("data-size", 20 << 30)?,
@@ -108,6 +170,7 @@ impl Devices {
                 (crate::poolctl::create(conn, &state_dir, &run_dir, &req)?.0, false)
             }
         };
+        check_transaction_id(conn, &pool)?;
         let prefix = pool.name().as_str().trim_end_matches("pool").to_string();
         drop(_g);
         let d = Devices { pool, prefix };
@@ -153,21 +216,31 @@ impl Devices {
         self.pool.check_usable().map(|_| ())
     }
 
+    /// A thin device whose status is `Fail` lost writes.
+    pub fn check_thin(&self, dm_name: &str) -> Result<()> {
+        let _g = dm_lock();
+        match self.pool.thin_status(&name(dm_name)?)? {
+            crate::pool::ThinStatus::Fail => Err(Error::new(
+                Kind::Io,
+                format!("thin device {dm_name} has failed (status Fail): its writes were lost"),
+            )),
+            crate::pool::ThinStatus::Active { .. } => Ok(()),
+        }
+    }
+
     pub fn ensure_space(&self, data_bytes: u64) -> Result<()> {
         let _g = dm_lock();
         self.pool.ensure_space(data_bytes)
     }
 
-    /// A fresh thin device. One that exists already under an id we just
-    /// allocated holds nothing we can trust: delete and create it again.
+    /// A fresh thin device under an id the database just allocated. The
+    /// pool having it already means the database and the pool diverged
+    /// (state.db restored from a backup, rows lost): that device may be a
+    /// live VM's disk, so it is never deleted; everything stops.
     pub fn create_thin(&self, id: u32) -> Result<()> {
         let _g = dm_lock();
         if self.pool.create_thin(thin(id)?)? == Created::Exists {
-            log::warn!("thin id {id} already existed in the pool; recreating it");
-            self.pool.delete_thin(thin(id)?)?;
-            if self.pool.create_thin(thin(id)?)? == Created::Exists {
-                return Err(Error::software(format!("thin id {id} exists again right after deletion")));
-            }
+            return Err(diverged(&self.pool_name(), id));
         }
         Ok(())
     }
@@ -182,11 +255,7 @@ impl Devices {
             .into_iter()
             .find(|n| matches!(self.pool.dm().try_info(n), Ok(Some(_))));
         if self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())? == Created::Exists {
-            log::warn!("thin id {id} already existed in the pool; recreating the snapshot");
-            self.pool.delete_thin(thin(id)?)?;
-            if self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())? == Created::Exists {
-                return Err(Error::software(format!("thin id {id} exists again right after deletion")));
-            }
+            return Err(diverged(&self.pool_name(), id));
         }
         Ok(())
     }

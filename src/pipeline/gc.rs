@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::{mount, Ctx};
 use crate::error::Result;
+use crate::ops::fault;
 use crate::store::images as q;
 
 #[derive(Debug, Default, Serialize)]
@@ -30,6 +31,42 @@ pub struct GcReport {
     pub errors: Vec<String>,
 }
 
+/// The kernel side of `gc --dry-run`: look, never change. The pool is
+/// only looked up (never created, assembled or its transaction id bumped),
+/// and without device-mapper, or with the pool not assembled, there is
+/// nothing in the kernel to compare.
+fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) -> Result<()> {
+    use crate::store::pool::{self as spool, PoolState};
+    let Some((spec, state)) = spool::load(conn)? else { return Ok(()) };
+    if state != PoolState::Ready {
+        return Ok(());
+    }
+    let pool = match crate::pool::Pool::find(&spec, &ctx.run_dir) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            log::info!("gc --dry-run: thin-pool {} is not assembled; nothing in the kernel to compare", spec.dm_name);
+            return Ok(());
+        }
+        Err(e) if e.kind() == crate::error::Kind::HostFatal => {
+            log::info!("gc --dry-run: {}; nothing in the kernel to compare", e.message());
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let prefix = pool.device_prefix();
+    let present: Vec<String> = pool.list_ours(&prefix)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
+    let acts = q::activations(conn)?;
+    let wanted: Vec<String> =
+        acts.iter().filter(|a| a.state == "active").map(|a| format!("{prefix}a-{}", a.name)).collect();
+    rep.unknown_devices = present.iter().filter(|n| !wanted.contains(n)).cloned().collect();
+    rep.missing_devices = acts
+        .iter()
+        .filter(|a| a.state == "active" && !present.contains(&format!("{prefix}a-{}", a.name)))
+        .map(|a| a.name.clone())
+        .collect();
+    Ok(())
+}
+
 pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Result<GcReport> {
     let mut rep = GcReport { dry_run, ..Default::default() };
 
@@ -44,7 +81,9 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
     }
 
     let has_pool = crate::store::pool::load(conn)?.is_some();
-    if has_pool {
+    if has_pool && dry_run {
+        dry_run_kernel(ctx, conn, &mut rep)?;
+    } else if has_pool {
         let dev = ctx.devices(conn)?;
         // 2. Kernel -> database: our-prefixed dm devices nothing accounts for.
         let acts = q::activations(conn)?;
@@ -56,10 +95,8 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             }
             // Build devices and deactivated activations: nothing should be open.
             rep.unknown_devices.push(name.clone());
-            if !dry_run {
-                if let Err(e) = dev.deactivate(&name) {
-                    rep.errors.push(e.full_message());
-                }
+            if let Err(e) = dev.deactivate(&name) {
+                rep.errors.push(e.full_message());
             }
         }
         // 3. Database -> kernel: active activations whose device is gone.
@@ -68,12 +105,10 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             let n = dev.activation_name(&a.name);
             if !present.contains(&n) {
                 rep.missing_devices.push(a.name.clone());
-                if !dry_run {
-                    let size = q::thin_size(conn, a.thin_id)?;
-                    match dev.activate(&n, a.thin_id, size) {
-                        Ok(_) => rep.reactivated.push(a.name.clone()),
-                        Err(e) => rep.errors.push(e.full_message()),
-                    }
+                let size = q::thin_size(conn, a.thin_id)?;
+                match dev.activate(&n, a.thin_id, size) {
+                    Ok(_) => rep.reactivated.push(a.name.clone()),
+                    Err(e) => rep.errors.push(e.full_message()),
                 }
             }
         }
@@ -85,46 +120,50 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                     continue;
                 }
                 rep.unused_chains.push(c.chain_id.clone());
-                if dry_run {
-                    continue;
-                }
+                // The chain stops being ready (its row goes) in the same
+                // transaction that marks its thin device for deletion: a
+                // crash after the kernel's delete can never leave a ready
+                // chain without a device for a pull to share.
+                let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(conn, t, "deleting")?;
+                    q::set_thin_state(&tx, t, "deleting")?;
+                }
+                q::delete_chain(&tx, &c.chain_id)?;
+                tx.commit()?;
+                progressed = true;
+                if let Some(t) = c.thin_id {
+                    fault::point("gc:chain-forgotten");
                     if let Err(e) = dev.deactivate(&dev.build_name(t)).and_then(|_| dev.delete_thin(t)) {
+                        // The thin row stays in `deleting`: step 5 retries it.
                         rep.errors.push(e.full_message());
                         continue;
                     }
+                    fault::point("gc:thin-deleted");
+                    q::delete_thin_row(conn, t)?;
                 }
-                let tx = conn.transaction()?;
-                q::delete_chain(&tx, &c.chain_id)?;
-                if let Some(t) = c.thin_id {
-                    q::delete_thin_row(&tx, t)?;
-                }
-                tx.commit()?;
-                progressed = true;
             }
-            if dry_run || !progressed {
+            if !progressed {
                 break;
             }
         }
         // 5. Thin rows no chain or activation owns (e.g. a failed deletion).
-        for t in q::thin_devices(conn)? {
-            let owned: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM chains WHERE thin_id = ?1) OR EXISTS (SELECT 1 FROM activations WHERE thin_id = ?1)",
-                [t.thin_id],
-                |r| r.get(0),
-            )?;
-            if owned {
-                continue;
-            }
-            rep.dead_thin_ids.push(t.thin_id);
-            if !dry_run {
-                match dev.delete_thin(t.thin_id) {
-                    Ok(()) => q::delete_thin_row(conn, t.thin_id)?,
-                    Err(e) => rep.errors.push(e.full_message()),
-                }
+        for t in q::unowned_thin_ids(conn)? {
+            rep.dead_thin_ids.push(t);
+            match dev.delete_thin(t) {
+                Ok(()) => q::delete_thin_row(conn, t)?,
+                Err(e) => rep.errors.push(e.full_message()),
             }
         }
+    }
+
+    if dry_run {
+        // Steps 4 and 5 from the database alone.
+        for c in q::unused_chains(conn)? {
+            if !q::has_children(conn, &c.chain_id)? {
+                rep.unused_chains.push(c.chain_id.clone());
+            }
+        }
+        rep.dead_thin_ids = q::unowned_thin_ids(conn)?;
     }
 
     // 6. Blobs no image layer references, and files the store does not know.

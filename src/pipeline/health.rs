@@ -128,7 +128,11 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {
             Ok(v) => out.push(check("device-mapper", Level::Ok, format!("interface {}.{}.{}", v[0], v[1], v[2]), None)),
-            Err(e) => out.push(check("device-mapper", Level::Fail, e.full_message(), Some("run as root; load dm-mod"))),
+            Err(e) => {
+                let advice =
+                    if e.kind() == crate::error::Kind::NoPerm { "run as root" } else { crate::dm::MODPROBE_ADVICE };
+                out.push(check("device-mapper", Level::Fail, e.full_message(), Some(advice)))
+            }
         }
     } else {
         out.push(check(
@@ -448,7 +452,29 @@ pub fn write_metrics(
     ));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A fresh file only: never follow or reuse whatever sits at the
+        // predictable temp name (a planted symlink would be written through).
+        let mut f = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // A leftover of an earlier process with our pid: unlink it
+                // (unlink never follows) and create afresh, once.
+                std::fs::remove_file(&tmp)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&tmp)?
+            }
+            r => r?,
+        };
         f.write_all(m.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

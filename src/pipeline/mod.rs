@@ -49,11 +49,7 @@ impl Opts {
             device_size,
             extract: crate::extract::Options {
                 limits: crate::extract::Limits::from_invocation(inv)?,
-                jobs: match inv.u64_opt("jobs")? {
-                    Some(0) => return Err(Error::usage("--jobs must be at least 1")),
-                    Some(n) => n as usize,
-                    None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-                },
+                jobs: crate::extract::Options::from_invocation(inv)?.jobs,
             },
             download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
             max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
@@ -98,7 +94,16 @@ pub struct Env {
 
 impl Env {
     pub fn open(inv: &Invocation) -> Result<Env> {
+        let mut env = Env::open_without_resume(inv)?;
+        env.resume_all()?;
+        Ok(env)
+    }
+
+    /// The lock and the database, without resuming interrupted runs: for
+    /// commands that must not change anything (`gc --dry-run`).
+    pub fn open_without_resume(inv: &Invocation) -> Result<Env> {
         let state_dir = inv.state_dir();
+        crate::ops::lock::check_state_dir_modes(&state_dir)?;
         std::fs::create_dir_all(&state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         // Signals first: a SIGINT while queued behind another instance
@@ -113,16 +118,24 @@ impl Env {
             opts: Opts::from_invocation(inv)?,
             devices: None,
         };
-        let mut env = Env { db, ctx, policy: RetryPolicy::default(), _lock: lock };
-        env.resume_all()?;
-        Ok(env)
+        Ok(Env { db, ctx, policy: RetryPolicy::default(), _lock: lock })
     }
 
     /// Resume every run an earlier process left unfinished. A run that now
     /// fails is recorded as failed and reported; only host-fatal errors and
     /// interruptions stop the current invocation.
     pub fn resume_all(&mut self) -> Result<()> {
+        let mut kernel: Option<Result<()>> = None;
         for (id, kind, subject, _) in journal::unfinished(&self.db.conn)? {
+            // Without device-mapper a kernel run cannot progress: leave it
+            // for a later invocation instead of failing it (or making this
+            // command, maybe about another subject, pay for it).
+            if needs_kernel(&kind) {
+                if let Err(e) = kernel.get_or_insert_with(require_kernel) {
+                    log::info!("run {id} ({kind} {subject}) waits for device-mapper: {}", e.message());
+                    continue;
+                }
+            }
             log::info!("resuming run {id} ({kind} {subject})");
             match self.drive_existing(id) {
                 Ok(_) => {}
@@ -135,6 +148,9 @@ impl Env {
 
     /// Start (or join the active) run for the spec and drive it to the end.
     pub fn run(&mut self, spec: &RunSpec) -> Result<(RunId, Outcome)> {
+        if needs_kernel(&spec.kind) {
+            require_kernel()?;
+        }
         let (id, _) = journal::start(&mut self.db.conn, spec)?;
         let out = self.drive_existing(id)?;
         Ok((id, out))
@@ -150,6 +166,17 @@ impl Env {
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
     }
+}
+
+/// Run kinds whose steps need device-mapper.
+fn needs_kernel(kind: &str) -> bool {
+    matches!(kind, "pull" | "activate" | "deactivate")
+}
+
+/// Fail fast, before any run is started, on a host without device-mapper:
+/// HostFatal (71) with the modprobe advice, no retries, no failed runs.
+pub fn require_kernel() -> Result<()> {
+    crate::dm::Dm::open().map(|_| ())
 }
 
 fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + 'a>> {

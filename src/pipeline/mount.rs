@@ -27,13 +27,54 @@ pub fn mount_ext4(dev: &Path, at: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("mounting {} on {}", dev.display(), at.display()), e.into()))
 }
 
-/// Flush and unmount; a path that is not mounted is fine.
+/// Flush a finished layer to its device and unmount it. A failed `syncfs`
+/// means writes were lost (writeback errors are reported here and nowhere
+/// later: `umount` and dm remove succeed regardless), so the layer must
+/// not be marked ready: the mount is still taken down, and the error
+/// returned.
+pub fn sync_and_unmount(at: &Path) -> Result<()> {
+    let synced = {
+        let f = std::fs::File::open(at).ctx(|| format!("opening {} to flush it", at.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs on a valid open fd; no memory is passed.
+        let r = unsafe { libc::syncfs(f.as_raw_fd()) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(Error::io(
+                format!("flushing the layer unpacked at {} (writes to the thin device were lost)", at.display()),
+                std::io::Error::last_os_error(),
+            ))
+        }
+    };
+    let unmounted = unmount(at);
+    synced?;
+    unmounted
+}
+
+/// Whether the ext4 superblock on `dev` records errors (s_state has
+/// EXT4_ERROR_FS, or s_error_count is non-zero): the filesystem saw a
+/// failed write or corruption while the layer was written.
+pub fn ext4_has_errors(dev: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dev).ctx(|| format!("opening {} to check its filesystem", dev.display()))?;
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024).ctx(|| format!("reading the ext4 superblock of {}", dev.display()))?;
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        return Err(Error::new(Kind::Io, format!("{} holds no ext4 superblock after unpacking", dev.display())));
+    }
+    let state = u16::from_le_bytes([sb[0x3A], sb[0x3B]]);
+    let errors = u32::from_le_bytes([sb[0x194], sb[0x195], sb[0x196], sb[0x197]]);
+    Ok(state & 0x0002 != 0 || errors != 0)
+}
+
+/// Unmount, flushing first; a path that is not mounted is fine. For
+/// teardown, where the content is discarded: a failed flush is ignored.
 pub fn unmount(at: &Path) -> Result<()> {
     if !is_mountpoint(at)? {
         let _ = std::fs::remove_dir(at);
         return Ok(());
     }
-    // syncfs through an fd on the mount so a later crash cannot lose the layer.
     if let Ok(f) = std::fs::File::open(at) {
         use std::os::fd::AsRawFd;
         // SAFETY: syncfs on a valid open fd; no memory is passed.

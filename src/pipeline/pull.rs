@@ -152,8 +152,35 @@ impl Pull<'_> {
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
 
+        // A building row whose owner is no longer running (its run failed
+        // or was cancelled after its teardown failed) is finished off here,
+        // so one bad attempt does not block this chain for every image.
+        if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == "building") {
+            for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
+                log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
+                let run_dir = self.ctx.run_dir.clone();
+                let dev = self.ctx.devices(cx.conn)?;
+                teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
+                crate::journal::clear_intent(cx.conn, run, idx)?;
+            }
+        }
+
         if let Some(c) = q::chain(cx.conn, chain_id)? {
             if c.state == "ready" {
+                let thin_ok = match c.thin_id {
+                    Some(t) => crate::store::pool::thin_ready(cx.conn, t)?,
+                    None => false,
+                };
+                if !thin_ok {
+                    return Err(Error::new(
+                        Kind::Software,
+                        format!(
+                            "chain {} is marked ready but its thin device {:?} is not; refusing to share it (run `thinimg gc`)",
+                            short(chain_id),
+                            c.thin_id
+                        ),
+                    ));
+                }
                 log::debug!("image {image}: layer {pos} ({}) shares chain {}", layer.key, short(chain_id));
                 let (img, cid) = (image.clone(), chain_id.clone());
                 return cx.complete(move |tx| {
@@ -174,7 +201,13 @@ impl Pull<'_> {
                 let pc = q::chain(cx.conn, p)?.filter(|c| c.state == "ready").ok_or_else(|| {
                     Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
                 })?;
-                Some(pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?)
+                let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
+                if !crate::store::pool::thin_ready(cx.conn, t)? {
+                    return Err(Error::software(format!(
+                        "image {image}: the thin device {t} of layer {pos}'s parent chain is not ready; refusing to snapshot it"
+                    )));
+                }
+                Some(t)
             }
         };
 
@@ -311,9 +344,26 @@ fn build(
         ));
     }
     fault::point("chain:unpacked");
+    fault::fail("build:unpacked")?;
     let created = mount::ensure_layout(&mnt)?;
     let missing = mount::missing_layout(&mnt);
-    mount::unmount(&mnt)?;
+    mount::sync_and_unmount(&mnt)?;
+    fault::point("chain:unmounted");
+    // Every write reached the pool: the filesystem recorded no error, the
+    // thin device did not fail, and the pool is not out of space, read-only
+    // or in needs_check. Otherwise the layer is not marked ready.
+    if mount::ext4_has_errors(&node)? {
+        return Err(Error::new(
+            Kind::Io,
+            format!(
+                "the filesystem of layer {key} recorded write errors (thin-pool {} full or failing?)",
+                dev.pool_name()
+            ),
+        ));
+    }
+    dev.check_thin(&dev.build_name(thin_id))?;
+    dev.check_usable()
+        .map_err(|e| e.context(format!("after writing layer {key}, the pool is not healthy; the layer is not kept")))?;
     dev.deactivate(&dev.build_name(thin_id))?;
     let mut v = serde_json::to_value(&report).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
@@ -367,14 +417,14 @@ pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent
     let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
         return Ok(());
     };
-    let ready: bool = conn
-        .query_row("SELECT state = 'ready' FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))
-        .unwrap_or(false);
-    if ready {
-        // Completed and committed: nothing of this attempt is half-done.
+    let cid = intent.get("chain_id").and_then(|v| v.as_str());
+    if !q::build_attempt_pending(conn, thin_id, cid)? {
+        // Completed and committed, or already torn down (its rows go last;
+        // the id may belong to another device by now): nothing to undo.
         return Ok(());
     }
     log::info!("cleaning up an interrupted build of thin device {thin_id}");
+    fault::fail("build:teardown")?;
     mount::unmount(&mount::mount_point(run_dir, thin_id))?;
     dev.deactivate(&dev.build_name(thin_id))?;
     dev.delete_thin(thin_id)?;

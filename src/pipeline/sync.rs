@@ -120,6 +120,9 @@ pub fn sync(env: &mut Env, refs: Vec<String>, unpack_jobs: usize, prune: bool) -
         }
     }
 
+    if !todo.is_empty() {
+        super::require_kernel()?;
+    }
     // Prefetch everything together: parallel, deduplicated downloads. A
     // failure here is only logged; each image's own pull reports it.
     let good: Vec<String> = todo.iter().map(|(_, r, _)| r.clone()).collect();

@@ -279,6 +279,32 @@ pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a build attempt's thin id (from its intent) is still that
+/// attempt's to undo: its row exists, is not `ready`, and no activation or
+/// other chain owns it (a finished teardown deleted the rows last, and the
+/// id may have been handed out again since).
+pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str>) -> Result<bool> {
+    Ok(c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready')
+            AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = ?1)
+            AND NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = ?1 AND chain_id IS NOT ?2)",
+        params![thin_id, chain_id],
+        |r| r.get(0),
+    )?)
+}
+
+/// Thin ids no chain and no activation owns (e.g. a failed deletion).
+pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
+    let mut st = c.prepare(
+        "SELECT thin_id FROM thin_devices t
+         WHERE NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = t.thin_id)
+           AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = t.thin_id)
+         ORDER BY thin_id",
+    )?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
 pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
     c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
     Ok(())

@@ -150,6 +150,80 @@ pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, si
     Ok(id)
 }
 
+/// The pool's transaction id as the database recorded it, and the next
+/// value an interrupted bump was about to set (see `devices::Devices::open`).
+pub fn transaction_ids(conn: &Connection) -> Result<(Option<u64>, Option<u64>)> {
+    let get = |k: &str| -> Result<Option<u64>> {
+        let v: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0)).optional()?;
+        v.map(|v| v.parse::<u64>().map_err(|_| Error::software(format!("meta {k} = {v:?} is not a number"))))
+            .transpose()
+    };
+    Ok((get("pool_transaction_id")?, get("pool_transaction_next")?))
+}
+
+/// Record that the pool's transaction id is about to become `next`.
+pub fn set_transaction_next(conn: &Connection, next: u64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('pool_transaction_next', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [next.to_string()],
+    )?;
+    Ok(())
+}
+
+/// Record the pool's current transaction id (and drop any pending bump).
+pub fn set_transaction_id(conn: &Connection, id: u64) -> Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('pool_transaction_id', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [id.to_string()],
+    )?;
+    tx.execute("DELETE FROM meta WHERE key = 'pool_transaction_next'", [])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Forget the recorded transaction id (the pool itself is gone).
+pub fn forget_transaction_id(conn: &Connection) -> Result<()> {
+    conn.execute("DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next')", [])?;
+    Ok(())
+}
+
+/// Whether thin device `id` is recorded and `ready` (fully created and not
+/// being deleted): only such a device may be shared or snapshotted.
+pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
+    let st: Option<String> =
+        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?;
+    Ok(st.as_deref() == Some("ready"))
+}
+
+/// (chains, activations) recorded on the pool.
+pub fn dependents(conn: &Connection) -> Result<(u64, u64)> {
+    let c: i64 = conn.query_row("SELECT COUNT(*) FROM chains", [], |r| r.get(0))?;
+    let a: i64 = conn.query_row("SELECT COUNT(*) FROM activations", [], |r| r.get(0))?;
+    Ok((c as u64, a as u64))
+}
+
+/// Forget the pool and everything that lives in it, in one transaction:
+/// activations, images (their layers), chains, thin ids, the pool row and
+/// its transaction id. Blobs stay: they are not in the pool.
+pub fn destroy_rows(conn: &Connection) -> Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(
+        "DELETE FROM activations;
+         DELETE FROM image_layers;
+         DELETE FROM images;
+         DELETE FROM chains;
+         DELETE FROM thin_devices;
+         DELETE FROM pool;
+         DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next');",
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Number of thin devices the database knows (any state).
 pub fn thin_count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
@@ -191,6 +265,21 @@ mod tests {
         assert_eq!(load(&db.conn).unwrap().unwrap().1, PoolState::Ready);
         forget(&db.conn).unwrap();
         assert!(load(&db.conn).unwrap().is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn transaction_ids_roundtrip() {
+        let d = tmpdir("txn");
+        let db = Db::open(&d).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (None, None));
+        set_transaction_id(&db.conn, 4).unwrap();
+        set_transaction_next(&db.conn, 5).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (Some(4), Some(5)));
+        set_transaction_id(&db.conn, 5).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (Some(5), None));
+        forget_transaction_id(&db.conn).unwrap();
+        assert_eq!(transaction_ids(&db.conn).unwrap(), (None, None));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
