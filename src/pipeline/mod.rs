@@ -54,6 +54,8 @@ impl Opts {
                     Some(n) => n as usize,
                     None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
                 },
+                // Full fidelity: build mounts are nosuid,nodev.
+                policy: crate::extract::Policy::FULL,
             },
             download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
             max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
