@@ -110,7 +110,7 @@ _thinimg() {
     case "$cmd" in
         "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
         "runs") opts="--all $opts" ;;
-        "unpack") opts="--dest --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
+        "unpack") opts="--dest --apply-on-top --keep-privileges --devices --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pool destroy") opts="--force --dry-run $opts" ;;
         "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;

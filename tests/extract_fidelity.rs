@@ -52,7 +52,14 @@ impl Drop for Dirs {
 }
 
 fn thinimg(dest: &Path, layers: &[PathBuf]) {
-    let out = Command::new(common::bin()).arg("unpack").arg("--dest").arg(dest).args(layers).output().unwrap();
+    let out = Command::new(common::bin())
+        .arg("unpack")
+        .arg("--dest")
+        .arg(dest)
+        .args(common::FULL)
+        .args(layers)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "thinimg unpack failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 

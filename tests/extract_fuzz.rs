@@ -162,7 +162,7 @@ fn fuzz(iters: u64, seed: u64) {
     let sb = Sandbox::new("fuzz");
     let mut rng = Rng(seed | 1);
     let limits = Limits { max_file_size: 64 << 20, max_total_size: 256 << 20, ..Limits::default() };
-    let opts = Options { limits, jobs: 2 };
+    let opts = Options { limits, jobs: 2, policy: thinimg::extract::Policy::FULL };
     let start = Instant::now();
     let (mut ok, mut rejected, mut other) = (0u64, 0u64, 0u64);
     for i in 0..iters {

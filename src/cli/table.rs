@@ -314,8 +314,23 @@ pub static DEST: &[Flag] = &[Flag {
     env: None,
     config: false,
     default: None,
-    help: "Directory to unpack into (created if missing).",
+    help: "Directory to unpack into: created with mode 0700 if missing; must be empty unless --apply-on-top; never /.",
 }];
+
+// `thinimg unpack` onto a host directory (extract helper's block).
+pub static UNPACK: &[Flag] = &[
+    sw(
+        "apply-on-top",
+        None,
+        "Apply the layers onto a DIR that already holds files (its content may be changed or removed by whiteouts); without it a non-empty DIR is refused.",
+    ),
+    sw(
+        "keep-privileges",
+        None,
+        "Keep setuid/setgid bits and security.capability xattrs (dropped by default: they would grant privileges on this host).",
+    ),
+    sw("devices", None, "Create character and block device nodes (skipped by default: they would expose host devices)."),
+];
 
 pub static DELETE: &[Flag] = &[sw("delete", None, "Also delete the thin device and forget the activation.")];
 pub static FORCE: &[Flag] = &[sw("force", Some('f'), "Also deactivate and delete the image's activations.")];
@@ -413,8 +428,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Apply layer tarballs in order into a directory, with all hostile-input rules.",
-        description: "Applies each layer with container-layer semantics (whiteouts, opaque directories, hard links resolved inside the root) under the same limits and containment as the pipeline. Layers must be uncompressed tar: gzip, zstd, xz, bzip2 and lz4 layers are recognised by magic number and refused (no decompressor is built in). Must run as root to set ownership and device nodes. A rejected layer exits 65 with one line naming the layer, the entry and the rule, and says how many of its entries were already applied to DIR (DIR is then not a consistent image); nothing outside DIR is changed. --json prints a report per applied layer.",
-        flags: &[DEST, EXTRACT],
+        description: "Applies each layer with container-layer semantics (whiteouts, opaque directories, hard links resolved inside the root) under the same limits and containment as the pipeline. Layers must be uncompressed tar: gzip, zstd, xz, bzip2 and lz4 layers are recognised by magic number and refused (no decompressor is built in). Must run as root to set ownership. Safe by default for a host directory: DIR is created with mode 0700, / and a non-empty DIR are refused (--apply-on-top allows the latter), setuid/setgid bits and security.capability are dropped (--keep-privileges keeps them) and device nodes are skipped (--devices creates them); the report counts what was dropped or skipped. The pipeline always keeps full fidelity on its nosuid,nodev mounts. SIGINT or SIGTERM stops it between entries (exit 130 or 143). A rejected layer exits 65 with one line naming the layer, the entry and the rule, and says how many of its entries were already applied to DIR (DIR is then not a consistent image); nothing outside DIR is changed. --json prints a report per applied layer.",
+        flags: &[DEST, UNPACK, EXTRACT],
         writes: false,
     },
     Command {

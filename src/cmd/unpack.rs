@@ -8,7 +8,8 @@ use crate::extract::{apply_layer, Options, Report};
 pub fn run(inv: &Invocation) -> Result<u8> {
     let dest = inv.path("dest").ok_or_else(|| Error::usage("unpack needs --dest DIR"))?;
     let opts = Options::from_invocation(inv)?;
-    std::fs::create_dir_all(&dest).map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+    prepare_dest(&dest, inv.flag("apply-on-top"))?;
+    crate::ops::signals::install();
     let mut reports: Vec<Report> = Vec::new();
     for layer in &inv.args {
         let name = std::path::Path::new(layer)
@@ -41,10 +42,57 @@ pub fn run(inv: &Invocation) -> Result<u8> {
             rep.files,
             crate::ops::output::bytes(rep.bytes_written)
         );
+        if rep.setid_bits_stripped + rep.capabilities_dropped + rep.devices_skipped > 0 {
+            log::warn!(
+                "layer {name}: not materialized on this host: {} setuid/setgid bits, {} file capabilities, {} device nodes (--keep-privileges, --devices keep them)",
+                rep.setid_bits_stripped,
+                rep.capabilities_dropped,
+                rep.devices_skipped
+            );
+        }
         reports.push(rep);
     }
     if inv.json() {
         crate::ops::output::json(&serde_json::json!({ "dest": dest, "layers": reports }))?;
     }
     Ok(0)
+}
+
+/// Make `dest` safe to unpack into: created 0700 (only root can reach
+/// what a hostile layer puts there) when missing; `/` refused; an existing
+/// directory must be empty unless `on_top` (whiteouts would delete its
+/// content). Checked once, before the first layer.
+fn prepare_dest(dest: &std::path::Path, on_top: bool) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::canonicalize(dest) {
+        Ok(c) if c == std::path::Path::new("/") => {
+            return Err(Error::usage(format!(
+                "refusing to unpack onto / ({}): give an empty directory",
+                dest.display()
+            )))
+        }
+        Ok(c) => {
+            let mut entries = std::fs::read_dir(&c).map_err(|e| Error::io(format!("reading {}", dest.display()), e))?;
+            if !on_top && entries.next().is_some() {
+                return Err(Error::usage(format!(
+                    "{} is not empty: unpack into an empty or new directory, or pass --apply-on-top to apply the layers onto its content (whiteouts may delete it)",
+                    dest.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+            }
+            // The mode is set explicitly too: the umask must not widen or narrow it.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dest)
+                .map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+            std::fs::set_permissions(dest, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(|e| Error::io(format!("setting the mode of {}", dest.display()), e))?;
+        }
+        Err(e) => return Err(Error::io(format!("inspecting {}", dest.display()), e)),
+    }
+    Ok(())
 }

@@ -22,8 +22,9 @@ pub mod root;
 pub mod rules;
 pub mod stream;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::CString;
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
@@ -76,21 +77,47 @@ impl Limits {
     }
 }
 
+/// What a layer may materialize besides plain files, directories, links
+/// and FIFOs. The pipeline keeps everything (its build mounts are
+/// nosuid,nodev); `thinimg unpack` onto a host directory keeps neither
+/// unless asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// setuid/setgid bits on non-directories and `security.capability`.
+    pub privileges: bool,
+    /// Character and block device nodes.
+    pub devices: bool,
+}
+
+impl Policy {
+    pub const FULL: Policy = Policy { privileges: true, devices: true };
+    pub const SAFE: Policy = Policy { privileges: false, devices: false };
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy::FULL
+    }
+}
+
 /// How to apply a layer.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub limits: Limits,
     /// File-writer threads (at least 1).
     pub jobs: usize,
+    pub policy: Policy,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { limits: Limits::default(), jobs: default_jobs() }
+        Options { limits: Limits::default(), jobs: default_jobs(), policy: Policy::FULL }
     }
 }
 
 impl Options {
+    /// The options of `thinimg unpack`: the safe policy unless
+    /// --keep-privileges / --devices ask for more.
     pub fn from_invocation(inv: &crate::cli::Invocation) -> Result<Options> {
         // One range everywhere (unpack and the pipeline): 1..=256.
         let jobs = match inv.u64_opt("jobs")? {
@@ -98,7 +125,8 @@ impl Options {
             Some(n) => return Err(Error::usage(format!("--jobs {n}: must be between 1 and 256"))),
             None => default_jobs(),
         };
-        Ok(Options { limits: Limits::from_invocation(inv)?, jobs })
+        let policy = Policy { privileges: inv.flag("keep-privileges"), devices: inv.flag("devices") };
+        Ok(Options { limits: Limits::from_invocation(inv)?, jobs, policy })
     }
 }
 
@@ -130,6 +158,12 @@ pub struct Report {
     pub xattrs_dropped: u64,
     /// Entries naming the root itself ("./"), which never change it.
     pub root_entries_ignored: u64,
+    /// setuid/setgid bits not applied (policy without privileges).
+    pub setid_bits_stripped: u64,
+    /// security.capability xattrs not applied (policy without privileges).
+    pub capabilities_dropped: u64,
+    /// Device nodes not created (policy without devices).
+    pub devices_skipped: u64,
 }
 
 /// An entry-level failure: a rule violation, or an error of the target.
@@ -167,8 +201,58 @@ fn resolve_fail(e: Errno, what: &str) -> Fail {
     }
 }
 
+/// An error of the target file system that the entry caused: the layer
+/// asks for more than the file system allows (space, links, xattr room,
+/// open files for its depth). It is the layer's fault, not "retry later".
+pub fn target_rule(e: Errno) -> Option<&'static str> {
+    match e {
+        Errno::ENOSPC | Errno::EDQUOT => Some("no-space"),
+        Errno::EMLINK => Some("link-count"),
+        Errno::E2BIG | Errno::ERANGE => Some("xattr-value"),
+        Errno::EMFILE | Errno::ENFILE => Some("fd-limit"),
+        Errno::EFBIG => Some("file-size"),
+        Errno::ENAMETOOLONG => Some("path-length"),
+        _ => None,
+    }
+}
+
+/// An error of the target, classified: the entry's fault (a rule), an
+/// interruption (SIGINT/SIGTERM seen during a long removal), or plain I/O.
 fn io_fail(e: Errno, what: String) -> Fail {
-    Fail::Err(Error::io(what, std::io::Error::from(e)))
+    if e == Errno::EINTR && crate::ops::signals::pending().is_some() {
+        return Fail::Err(crate::ops::signals::interrupted_error());
+    }
+    match target_rule(e) {
+        Some(rule) => r(rule, format!("{what}: {}", std::io::Error::from(e))),
+        None => Fail::Err(Error::io(what, std::io::Error::from(e))),
+    }
+}
+
+/// The same for an `std::io::Error` (file data written by the pool).
+pub fn target_error(what: String, e: std::io::Error) -> Error {
+    match e.raw_os_error().map(Errno::from_raw).and_then(target_rule) {
+        Some(rule) => Error::bad_data(format!("rule {rule}: {what}: {e}")),
+        None => Error::io(what, e),
+    }
+}
+
+fn meta_fail(op: &'static str, e: Errno, what: &str) -> Fail {
+    if e == Errno::EINTR && crate::ops::signals::pending().is_some() {
+        return Fail::Err(crate::ops::signals::interrupted_error());
+    }
+    Fail::Err(root::meta_error(op, e, what))
+}
+
+/// A fresh node or symlink was swapped for something else between its
+/// creation and its metadata: another local process can write to its
+/// directory. Nothing is applied to the impostor.
+fn replaced(what: &str) -> Fail {
+    Fail::Err(Error::new(
+        Kind::Io,
+        format!(
+            "the new {what} was replaced by another process before its metadata was applied (a local user can write to its directory); nothing was applied to the replacement"
+        ),
+    ))
 }
 
 /// Apply one layer read sequentially from `src` onto the directory `root`.
@@ -198,10 +282,12 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
         limits: opts.limits,
         pool: &pool,
         report: Report { layer: layer.to_string(), ..Report::default() },
-        created: HashSet::new(),
-        ancestors: HashSet::new(),
+        policy: opts.policy,
+        paths: PathSet::new(),
         dir_meta: Vec::new(),
         dir_index: HashMap::new(),
+        retained: 0,
+        xattr_bytes: 0,
         total: 0,
         applied: 0,
         small_buf: Vec::new(),
@@ -251,22 +337,116 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
     }
 }
 
+/// A directory's mode and times, applied when the layer is done (and a
+/// default ACL, which would otherwise be inherited by the entries created
+/// in it). Owner and other xattrs are applied at once, so nothing large is
+/// kept per directory.
 struct DirMeta {
-    path: Vec<u8>,
-    meta: Meta,
+    path: Box<[u8]>,
+    /// The directory this entry made or met: the deferred metadata goes to
+    /// that inode only, never to whatever the path names at the end.
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    mtime_sec: i64,
+    mtime_nsec: u32,
+    acl_default: Option<Vec<u8>>,
 }
+
+const CREATED: u8 = 1;
+const ANCESTOR: u8 = 2;
+
+/// The paths this layer created, and the directories holding them, keyed
+/// by a 128-bit hash of their components under per-layer random keys: a
+/// fixed, small cost per path whatever its length, and no collisions an
+/// archive could aim for.
+struct PathSet {
+    keys: (RandomState, RandomState),
+    map: HashMap<u128, u8>,
+}
+
+impl PathSet {
+    fn new() -> PathSet {
+        PathSet { keys: (RandomState::new(), RandomState::new()), map: HashMap::new() }
+    }
+
+    /// The key of every prefix of `path` ("a", "a/b", "a/b/c"), in order.
+    fn prefixes(&self, path: &[u8]) -> Vec<u128> {
+        let (mut a, mut b) = (self.keys.0.build_hasher(), self.keys.1.build_hasher());
+        let mut out = Vec::new();
+        for c in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            for h in [&mut a, &mut b] {
+                h.write_usize(c.len());
+                h.write(c);
+            }
+            out.push((u128::from(a.clone().finish()) << 64) | u128::from(b.clone().finish()));
+        }
+        out
+    }
+
+    fn key(&self, path: &[u8]) -> u128 {
+        self.prefixes(path).last().copied().unwrap_or(0)
+    }
+
+    fn flags(&self, path: &[u8]) -> u8 {
+        self.map.get(&self.key(path)).copied().unwrap_or(0)
+    }
+
+    /// Mark `path` created and its parents as holding it; returns the
+    /// number of new keys.
+    fn mark(&mut self, path: &[u8]) -> u64 {
+        let keys = self.prefixes(path);
+        let Some((&last, parents)) = keys.split_last() else { return 0 };
+        let mut added = 0;
+        let f = self.map.entry(last).or_insert_with(|| {
+            added += 1;
+            0
+        });
+        *f |= CREATED;
+        for &k in parents.iter().rev() {
+            let f = self.map.entry(k).or_insert_with(|| {
+                added += 1;
+                0
+            });
+            if *f & ANCESTOR != 0 {
+                break;
+            }
+            *f |= ANCESTOR;
+        }
+        added
+    }
+}
+
+/// Memory kept for the whole layer (path keys, deferred directory
+/// metadata) may grow by this much plus [`RETAINED_PER_ENTRY`] for every
+/// entry read; beyond, the layer is refused (rule metadata-budget).
+/// Ordinary layers use a fraction of it.
+const RETAINED_BASE: u64 = 16 << 20;
+const RETAINED_PER_ENTRY: u64 = 256;
+/// Bytes one path key costs in the set (key, flags, table overhead).
+const KEY_COST: u64 = 40;
+/// xattr bytes handled (applied or dropped) may exceed the archive bytes
+/// read by this much (global headers make members inherit xattrs they do
+/// not carry); beyond, the layer is refused (rule xattr-amplification).
+/// Each xattr counts at least [`XATTR_MIN_COST`] bytes.
+const XATTR_SLACK: u64 = 16 << 20;
+const XATTR_MIN_COST: u64 = 64;
 
 struct Applier<'a> {
     root: &'a mut Root,
     limits: Limits,
     pool: &'a Pool,
     report: Report,
-    /// Paths this layer created; whiteouts never remove them.
-    created: HashSet<Vec<u8>>,
-    /// Directories holding something this layer created.
-    ancestors: HashSet<Vec<u8>>,
+    policy: Policy,
+    /// Paths this layer created (whiteouts never remove them) and the
+    /// directories holding them.
+    paths: PathSet,
     dir_meta: Vec<DirMeta>,
-    dir_index: HashMap<Vec<u8>, usize>,
+    dir_index: HashMap<u128, usize>,
+    /// Bytes of bookkeeping kept for the layer (see [`RETAINED_BASE`]).
+    retained: u64,
+    /// xattr bytes handled so far (see [`XATTR_SLACK`]).
+    xattr_bytes: u64,
     total: u64,
     /// Entries fully applied (for the report of a rejected layer).
     applied: u64,
@@ -291,6 +471,7 @@ impl Applier<'_> {
             *current = Some(m.display());
             self.report.entries += 1;
             self.pool.check()?;
+            crate::ops::signals::check()?;
             self.entry(&m, stream)?;
             self.applied += 1;
         }
@@ -298,36 +479,80 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn meta(&mut self, m: &Member) -> Result<Meta, Fail> {
-        let uid =
-            u32::try_from(m.uid).map_err(|_| r("owner-range", format!("uid {} does not fit in 32 bits", m.uid)))?;
-        let gid =
-            u32::try_from(m.gid).map_err(|_| r("owner-range", format!("gid {} does not fit in 32 bits", m.gid)))?;
+    /// Owner, mode, times and (with `xattrs_apply`: files and directories,
+    /// the only objects they can be set on through an fd) the allowed
+    /// xattrs. `read` is the layer bytes read so far.
+    fn meta(&mut self, m: &Member, xattrs_apply: bool, read: u64) -> Result<Meta, Fail> {
+        // (uid_t)-1 means "leave unchanged" to chown: the object would stay root's.
+        let id = |v: u64, what: &str| match u32::try_from(v) {
+            Ok(u32::MAX) | Err(_) => {
+                Err(r("owner-range", format!("{what} {v} is not a valid owner (0..={})", u32::MAX - 1)))
+            }
+            Ok(v) => Ok(v),
+        };
+        let uid = id(m.uid, "uid")?;
+        let gid = id(m.gid, "gid")?;
+        let mut mode = m.mode;
+        if !self.policy.privileges && m.kind != MemberKind::Dir && mode & 0o6000 != 0 {
+            mode &= !0o6000;
+            self.report.setid_bits_stripped += 1;
+        }
         let mut xattrs = Vec::new();
-        for (k, v) in &m.xattrs {
-            if !xattr_allowed(k) {
+        for (k, v) in m.all_xattrs() {
+            // Every xattr a member carries or inherits costs work, applied
+            // or not: the total is bounded by the bytes read.
+            self.xattr_bytes += ((k.len() + v.len()) as u64).max(XATTR_MIN_COST);
+            if self.xattr_bytes > read.saturating_add(XATTR_SLACK) {
+                return Err(r(
+                    "xattr-amplification",
+                    format!(
+                        "xattrs of the entries so far ({} bytes) exceed the layer bytes read ({read}) by more than {} MiB (global headers make every entry inherit theirs)",
+                        self.xattr_bytes,
+                        XATTR_SLACK >> 20
+                    ),
+                ));
+            }
+            if !xattr_allowed(k) || !xattrs_apply {
                 self.report.xattrs_dropped += 1;
                 continue;
             }
-            let name = CString::new(k.clone()).map_err(|_| r("xattr-name", "xattr name contains NUL"))?;
+            if !self.policy.privileges && k == b"security.capability" {
+                self.report.capabilities_dropped += 1;
+                continue;
+            }
+            let name = CString::new(k).map_err(|_| r("xattr-name", "xattr name contains NUL"))?;
             if v.len() > 65536 {
                 return Err(r("xattr-size", "xattr value larger than 64 KiB"));
             }
-            xattrs.push((name, v.clone()));
+            xattrs.push((name, v.to_vec()));
             self.report.xattrs_set += 1;
         }
-        Ok(Meta { uid, gid, mode: m.mode, mtime_sec: m.mtime_sec, mtime_nsec: m.mtime_nsec, xattrs })
+        Ok(Meta { uid, gid, mode, mtime_sec: m.mtime_sec, mtime_nsec: m.mtime_nsec, xattrs })
     }
 
-    fn mark_created(&mut self, path: &[u8]) {
-        let mut p = path;
-        while let Some(i) = p.iter().rposition(|&b| b == b'/') {
-            p = &p[..i];
-            if !self.ancestors.insert(p.to_vec()) {
-                break;
-            }
+    /// Count `bytes` more of kept bookkeeping against the layer's budget.
+    fn retain(&mut self, bytes: u64) -> Result<(), Fail> {
+        self.retained += bytes;
+        let budget = RETAINED_BASE + RETAINED_PER_ENTRY * self.report.entries;
+        if self.retained > budget {
+            return Err(r(
+                "metadata-budget",
+                format!(
+                    "the layer needs {} bytes of path and directory bookkeeping after {} entries, more than its budget of {} ({} MiB + {} bytes per entry)",
+                    self.retained,
+                    self.report.entries,
+                    budget,
+                    RETAINED_BASE >> 20,
+                    RETAINED_PER_ENTRY
+                ),
+            ));
         }
-        self.created.insert(path.to_vec());
+        Ok(())
+    }
+
+    fn mark_created(&mut self, path: &[u8]) -> Result<(), Fail> {
+        let added = self.paths.mark(path);
+        self.retain(added * KEY_COST)
     }
 
     /// The parent directory of `cp`, created if missing.
@@ -337,7 +562,7 @@ impl Applier<'_> {
         let res = self.root.parent(&parent, true, &mut made).map(|_| ());
         for p in made {
             self.report.implicit_dirs += 1;
-            self.mark_created(&p);
+            self.mark_created(&p)?;
         }
         res.map_err(|e| resolve_fail(e, "resolving the parent directory"))?;
         self.root.parent(&parent, false, &mut Vec::new()).map_err(|e| resolve_fail(e, "resolving the parent directory"))
@@ -379,7 +604,8 @@ impl Applier<'_> {
                 format!("file of {} bytes exceeds --max-file-size {}", m.apparent_size(), lim.max_file_size),
             ));
         }
-        let meta = self.meta(m)?;
+        let xattrs_apply = matches!(m.kind, MemberKind::File | MemberKind::Dir);
+        let meta = self.meta(m, xattrs_apply, stream.offset)?;
         let joined = cp.joined();
         match m.kind {
             MemberKind::Dir => self.dir(&cp, &joined, meta),
@@ -449,12 +675,38 @@ impl Applier<'_> {
             }
         }
         self.report.dirs += 1;
-        self.mark_created(joined);
-        match self.dir_index.get(joined) {
-            Some(&i) => self.dir_meta[i].meta = meta,
+        self.mark_created(joined)?;
+        // Owner and xattrs now, through the directory itself; mode and times
+        // (and a default ACL, inherited by what is created in it) at the end.
+        let pfd = self.parent_of(cp)?;
+        let fd = root::open_subdir(pfd, &name).map_err(|e| io_fail(e, "opening the directory".into()))?;
+        let (acl, now): (Vec<_>, Vec<_>) =
+            meta.xattrs.into_iter().partition(|(n, _)| n.as_bytes() == b"system.posix_acl_default");
+        let now = Meta { xattrs: now, ..meta };
+        let what = format!("directory {:?}", stream::display_path(joined));
+        root::apply_owner_xattrs_fd(fd.as_fd(), &now).map_err(|(op, e)| meta_fail(op, e, &what))?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+        let d = DirMeta {
+            path: joined.into(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mode: now.mode,
+            mtime_sec: now.mtime_sec,
+            mtime_nsec: now.mtime_nsec,
+            acl_default: acl.into_iter().next().map(|(_, v)| v),
+        };
+        let key = self.paths.key(joined);
+        let acl_len = |d: &DirMeta| d.acl_default.as_ref().map_or(0, |v| v.len() as u64);
+        match self.dir_index.get(&key) {
+            Some(&i) => {
+                let grow = acl_len(&d).saturating_sub(acl_len(&self.dir_meta[i]));
+                self.retain(grow)?;
+                self.dir_meta[i] = d;
+            }
             None => {
-                self.dir_index.insert(joined.to_vec(), self.dir_meta.len());
-                self.dir_meta.push(DirMeta { path: joined.to_vec(), meta });
+                self.retain(d.path.len() as u64 + acl_len(&d) + 64 + KEY_COST)?;
+                self.dir_index.insert(key, self.dir_meta.len());
+                self.dir_meta.push(d);
             }
         }
         Ok(())
@@ -469,7 +721,7 @@ impl Applier<'_> {
         stream: &mut TarStream<'_>,
     ) -> Result<(), Fail> {
         let file = self.create_new(cp, "file", root::create_file)?;
-        self.mark_created(joined);
+        self.mark_created(joined)?;
         self.report.files += 1;
         let segments: Vec<(u64, u64)> = match &m.sparse {
             Some(s) => {
@@ -508,11 +760,10 @@ impl Applier<'_> {
             got += n;
         }
         let name = m.display();
-        (&file).write_all(&buf).map_err(|e| Fail::Err(Error::io(format!("writing {name}"), e)))?;
+        (&file).write_all(&buf).map_err(|e| Fail::Err(target_error(format!("writing {name}"), e)))?;
         self.inline_bytes += buf.len() as u64;
         self.small_buf = buf;
-        root::apply_meta_fd(file.as_fd(), &meta)
-            .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, &format!("file {name:?}"))))
+        root::apply_meta_fd(file.as_fd(), &meta).map_err(|(op, e)| meta_fail(op, e, &format!("file {name:?}")))
     }
 
     fn stream_data(
@@ -524,6 +775,7 @@ impl Applier<'_> {
         for &(off, len) in segs {
             let mut done = 0u64;
             while done < len {
+                crate::ops::signals::check()?;
                 let mut buf = self.pool.buffer();
                 let want = (len - done).min(CHUNK as u64) as usize;
                 buf.resize(want, 0);
@@ -552,17 +804,11 @@ impl Applier<'_> {
         if m.link.len() as u64 > self.limits.max_path_len {
             return Err(r("path-length", "symlink target longer than --max-path-len"));
         }
-        // No xattrs on symlinks: setting them needs a path-based call that
-        // would follow nothing useful here; counted as dropped.
-        let n = meta.xattrs.len() as u64;
-        self.report.xattrs_set -= n;
-        self.report.xattrs_dropped += n;
+        // No xattrs on symlinks (counted as dropped by `meta`): they cannot
+        // be set through an fd.
         self.create_new(cp, "symlink", |pfd, n| root::symlink(pfd, n, &m.link))?;
-        let name = cp.name().to_vec();
-        let pfd = self.parent_of(cp)?;
-        root::apply_meta_at(pfd, &name, &meta, true)
-            .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the symlink")))?;
-        self.mark_created(joined);
+        self.fresh_meta(cp, SFlag::S_IFLNK, None, &meta, "symlink")?;
+        self.mark_created(joined)?;
         self.report.symlinks += 1;
         Ok(())
     }
@@ -605,7 +851,7 @@ impl Applier<'_> {
             }
             Err(e) => return Err(io_fail(e, "creating the hard link".into())),
         }
-        self.mark_created(joined);
+        self.mark_created(joined)?;
         self.report.hardlinks += 1;
         Ok(())
     }
@@ -624,18 +870,44 @@ impl Applier<'_> {
                 format!("device {}:{} is not a Linux device number", m.dev_major, m.dev_minor),
             ));
         }
+        if kind != SFlag::S_IFIFO && !self.policy.devices {
+            self.report.devices_skipped += 1;
+            return Ok(());
+        }
         self.create_new(cp, "node", |pfd, n| root::mknod(pfd, n, kind, m.dev_major, m.dev_minor))?;
-        let name = cp.name().to_vec();
-        let pfd = self.parent_of(cp)?;
-        root::apply_meta_at(pfd, &name, &meta, false)
-            .map_err(|(op, e)| Fail::Err(root::meta_error(op, e, "the node")))?;
-        self.mark_created(joined);
+        let rdev = (kind != SFlag::S_IFIFO).then(|| libc::makedev(m.dev_major, m.dev_minor));
+        self.fresh_meta(cp, kind, rdev, &meta, "node")?;
+        self.mark_created(joined)?;
         if m.kind == MemberKind::Fifo {
             self.report.fifos += 1;
         } else {
             self.report.devices += 1;
         }
         Ok(())
+    }
+
+    /// Metadata of a symlink or node this entry just created, through an
+    /// O_PATH handle checked to be that object (never by name: another
+    /// local process may swap the name for a symlink to a host file).
+    fn fresh_meta(
+        &mut self,
+        cp: &CleanPath,
+        kind: SFlag,
+        rdev: Option<u64>,
+        meta: &Meta,
+        what: &str,
+    ) -> Result<(), Fail> {
+        let name = cp.name().to_vec();
+        let pfd = self.parent_of(cp)?;
+        let h = root::open_handle(pfd, &name).map_err(|e| match e {
+            Errno::ENOENT => replaced(what),
+            e => io_fail(e, format!("opening the new {what}")),
+        })?;
+        if !root::is_fresh(h.as_fd(), kind, rdev).map_err(|e| io_fail(e, format!("inspecting the new {what}")))? {
+            return Err(replaced(what));
+        }
+        root::apply_meta_handle(h.as_fd(), meta, kind == SFlag::S_IFLNK)
+            .map_err(|(op, e)| meta_fail(op, e, &format!("the {what}")))
     }
 
     /// `.wh.NAME`: remove lower-layer content at `path`.
@@ -683,8 +955,9 @@ impl Applier<'_> {
             Some(st) => st,
             None => return Ok(()),
         };
-        let ours = self.created.contains(&rel);
-        let holds_ours = self.ancestors.contains(&rel);
+        let flags = self.paths.flags(&rel);
+        let ours = flags & CREATED != 0;
+        let holds_ours = flags & ANCESTOR != 0;
         if (ours || holds_ours) && root::is_dir(&st) {
             let sub = root::open_subdir(dir, name).map_err(|e| io_fail(e, "opening a lower directory".into()))?;
             for child in root::list_dir(&sub).map_err(|e| io_fail(e, "listing a lower directory".into()))? {
@@ -706,18 +979,28 @@ impl Applier<'_> {
 
 /// Directory modes and times last (creating entries changes a directory's
 /// mtime; a read-only mode must not stop later entries), through
-/// re-opened O_NOFOLLOW|O_DIRECTORY fds. A directory later replaced by
-/// another type is skipped: the later entry won.
+/// re-opened O_NOFOLLOW|O_DIRECTORY fds, and only to the directory the
+/// entry made or met (same dev/inode): a directory later replaced, or a
+/// path that now leads elsewhere through a later symlink, is skipped.
 fn apply_dir_meta(root: &Root, dirs: &[DirMeta]) -> Result<(), Fail> {
     for d in dirs.iter().rev() {
+        crate::ops::signals::check()?;
         let fd = match root.reopen_dir(&d.path) {
             Ok(fd) => fd,
             Err(Errno::ENOENT) | Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => continue,
             Err(e) => return Err(resolve_fail(e, "re-opening a directory for its metadata")),
         };
-        root::apply_meta_fd(fd.as_fd(), &d.meta).map_err(|(op, e)| {
-            Fail::Err(root::meta_error(op, e, &format!("directory {:?}", stream::display_path(&d.path))))
-        })?;
+        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting a directory".into()))?;
+        if (st.st_dev, st.st_ino) != (d.dev, d.ino) {
+            continue;
+        }
+        let what = format!("directory {:?}", stream::display_path(&d.path));
+        if let Some(acl) = &d.acl_default {
+            let name = CString::from(c"system.posix_acl_default");
+            root::set_xattrs_fd(fd.as_fd(), &[(name, acl.clone())]).map_err(|(op, e)| meta_fail(op, e, &what))?;
+        }
+        root::apply_mode_times_fd(fd.as_fd(), d.mode, d.mtime_sec, d.mtime_nsec)
+            .map_err(|(op, e)| meta_fail(op, e, &what))?;
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ fn worker(rx: Arc<Mutex<Receiver<Chunk>>>, shared: Arc<Shared>) {
         let Ok(chunk) = job else { return };
         if !shared.failed.load(Ordering::SeqCst) {
             if let Err(e) = chunk.file.file.write_all_at(&chunk.buf, chunk.offset) {
-                shared.fail(Error::io(format!("writing {}", chunk.file.name), e));
+                shared.fail(super::target_error(format!("writing {}", chunk.file.name), e));
             } else {
                 shared.bytes.fetch_add(chunk.buf.len(), Ordering::Relaxed);
             }

@@ -161,22 +161,104 @@ pub fn is_dir(st: &FileStat) -> bool {
 
 /// Remove `name` in `dir`, a whole tree if it is a directory. Never follows
 /// a symlink: a symlink is unlinked, not its target.
+///
+/// Depth-first with one directory open at a time, whatever the tree's depth
+/// (a layer can build trees far deeper than the fd limit through symlink
+/// hops): it descends by name with O_NOFOLLOW and climbs back through ".."
+/// only after checking that ".." is the very directory it came from (dev
+/// and inode), so a concurrent rename cannot lead it anywhere else.
+/// A pending SIGINT/SIGTERM stops it with EINTR.
 pub fn remove_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<(), Errno> {
     let Some(st) = lstat_at(dir, name)? else { return Ok(()) };
-    if is_dir(&st) {
-        let sub = nix::fcntl::openat(
-            dir,
-            os(name),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        for child in list_dir(&sub)? {
-            remove_at(sub.as_fd(), &child)?;
-        }
-        nix::unistd::unlinkat(dir, os(name), nix::unistd::UnlinkatFlags::RemoveDir)
-    } else {
-        nix::unistd::unlinkat(dir, os(name), nix::unistd::UnlinkatFlags::NoRemoveDir)
+    if !is_dir(&st) {
+        return unlink_ok(dir, name, false);
     }
+    // Identities of the directories between `dir` and `cur`, and the names
+    // leading down to `cur`.
+    let mut ids: Vec<(u64, u64)> = Vec::new();
+    let mut names: Vec<Vec<u8>> = vec![name.to_vec()];
+    let mut cur = open_subdir(dir, name)?;
+    loop {
+        if crate::ops::signals::pending().is_some() {
+            return Err(Errno::EINTR);
+        }
+        if let Some(child) = empty_but_subdirs(&cur)? {
+            ids.push(identity(&nix::sys::stat::fstat(cur.as_fd())?));
+            cur = open_subdir(cur.as_fd(), &child)?;
+            names.push(child);
+            continue;
+        }
+        let Some(last) = names.pop() else { return Ok(()) };
+        match ids.pop() {
+            None => match nix::unistd::unlinkat(dir, os(&last), nix::unistd::UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+                // Something appeared meanwhile: empty it again.
+                Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => names.push(last),
+                Err(e) => return Err(e),
+            },
+            Some(want) => {
+                let parent = nix::fcntl::openat(
+                    cur.as_fd(),
+                    os(b".."),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?;
+                if identity(&nix::sys::stat::fstat(parent.as_fd())?) != want {
+                    // The tree was moved while it was being removed.
+                    return Err(Errno::ESTALE);
+                }
+                cur = parent;
+                match nix::unistd::unlinkat(cur.as_fd(), os(&last), nix::unistd::UnlinkatFlags::RemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) | Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+fn identity(st: &FileStat) -> (u64, u64) {
+    (st.st_dev, st.st_ino)
+}
+
+fn unlink_ok(dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> Result<(), Errno> {
+    let flag = if is_dir { nix::unistd::UnlinkatFlags::RemoveDir } else { nix::unistd::UnlinkatFlags::NoRemoveDir };
+    match nix::unistd::unlinkat(dir, os(name), flag) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Remove everything in `dir` except non-empty subdirectories; the first
+/// of those is returned (`None`: `dir` is now empty, as far as one pass saw).
+fn empty_but_subdirs(dir: &OwnedFd) -> Result<Option<Vec<u8>>, Errno> {
+    let dup = dir.try_clone().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let mut d = nix::dir::Dir::from_fd(dup)?;
+    for e in d.iter() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        let is_dir = match e.file_type() {
+            Some(nix::dir::Type::Directory) => true,
+            Some(_) => false,
+            None => match lstat_at(dir.as_fd(), n)? {
+                Some(st) => is_dir(&st),
+                None => continue,
+            },
+        };
+        if !is_dir {
+            unlink_ok(dir.as_fd(), n, false)?;
+            continue;
+        }
+        match nix::unistd::unlinkat(dir.as_fd(), os(n), nix::unistd::UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(Errno::ENOTEMPTY) | Err(Errno::EEXIST) => return Ok(Some(n.to_vec())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// Names in a directory (without . and ..).
@@ -246,8 +328,18 @@ fn omit() -> nix::sys::time::TimeSpec {
 /// and file capabilities), then xattrs (security.capability must come after
 /// chown), then the mode (with setuid/setgid/sticky), then the times.
 pub fn apply_meta_fd(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), (&'static str, Errno)> {
+    apply_owner_xattrs_fd(fd, m)?;
+    apply_mode_times_fd(fd, m.mode, m.mtime_sec, m.mtime_nsec)
+}
+
+/// Owner, then xattrs, through an fd open for reading or writing.
+pub fn apply_owner_xattrs_fd(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), (&'static str, Errno)> {
     nix::unistd::fchown(fd, Some(Uid::from_raw(m.uid)), Some(Gid::from_raw(m.gid))).map_err(|e| ("fchown", e))?;
-    for (name, value) in &m.xattrs {
+    set_xattrs_fd(fd, &m.xattrs)
+}
+
+pub fn set_xattrs_fd(fd: BorrowedFd<'_>, xattrs: &[(CString, Vec<u8>)]) -> Result<(), (&'static str, Errno)> {
+    for (name, value) in xattrs {
         // SAFETY: fd is a live descriptor borrowed for this call; name is a
         // NUL-terminated CString and value a valid slice for value.len() bytes.
         let r = unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
@@ -255,51 +347,121 @@ pub fn apply_meta_fd(fd: BorrowedFd<'_>, m: &Meta) -> Result<(), (&'static str, 
             return Err(("fsetxattr", Errno::last()));
         }
     }
-    nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(m.mode & 0o7777)).map_err(|e| ("fchmod", e))?;
-    nix::sys::stat::futimens(fd, &omit(), &ts(m.mtime_sec, m.mtime_nsec)).map_err(|e| ("futimens", e))?;
     Ok(())
 }
 
-/// Metadata for an object that cannot be opened safely (symlink, device,
-/// FIFO): by name in its parent, never following the last component.
-/// Symlinks get no mode (Linux has none) and no xattrs.
-pub fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, symlink: bool) -> Result<(), (&'static str, Errno)> {
-    nix::unistd::fchownat(
-        dir,
-        os(name),
-        Some(Uid::from_raw(m.uid)),
-        Some(Gid::from_raw(m.gid)),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| ("fchownat", e))?;
-    if !symlink {
-        // The node was just created by us with mknodat and is no symlink;
-        // fchmodat cannot refuse to follow on this kernel interface.
-        nix::sys::stat::fchmodat(
-            dir,
-            os(name),
-            Mode::from_bits_truncate(m.mode & 0o7777),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| ("fchmodat", e))?;
-    }
-    nix::sys::stat::utimensat(
-        dir,
-        os(name),
-        &omit(),
-        &ts(m.mtime_sec, m.mtime_nsec),
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(|e| ("utimensat", e))?;
+/// Mode, then times, through an fd open for reading or writing.
+pub fn apply_mode_times_fd(fd: BorrowedFd<'_>, mode: u32, sec: i64, nsec: u32) -> Result<(), (&'static str, Errno)> {
+    nix::sys::stat::fchmod(fd, Mode::from_bits_truncate(mode & 0o7777)).map_err(|e| ("fchmod", e))?;
+    nix::sys::stat::futimens(fd, &omit(), &ts(sec, nsec)).map_err(|e| ("futimens", e))?;
     Ok(())
 }
+
+/// Open `name` in `dir` as an O_PATH handle without following it: every
+/// later metadata call goes to this inode, whatever happens to the name.
+pub fn open_handle(dir: BorrowedFd<'_>, name: &[u8]) -> Result<OwnedFd, Errno> {
+    nix::fcntl::openat(dir, os(name), OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+}
+
+/// Check that `h` is the object this process just created: the expected
+/// type (and device number), owned by us, with one link. Another local
+/// process that swapped the fresh name for a symlink, a FIFO or a hard
+/// link of its own is caught here, before any metadata is applied.
+pub fn is_fresh(h: BorrowedFd<'_>, kind: SFlag, rdev: Option<u64>) -> Result<bool, Errno> {
+    let st = nix::sys::stat::fstat(h)?;
+    let fmt = st.st_mode & libc::S_IFMT;
+    Ok(fmt == kind.bits()
+        && st.st_uid == nix::unistd::geteuid().as_raw()
+        && st.st_nlink == 1
+        && rdev.is_none_or(|d| st.st_rdev == d))
+}
+
+/// Metadata of a symlink, device or FIFO through its O_PATH handle (see
+/// [`open_handle`]): nothing here resolves a name, so nothing can be
+/// redirected through a symlink. Owner first, then the mode (not for
+/// symlinks, which have none on Linux), then the times. No xattrs.
+pub fn apply_meta_handle(h: BorrowedFd<'_>, m: &Meta, symlink: bool) -> Result<(), (&'static str, Errno)> {
+    let empty = c"";
+    // SAFETY: h is a live descriptor; the path is an empty NUL-terminated
+    // string, which AT_EMPTY_PATH makes name `h` itself.
+    let r = unsafe {
+        libc::fchownat(h.as_raw_fd(), empty.as_ptr(), m.uid, m.gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    };
+    if r != 0 {
+        return Err(("fchownat", Errno::last()));
+    }
+    if !symlink {
+        chmod_handle(h, m.mode & 0o7777).map_err(|e| ("fchmodat2", e))?;
+    }
+    let times = [omit(), ts(m.mtime_sec, m.mtime_nsec)];
+    // SAFETY: as above; `times` holds two valid timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            h.as_raw_fd(),
+            empty.as_ptr(),
+            times.as_ptr().cast(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(("utimensat", Errno::last()));
+    }
+    Ok(())
+}
+
+/// chmod of the inode behind an O_PATH handle: fchmodat2(AT_EMPTY_PATH)
+/// (Linux 6.6), else chmod of /proc/self/fd/N, which names the handle's
+/// inode itself (a magic link is not a path lookup that a rename or a
+/// symlink can redirect). Without either the call fails; it never falls
+/// back to a name.
+fn chmod_handle(h: BorrowedFd<'_>, mode: u32) -> Result<(), Errno> {
+    let empty = c"";
+    // SAFETY: raw syscall with a live fd, an empty NUL-terminated path and
+    // integer arguments; the kernel reads nothing else.
+    let r = unsafe { libc::syscall(SYS_FCHMODAT2, h.as_raw_fd(), empty.as_ptr(), mode, libc::AT_EMPTY_PATH) };
+    if r == 0 {
+        return Ok(());
+    }
+    match Errno::last() {
+        Errno::ENOSYS | Errno::EINVAL => {}
+        e => return Err(e),
+    }
+    let proc_path = format!("/proc/self/fd/{}", h.as_raw_fd());
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        proc_path.as_str(),
+        Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+}
+
+/// fchmodat2(2), the same number on every Linux architecture.
+const SYS_FCHMODAT2: libc::c_long = 452;
 
 /// The error for a failed metadata call on `what`. An xattr the kernel
 /// refuses as malformed (EINVAL, ERANGE, E2BIG: e.g. a corrupt
-/// security.capability) is the archive's fault; the rest are the target's.
+/// security.capability) or has no room for (ENOSPC, EDQUOT: ext4 keeps an
+/// inode's xattrs in one block) is the archive's fault, as is any other
+/// limit of the target file system the entry runs into; the rest are the
+/// target's.
 pub fn meta_error(op: &'static str, e: Errno, what: &str) -> crate::error::Error {
-    if op == "fsetxattr" && matches!(e, Errno::EINVAL | Errno::ERANGE | Errno::E2BIG) {
-        return crate::error::Error::bad_data(format!("rule xattr-value: {what}: the kernel refuses an xattr ({e})"));
+    if op == "fsetxattr" {
+        match e {
+            Errno::EINVAL | Errno::ERANGE | Errno::E2BIG => {
+                return crate::error::Error::bad_data(format!(
+                    "rule xattr-value: {what}: the kernel refuses an xattr ({e})"
+                ))
+            }
+            Errno::ENOSPC | Errno::EDQUOT => {
+                return crate::error::Error::bad_data(format!(
+                    "rule xattr-space: {what}: the file system has no room for the entry's xattrs ({e})"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(rule) = super::target_rule(e) {
+        return crate::error::Error::bad_data(format!("rule {rule}: {op} on {what}: {e}"));
     }
     crate::error::Error::io(format!("{op} on {what}"), std::io::Error::from(e))
 }

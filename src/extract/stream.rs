@@ -8,12 +8,25 @@
 //! [`Limits`] before anything is allocated or written, and every read that
 //! comes up short is a truncation. It never touches the file system.
 
+use std::collections::BTreeMap;
 use std::io::Read;
+use std::sync::Arc;
 
 use super::rules::Reject;
 use super::Limits;
 
 pub const BLOCK: u64 = 512;
+
+/// Extended attributes by name: one record replaces another in O(log n).
+pub type Xattrs = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Records one extension header may hold (GNU.sparse.offset/numbytes pairs
+/// of PAX 0.0 sparse files are counted by the sparse-map limit instead).
+/// Real writers emit a handful; the cap keeps one header's cost bounded.
+pub const MAX_PAX_RECORDS: usize = 4096;
+
+/// xattrs one member may carry, its own and inherited from global headers.
+pub const MAX_XATTRS: usize = 1024;
 
 /// What a member creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +63,11 @@ pub struct Member {
     pub mtime_nsec: u32,
     pub dev_major: u32,
     pub dev_minor: u32,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The member's own xattrs (local PAX header).
+    pub xattrs: Xattrs,
+    /// xattrs of the global headers so far, shared by every member (never
+    /// copied per member); a local record of the same name wins.
+    pub global_xattrs: Arc<Xattrs>,
     /// Bytes of file data that follow in the archive (after a PAX 1.0 sparse map).
     pub data_size: u64,
     pub sparse: Option<Sparse>,
@@ -68,6 +85,18 @@ impl Member {
     /// The member's path for messages.
     pub fn display(&self) -> String {
         display_path(&self.path)
+    }
+
+    /// Every xattr of the member: its own, then the inherited ones it does
+    /// not override.
+    pub fn all_xattrs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let own = self.xattrs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()));
+        let inherited = self
+            .global_xattrs
+            .iter()
+            .filter(|(k, _)| !self.xattrs.contains_key(*k))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()));
+        own.chain(inherited)
     }
 }
 
@@ -90,7 +119,7 @@ struct Pax {
     uid: Option<u64>,
     gid: Option<u64>,
     mtime: Option<(i64, u32)>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattrs: Xattrs,
     sparse_major: Option<u64>,
     sparse_minor: Option<u64>,
     sparse_name: Option<Vec<u8>>,
@@ -110,7 +139,11 @@ pub struct TarStream<'a> {
     /// Data bytes of the current member not yet read, and its padding.
     data_left: u64,
     pad_left: u64,
+    /// Scalar and path records of the global headers (never xattrs or sparse records).
     global: Pax,
+    global_xattrs: Arc<Xattrs>,
+    /// Bytes the global state holds (names and values), capped by --max-header-size.
+    global_bytes: u64,
     ended: bool,
 }
 
@@ -128,6 +161,8 @@ impl<'a> TarStream<'a> {
             data_left: 0,
             pad_left: 0,
             global: Pax::default(),
+            global_xattrs: Arc::new(Xattrs::new()),
+            global_bytes: 0,
             ended: false,
         }
     }
@@ -295,9 +330,7 @@ impl<'a> TarStream<'a> {
                             have_local = true;
                         }
                         _ => {
-                            let mut g = self.global.clone();
-                            parse_pax(&body, &mut g)?;
-                            self.global = g;
+                            self.fold_global(&body)?;
                             self.members += 1;
                             self.check_count()?;
                             // A global header is a member of its own; a
@@ -312,10 +345,51 @@ impl<'a> TarStream<'a> {
             }
             self.members += 1;
             self.check_count()?;
-            let pax = merge(&self.global, if have_local { Some(&local) } else { None });
+            let pax = merge(&self.global, if have_local { Some(local) } else { None });
             let m = self.member(header, &block, size, pax, long_name, long_link)?;
             return Ok(Some(m));
         }
+    }
+
+    /// Fold a global ('g') header into the state every later member
+    /// inherits: applied once here, shared by reference afterwards.
+    fn fold_global(&mut self, body: &[u8]) -> Result<(), Reject> {
+        let mut g = Pax::default();
+        parse_pax(body, &mut g)?;
+        if g.sparse_major.is_some()
+            || g.sparse_minor.is_some()
+            || g.sparse_name.is_some()
+            || g.sparse_realsize.is_some()
+            || g.sparse_map.is_some()
+            || !g.sparse_legacy.is_empty()
+        {
+            return Err(rej("pax-record", "GNU.sparse.* records in a global header (they describe one file)"));
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $( if g.$f.is_some() { self.global.$f = g.$f.take(); } )* };
+        }
+        take!(path, linkpath, size, uid, gid, mtime);
+        if !g.xattrs.is_empty() {
+            let map = Arc::make_mut(&mut self.global_xattrs);
+            map.append(&mut g.xattrs);
+            if map.len() > MAX_XATTRS {
+                return Err(rej("xattr-count", format!("global headers declare more than {MAX_XATTRS} xattrs")));
+            }
+        }
+        let lens = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, |v| v.len() as u64);
+        self.global_bytes = self.global_xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>()
+            + lens(&self.global.path)
+            + lens(&self.global.linkpath);
+        if self.global_bytes > self.limits.max_header_size {
+            return Err(rej(
+                "header-size",
+                format!(
+                    "global extension headers add up to {} bytes, more than --max-header-size {}",
+                    self.global_bytes, self.limits.max_header_size
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_count(&self) -> Result<(), Reject> {
@@ -330,7 +404,7 @@ impl<'a> TarStream<'a> {
         header: &tar::Header,
         block: &[u8; 512],
         header_size: u64,
-        pax: Pax,
+        mut pax: Pax,
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
     ) -> Result<Member, Reject> {
@@ -407,6 +481,12 @@ impl<'a> TarStream<'a> {
                     | MemberKind::Fifo
             );
         let stored = if header_only { 0 } else { pax.size.unwrap_or(header_size) };
+        if pax.xattrs.len() + self.global_xattrs.len() > MAX_XATTRS {
+            let inherited = self.global_xattrs.keys().filter(|k| !pax.xattrs.contains_key(*k)).count();
+            if pax.xattrs.len() + inherited > MAX_XATTRS {
+                return Err(rej("xattr-count", format!("an entry carries more than {MAX_XATTRS} xattrs")));
+            }
+        }
         let mut m = Member {
             index: self.members,
             path,
@@ -419,7 +499,8 @@ impl<'a> TarStream<'a> {
             mtime_nsec,
             dev_major,
             dev_minor,
-            xattrs: pax.xattrs.clone(),
+            xattrs: std::mem::take(&mut pax.xattrs),
+            global_xattrs: self.global_xattrs.clone(),
             data_size: stored,
             sparse: None,
         };
@@ -583,33 +664,15 @@ fn cut_nul(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
-fn merge(global: &Pax, local: Option<&Pax>) -> Pax {
-    let mut p = global.clone();
-    if let Some(l) = local {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if l.$f.is_some() { p.$f = l.$f.clone(); } )* };
-        }
-        take!(
-            path,
-            linkpath,
-            size,
-            uid,
-            gid,
-            mtime,
-            sparse_major,
-            sparse_minor,
-            sparse_name,
-            sparse_realsize,
-            sparse_map
-        );
-        if !l.sparse_legacy.is_empty() {
-            p.sparse_legacy = l.sparse_legacy.clone();
-        }
-        for (k, v) in &l.xattrs {
-            p.xattrs.retain(|(k2, _)| k2 != k);
-            p.xattrs.push((k.clone(), v.clone()));
-        }
+/// The records a member sees: its local header's, else the global ones.
+/// Only small fields are copied from the global state; its xattrs are
+/// shared through `TarStream::global_xattrs`.
+fn merge(global: &Pax, local: Option<Pax>) -> Pax {
+    let mut p = local.unwrap_or_default();
+    macro_rules! inherit {
+        ($($f:ident),*) => { $( if p.$f.is_none() { p.$f = global.$f.clone(); } )* };
     }
+    inherit!(path, linkpath, size, uid, gid, mtime);
     p
 }
 
@@ -686,6 +749,7 @@ fn pax_time(v: &[u8]) -> Result<(i64, u32), Reject> {
 /// Strict PAX record parsing: "LEN KEY=VALUE\n", LEN counting the whole record.
 fn parse_pax(body: &[u8], out: &mut Pax) -> Result<(), Reject> {
     let mut rest = body;
+    let mut records = 0usize;
     while !rest.is_empty() {
         // GNU tar pads nothing, but some writers leave NULs after the last record.
         if rest.iter().all(|&b| b == 0) {
@@ -712,6 +776,15 @@ fn parse_pax(body: &[u8], out: &mut Pax) -> Result<(), Reject> {
         }
         if key.contains(&0) {
             return Err(rej("pax-record", "record key contains NUL"));
+        }
+        if key != b"GNU.sparse.offset" && key != b"GNU.sparse.numbytes" {
+            records += 1;
+            if records > MAX_PAX_RECORDS {
+                return Err(rej(
+                    "pax-records",
+                    format!("an extension header holds more than {MAX_PAX_RECORDS} records"),
+                ));
+            }
         }
         apply_record(key, val, out)?;
         rest = &rest[len..];
@@ -773,8 +846,7 @@ fn apply_record(key: &[u8], val: &[u8], out: &mut Pax) -> Result<(), Reject> {
                 if name.is_empty() {
                     return Err(rej("xattr-name", "empty xattr name"));
                 }
-                out.xattrs.retain(|(n, _)| n != name);
-                out.xattrs.push((name.to_vec(), val.to_vec()));
+                out.xattrs.insert(name.to_vec(), val.to_vec());
             }
             // Everything else (atime, ctime, uname, gname, comment, charset,
             // vendor keys) carries nothing we apply.

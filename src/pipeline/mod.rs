@@ -50,6 +50,8 @@ impl Opts {
             extract: crate::extract::Options {
                 limits: crate::extract::Limits::from_invocation(inv)?,
                 jobs: crate::extract::Options::from_invocation(inv)?.jobs,
+                // Full fidelity: build mounts are nosuid,nodev.
+                policy: crate::extract::Policy::FULL,
             },
             download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
             max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,

@@ -7,17 +7,102 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_thinimg")
+/// The binary under test. THINIMG_XT_BIN runs the tests against another
+/// build (e.g. an older commit's, to show a regression test fails there).
+pub fn bin() -> String {
+    std::env::var("THINIMG_XT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_thinimg").to_string())
 }
 
 /// These tests create devices, set owners and setuid bits: they need root.
+/// They also unpack hostile archives, so every test that calls this runs
+/// in its own sandbox: see [`enter_sandbox`].
 pub fn require_root() {
     if nix::unistd::geteuid().as_raw() != 0 {
         panic!(
             "the extract tests must run as root (they chown, mknod and set setuid bits); run them with sudo or as root"
         );
     }
+    enter_sandbox();
+}
+
+thread_local! {
+    static SANDBOXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Move the calling test thread (and every process it starts) into a
+/// private mount namespace where every mount is read-only and the temp
+/// directory is a fresh tmpfs: the only place a hostile archive could
+/// write to. Each libtest test runs on its own thread, so each gets its
+/// own namespace (unshare(CLONE_NEWNS) acts on the calling thread). Any
+/// step that fails panics: a test never runs on the live host.
+pub fn enter_sandbox() {
+    if SANDBOXED.with(|s| s.get()) {
+        return;
+    }
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        panic!("cannot build the test sandbox (private mount namespace, read-only host, tmpfs scratch): {what}: {e}")
+    };
+    // SAFETY: unshare(2) with a constant flag; it only changes this
+    // thread's namespace and fs_struct.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        fail("unshare(CLONE_NEWNS)", &std::io::Error::last_os_error());
+    }
+    use nix::mount::{mount, MsFlags};
+    if let Err(e) = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>) {
+        fail("making / private", &e);
+    }
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 1;
+    const AT_RECURSIVE: libc::c_int = 0x8000;
+    let attr = MountAttr { attr_set: MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr(2) on "/" (a NUL-terminated literal) with a
+    // properly sized, initialised struct mount_attr.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c"/".as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        fail("remounting every mount read-only (mount_setattr)", &std::io::Error::last_os_error());
+    }
+    let scratch = std::env::temp_dir();
+    if let Err(e) = mount(Some("tmpfs"), &scratch, Some("tmpfs"), MsFlags::empty(), Some("mode=1777,size=4g")) {
+        fail(&format!("mounting a tmpfs on {}", scratch.display()), &e);
+    }
+    // Prove it before any archive is touched.
+    for probe in
+        [Path::new("/root/.thinimg-xt-probe"), Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.thinimg-xt-probe"))]
+    {
+        match std::fs::write(probe, b"x") {
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+            Err(e) => fail(&format!("{} should be read-only", probe.display()), &e),
+            Ok(()) => {
+                let _ = std::fs::remove_file(probe);
+                fail(&format!("{} is writable", probe.display()), &"the host is not read-only");
+            }
+        }
+    }
+    let ok = scratch.join(".thinimg-xt-probe");
+    if let Err(e) = std::fs::write(&ok, b"x").and_then(|_| std::fs::remove_file(&ok)) {
+        fail(&format!("the scratch tmpfs {} is not writable", scratch.display()), &e);
+    }
+    SANDBOXED.with(|s| s.set(true));
+}
+
+/// Whether the calling thread is inside the sandbox.
+pub fn sandboxed() -> bool {
+    SANDBOXED.with(|s| s.get())
 }
 
 /// A sandbox: BASE/a/b/c/root is the image root; canaries sit at every
@@ -44,6 +129,7 @@ pub const HOST_TARGETS: &[&str] = &[
 
 impl Sandbox {
     pub fn new(tag: &str) -> Sandbox {
+        require_root();
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let base = std::env::temp_dir().join(format!("thinimg-xt-{}-{}-{}", std::process::id(), n, sanitize(tag)));
@@ -114,7 +200,23 @@ impl Sandbox {
 
     pub fn unpack(&self, layers: &[&Path], extra: &[&str]) -> Output {
         let mut c = Command::new(bin());
-        c.arg("unpack").arg("--dest").arg(&self.root).args(extra).args(layers);
+        // Full fidelity, layer after layer on the same root: what the
+        // pipeline does (its mounts are nosuid,nodev). `unpack_plain` runs
+        // the command's safe defaults.
+        c.arg("unpack").arg("--dest").arg(&self.root).args(FULL).args(extra).args(layers);
+        c.env("THINIMG_LOG", "error");
+        c.output().unwrap()
+    }
+}
+
+/// The flags that make `thinimg unpack` apply layers like the pipeline.
+pub const FULL: &[&str] = &["--apply-on-top", "--keep-privileges", "--devices"];
+
+impl Sandbox {
+    /// `thinimg unpack` with its defaults (no FULL flags) into `dest`.
+    pub fn unpack_plain(&self, dest: &Path, layers: &[&Path], extra: &[&str]) -> Output {
+        let mut c = Command::new(bin());
+        c.arg("unpack").arg("--dest").arg(dest).args(extra).args(layers);
         c.env("THINIMG_LOG", "error");
         c.output().unwrap()
     }
@@ -227,11 +329,20 @@ impl TarW {
     }
 
     pub fn pax(&mut self, records: &[u8]) {
+        self.ext(b'x', records);
+    }
+
+    /// A global ('g') PAX header: its records apply to every later member.
+    pub fn global(&mut self, records: &[u8]) {
+        self.ext(b'g', records);
+    }
+
+    fn ext(&mut self, typeflag: u8, records: &[u8]) {
         let mut h = [0u8; 512];
         h[..11].copy_from_slice(b"PaxHeader/x");
         octal(&mut h[100..108], 0o644);
         octal(&mut h[124..136], records.len() as u64);
-        h[156] = b'x';
+        h[156] = typeflag;
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
         self.block(h);
