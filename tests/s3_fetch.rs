@@ -312,7 +312,7 @@ fn hostile_keys_and_bad_objects() {
     let j = t.ok(&["ls-remote", "--json", "gap"]).json();
     assert!(j["families"]["gap"]["invalid"].as_str().unwrap().contains("layer 2 is missing"));
     // stat of one key (the HEAD equivalent) and of a missing one.
-    let cfg = thinimg::s3::S3Config {
+    let cfg = thinimg::fetch::s3::S3Config {
         bucket: "priv".into(),
         prefix: p.into(),
         region: "us-east-1".into(),
@@ -321,7 +321,7 @@ fn hostile_keys_and_bad_objects() {
     };
     std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::s3::S3Client::new(cfg).unwrap();
+    let client = thinimg::fetch::s3::S3Client::new(cfg).unwrap();
     let st = client.stat(&format!("{p}gap/3.tar")).unwrap();
     assert_eq!(st.size, tar_layer(22, 1000).len() as u64);
     assert_eq!(st.etag.len(), 32);
@@ -429,14 +429,17 @@ fn dropped_connections_and_slowdown_are_retried() {
 /// resuming a partial of the old version.
 #[test]
 fn precondition_failed_restarts_from_zero() {
-    use thinimg::blobs::{BlobStore, DownloadJob, Progress};
+    use thinimg::fetch::{
+        blobstore::BlobStore,
+        download::{DownloadJob, Progress},
+    };
     let srv = S3Server::shared();
     let data = tar_layer(51, 3 << 20);
     let key = "precond/images/p/1.tar";
     srv.put("priv", key, &data);
     std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::s3::S3Client::new(thinimg::s3::S3Config {
+    let client = thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
         bucket: "priv".into(),
         prefix: "precond/images/".into(),
         region: "us-east-1".into(),

@@ -17,11 +17,10 @@ use std::time::Duration;
 use s3::creds::Credentials;
 use s3::{Bucket, Region};
 
-use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
 
-/// How a client reaches its bucket. Built from the invocation by
-/// [`S3Config::from_invocation`].
+/// How a client reaches its bucket. The command layer builds it from the
+/// invocation (`cli::settings::s3_config`); this module never reads flags.
 #[derive(Debug, Clone)]
 pub struct S3Config {
     pub bucket: String,
@@ -32,26 +31,6 @@ pub struct S3Config {
     pub endpoint: Option<String>,
     /// Never sign requests.
     pub anonymous: bool,
-}
-
-impl S3Config {
-    pub fn from_invocation(inv: &Invocation) -> Result<S3Config> {
-        let bucket = inv.req("bucket")?.to_string();
-        if bucket.is_empty() || bucket.contains('/') {
-            return Err(Error::usage(format!("--bucket {bucket:?}: not a bucket name")));
-        }
-        let mut prefix = inv.get("prefix").unwrap_or("").to_string();
-        if !prefix.is_empty() && !prefix.ends_with('/') {
-            prefix.push('/');
-        }
-        Ok(S3Config {
-            bucket,
-            prefix,
-            region: inv.get("region").unwrap_or("us-east-1").to_string(),
-            endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
-            anonymous: inv.flag("anonymous"),
-        })
-    }
 }
 
 /// One object from a listing. `etag` is without its quotes.
@@ -183,10 +162,6 @@ fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
 }
 
 impl S3Client {
-    pub fn from_invocation(inv: &Invocation) -> Result<S3Client> {
-        S3Client::new(S3Config::from_invocation(inv)?)
-    }
-
     pub fn new(config: S3Config) -> Result<S3Client> {
         let creds = load_credentials(&config)?;
         let region = match &config.endpoint {

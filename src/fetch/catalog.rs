@@ -13,8 +13,8 @@
 
 use std::collections::BTreeMap;
 
+use super::s3::ObjectInfo;
 use crate::error::{Error, Kind, Result};
-use crate::s3::ObjectInfo;
 
 /// The largest layer number accepted (8 digits).
 pub const MAX_LAYER: u32 = 99_999_999;
