@@ -27,7 +27,13 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     let mut rows = Vec::new();
     for fam in cat.families.values() {
         for l in &fam.layers {
-            rows.push(vec![fam.name.clone(), l.n.to_string(), output::bytes(l.size), l.etag.clone(), show_key(&l.key)]);
+            rows.push(vec![
+                fam.name.clone(),
+                l.n.to_string(),
+                output::bytes(l.size),
+                crate::fetch::s3::printable(&l.etag, 80),
+                show_key(&l.key),
+            ]);
         }
     }
     output::table(&["FAMILY", "LAYER", "SIZE", "ETAG", "KEY"], &rows)?;

@@ -174,8 +174,22 @@ impl BlobStore {
         let mut failures = 0u32;
         let mut restarts = 0u32;
         let retry = s3.retry_policy();
+        // A server that trickles, or keeps failing after some progress,
+        // cannot hold this download (and the caller's lock) for ever.
+        let started = std::time::Instant::now();
+        let budget = s3.transfer_budget(job.size.saturating_sub(offset));
         'request: while offset < size {
-            let got = s3.get(job.key, offset, if_match.then_some(etag.as_str()))?;
+            if started.elapsed() > budget {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!(
+                        "{url}: too slow from {}: {offset} of {size} bytes after {} s (the least waited for is 64 KiB/s, --timeout per attempt); the received part is kept for the next run",
+                        s3.endpoint(),
+                        started.elapsed().as_secs()
+                    ),
+                ));
+            }
+            let got = s3.get(job.key, offset, if_match.then_some(etag.as_str()), size.saturating_sub(offset))?;
             let mut body = match got {
                 Got::Changed => {
                     restarts += 1;
