@@ -10,6 +10,8 @@ _thinimg_value_kind() {
         *" --prefix") echo "none" ;;
         *" --region") echo "none" ;;
         *" --endpoint") echo "none" ;;
+        *" --timeout") echo "none" ;;
+        *" --retries") echo "none" ;;
         *" --wait") echo "none" ;;
         *" --metrics-file") echo "file" ;;
         *" --log-format") echo "words:text json" ;;
@@ -106,7 +108,7 @@ _thinimg() {
         none) return ;;
     esac
 
-    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --wait --metrics-file --json --quiet --verbose --log-format --help --version"
+    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
         "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
         "runs") opts="--all $opts" ;;

@@ -1,12 +1,11 @@
 //! thinimg: container images in S3 → devicemapper thin devices.
 //!
 //! Data flows one way: `cli` → `cmd` (one file per command, parsing only) →
-//! `pipeline` (journaled steps) → the mechanisms (`s3`, `blobs`, `extract`,
+//! `pipeline` (journaled steps) → the mechanisms (`fetch`, `extract`,
 //! `dm`, `loopdev`, `pool`) → kernel and network. Mechanisms never call the
 //! pipeline or the CLI and never touch the database; `store` and `journal`
 //! own all SQL.
 
-pub mod blobs;
 pub mod cli;
 pub mod cmd;
 pub mod dm;
@@ -21,8 +20,6 @@ pub mod ops;
 pub mod pipeline;
 pub mod pool;
 pub mod poolctl;
-pub mod remote;
-pub mod s3;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{sha256_hex, tar_layer, S3Server, Thinimg};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{list_page, query_param, reply, sha256_hex, tar_layer, S3Server, ScriptedServer, Thinimg};
 
 fn layer_sources(report: &serde_json::Value) -> Vec<(String, String, u64)> {
     let mut v = Vec::new();
@@ -306,22 +309,25 @@ fn hostile_keys_and_bad_objects() {
     srv.put("priv", &format!("{p}gap/1.tar"), &good);
     srv.put("priv", &format!("{p}gap/3.tar"), &tar_layer(22, 1000));
     let r = t.run(&["fetch", "gap"], &[]);
-    assert_eq!(r.code, 65, "{}", r.stderr);
+    assert_eq!(r.code, 66, "a gap is \"no such layer\": {}", r.stderr);
     assert!(r.stderr.contains("layer 2 is missing") && r.stderr.contains(&format!("{p}gap/2.tar")), "{}", r.stderr);
+    assert!(r.stderr.contains("gap/1 (layers 1-1) is complete"), "names the ref that works: {}", r.stderr);
     t.ok(&["fetch", "gap/1"]);
     let j = t.ok(&["ls-remote", "--json", "gap"]).json();
     assert!(j["families"]["gap"]["invalid"].as_str().unwrap().contains("layer 2 is missing"));
     // stat of one key (the HEAD equivalent) and of a missing one.
-    let cfg = thinimg::s3::S3Config {
+    let cfg = thinimg::fetch::s3::S3Config {
         bucket: "priv".into(),
         prefix: p.into(),
         region: "us-east-1".into(),
         endpoint: Some(srv.endpoint.clone()),
         anonymous: false,
+        timeout: std::time::Duration::from_secs(10),
+        retries: 2,
     };
     std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::s3::S3Client::new(cfg).unwrap();
+    let client = thinimg::fetch::s3::S3Client::new(cfg).unwrap();
     let st = client.stat(&format!("{p}gap/3.tar")).unwrap();
     assert_eq!(st.size, tar_layer(22, 1000).len() as u64);
     assert_eq!(st.etag.len(), 32);
@@ -420,7 +426,11 @@ fn dropped_connections_and_slowdown_are_retried() {
     proxy.plan().fail_503 = 1000;
     let r = t3.run(&["ls-remote"], &[]);
     assert_eq!(r.code, 69, "{}", r.stderr);
-    assert!(r.stderr.contains("giving up after 6 attempts"), "{}", r.stderr);
+    assert!(r.stderr.contains("giving up after 3 attempts"), "default --retries 2: {}", r.stderr);
+    let r = t3.run(&["ls-remote", "--retries", "0"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("giving up after 1 attempts"), "{}", r.stderr);
+    assert!(r.stderr.contains(&proxy.endpoint), "the endpoint is named: {}", r.stderr);
     proxy.plan().fail_503 = 0;
 }
 
@@ -429,19 +439,24 @@ fn dropped_connections_and_slowdown_are_retried() {
 /// resuming a partial of the old version.
 #[test]
 fn precondition_failed_restarts_from_zero() {
-    use thinimg::blobs::{BlobStore, DownloadJob, Progress};
+    use thinimg::fetch::{
+        blobstore::BlobStore,
+        download::{DownloadJob, Progress},
+    };
     let srv = S3Server::shared();
     let data = tar_layer(51, 3 << 20);
     let key = "precond/images/p/1.tar";
     srv.put("priv", key, &data);
     std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
     std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::s3::S3Client::new(thinimg::s3::S3Config {
+    let client = thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
         bucket: "priv".into(),
         prefix: "precond/images/".into(),
         region: "us-east-1".into(),
         endpoint: Some(srv.endpoint.clone()),
         anonymous: false,
+        timeout: std::time::Duration::from_secs(10),
+        retries: 2,
     })
     .unwrap();
     let real_etag = client.stat(key).unwrap().etag;
@@ -541,4 +556,187 @@ fn sigint_checkpoints_and_the_next_run_resumes() {
     assert!(resumed > 4 << 20, "the bytes received before SIGINT were kept: {j:#}");
     assert_eq!(l["transferred"].as_u64().unwrap() + resumed, big.len() as u64);
     assert_eq!(l["digest"].as_str().unwrap(), sha256_hex(&big));
+}
+
+/// A Thinimg aimed at a scripted server instead of SeaweedFS.
+fn against(endpoint: &str) -> Thinimg {
+    let mut t = Thinimg::new(S3Server::shared(), "b", "images/");
+    t.endpoint = endpoint.to_string();
+    t
+}
+
+fn keys(family: &str, n: u64) -> Vec<(String, u64)> {
+    (1..=n).map(|i| (format!("images/{family}/{i}.tar"), 1000 + i)).collect()
+}
+
+/// Continuation tokens that cycle (with other cycle lengths than the
+/// review's A,B,A): refused at the first repeat, after one pass.
+#[test]
+fn a_listing_that_cycles_its_tokens_is_refused() {
+    for cycle in [1usize, 2, 5] {
+        let srv = ScriptedServer::start(move |line, conn| {
+            let next = match query_param(line, "continuation-token") {
+                None => 0,
+                Some(t) => t.trim_start_matches('T').parse::<usize>().unwrap() + 1,
+            };
+            let token = format!("T{}", next % cycle);
+            reply(conn, "200 OK", list_page(&keys(&format!("f{next}"), 50), Some(&token)).as_bytes());
+        });
+        let t = against(&srv.endpoint);
+        let t0 = Instant::now();
+        let r = t.run(&["ls-remote"], &[]);
+        assert_eq!(r.code, 69, "{}", r.stderr);
+        assert!(r.stderr.contains("repeats the continuation token"), "{}", r.stderr);
+        assert!(r.stderr.contains(&srv.endpoint), "names the endpoint: {}", r.stderr);
+        assert_eq!(srv.count(), cycle as u64 + 1, "one pass of the cycle, then stop");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+}
+
+/// Fresh tokens for ever: the page cap ends it, with bounded memory.
+#[test]
+fn a_listing_that_never_ends_is_capped() {
+    let srv = ScriptedServer::start(|line, conn| {
+        let next = query_param(line, "continuation-token").map(|t| t.parse::<u64>().unwrap() + 1).unwrap_or(0);
+        reply(conn, "200 OK", list_page(&keys("wide", 1), Some(&next.to_string())).as_bytes());
+    });
+    let t = against(&srv.endpoint);
+    let r = t.run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("pages (limit)"), "{}", r.stderr);
+    assert_eq!(srv.count(), thinimg::fetch::s3::MAX_LIST_PAGES);
+    // Many keys per page: the key cap ends it first.
+    let srv = ScriptedServer::start(|line, conn| {
+        let next = query_param(line, "continuation-token").map(|t| t.parse::<u64>().unwrap() + 1).unwrap_or(0);
+        let ks: Vec<(String, u64)> = (0..1000).map(|i| (format!("images/f{next}/{}.tar", i + 1), 10)).collect();
+        reply(conn, "200 OK", list_page(&ks, Some(&next.to_string())).as_bytes());
+    });
+    let r = against(&srv.endpoint).run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("objects (limit)"), "{}", r.stderr);
+    assert!(srv.count() <= (thinimg::fetch::s3::MAX_LIST_KEYS / 1000) as u64 + 1);
+}
+
+/// An oversized listing is a permanent error: asked for once, not retried.
+#[test]
+fn an_oversized_listing_is_not_retried() {
+    let srv = ScriptedServer::start(|_, conn| {
+        let len = thinimg::fetch::s3::MAX_XML_BODY + 1;
+        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n<ListBucketResult>");
+        let chunk = vec![b' '; 1 << 20];
+        let mut sent = 18u64;
+        while sent < len {
+            let n = (len - sent).min(chunk.len() as u64) as usize;
+            if conn.write_all(&chunk[..n]).is_err() {
+                return;
+            }
+            sent += n as u64;
+        }
+    });
+    let r = against(&srv.endpoint).run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("larger than"), "{}", r.stderr);
+    assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+    assert_eq!(srv.count(), 1);
+}
+
+/// A server that trickles a valid reply, or accepts and never answers,
+/// is cut off by the overall deadline, not only by a per-read timeout.
+#[test]
+fn stalled_and_trickling_servers_fail_in_bounded_time() {
+    let page = list_page(&keys("go", 1), None);
+    let trickle = ScriptedServer::start(move |_, conn| {
+        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", page.len());
+        for b in page.bytes() {
+            if conn.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    let t = against(&trickle.endpoint);
+    let t0 = Instant::now();
+    let r = t.run(&["ls-remote", "--timeout", "2", "--retries", "1"], &[]);
+    let took = t0.elapsed();
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(took < Duration::from_secs(9), "took {took:?}: {}", r.stderr);
+    assert!(r.stderr.contains("--timeout") && r.stderr.contains(&trickle.endpoint), "{}", r.stderr);
+    assert_eq!(trickle.count(), 2);
+
+    // Accepts, reads the request, never answers: the defaults end it well
+    // under a minute (the review measured 370 s).
+    let silent = ScriptedServer::start(|_, _conn| std::thread::sleep(Duration::from_secs(600)));
+    let t = against(&silent.endpoint);
+    let t0 = Instant::now();
+    let r = t.run(&["ls-remote"], &[]);
+    let took = t0.elapsed();
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(took < Duration::from_secs(40), "took {took:?}: {}", r.stderr);
+    assert!(r.stderr.contains(&silent.endpoint), "names the endpoint: {}", r.stderr);
+    // The flags are accepted by other commands that talk to S3, and checked.
+    let r = t.run(&["fetch", "--timeout", "1", "--retries", "0", "go"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    for bad in [["--timeout", "0"], ["--timeout", "5m"], ["--retries", "-1"], ["--retries", "99"]] {
+        let r = t.run(&["ls-remote", bad[0], bad[1]], &[]);
+        assert_eq!(r.code, 64, "{bad:?}: {}", r.stderr);
+    }
+}
+
+/// Escape sequences in an S3 error never reach the terminal, the log or the
+/// journal; a key listed twice is diagnosed as such.
+#[test]
+fn server_text_is_escaped_and_duplicate_keys_are_named() {
+    let srv = ScriptedServer::start(|line, conn| {
+        if line.contains("list-type") {
+            let mut ks = keys("go", 3);
+            ks.insert(2, ("images/go/2.tar".into(), 1002));
+            reply(conn, "200 OK", list_page(&ks, None).as_bytes());
+        } else {
+            let body = "<Error><Code>Internal\u{1b}]0;x\u{7}Error</Code><Message>\u{1b}[31mred\u{1b}[0m\nthinimg: error: injected line\r</Message></Error>";
+            reply(conn, "500 Internal Server Error", body.as_bytes());
+        }
+    });
+    let t = against(&srv.endpoint);
+    let r = t.run(&["fetch", "go/1", "--retries", "1"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(!r.stderr.contains('\u{1b}') && !r.stderr.contains('\r') && !r.stderr.contains('\u{7}'), "{:?}", r.stderr);
+    assert!(r.stderr.contains("\\u{1b}[31mred"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.lines().filter(|l| l.contains("injected line")).count(),
+        2,
+        "one warning, one error: {}",
+        r.stderr
+    );
+    let r = t.run(&["fetch", "go"], &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("images/go/2.tar more than once"), "{}", r.stderr);
+    assert!(!r.stderr.contains("missing"), "{}", r.stderr);
+}
+
+/// TLS spoken to a plain-HTTP port, and a web server that is not S3 (the
+/// filer), are named as such, at once, without retries.
+#[test]
+fn wrong_endpoints_are_named() {
+    let srv = S3Server::shared();
+    let mut t = Thinimg::new(srv, "priv", "wrong/images/");
+    t.endpoint = srv.endpoint.replacen("http://", "https://", 1);
+    let t0 = Instant::now();
+    let r = t.run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("TLS handshake") && r.stderr.contains(&srv.endpoint), "{}", r.stderr);
+    assert!(!r.stderr.contains("retrying"), "{}", r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    t.endpoint = srv.filer.clone();
+    let r = t.run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("does not look like an S3 endpoint") || r.stderr.contains("an S3 endpoint?"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&srv.filer), "{}", r.stderr);
+    t.endpoint = "http://127.0.0.1:1".into();
+    let r = t.run(&["ls-remote", "--retries", "0"], &[]);
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(r.stderr.contains("http://127.0.0.1:1"), "{}", r.stderr);
 }

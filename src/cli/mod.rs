@@ -5,6 +5,7 @@
 //! network: `-h` and `-V` return before anything else happens.
 
 pub mod help;
+pub mod settings;
 pub mod table;
 
 use std::collections::BTreeMap;

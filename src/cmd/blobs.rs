@@ -3,8 +3,8 @@
 
 use crate::cli::Invocation;
 use crate::error::Result;
+use crate::fetch::catalog::show_key;
 use crate::ops::output;
-use crate::remote::show_key;
 use crate::store::{blobs as q, Db};
 
 #[derive(serde::Serialize)]

@@ -1,12 +1,12 @@
 //! `thinimg fetch REF...`: download layer blobs into the store.
 
-use crate::blobs::BlobStore;
 use crate::cli::Invocation;
 use crate::error::Result;
+use crate::fetch::blobstore::BlobStore;
+use crate::fetch::s3::S3Client;
 use crate::fetch::{fetch_refs, FetchOptions, Source};
 use crate::ops::output;
 use crate::pipeline::Env;
-use crate::s3::S3Client;
 
 pub fn run(inv: &Invocation) -> Result<u8> {
     let opts = FetchOptions {
@@ -17,7 +17,7 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     };
     // Takes the state lock (--wait) and resumes interrupted runs first.
     let env = Env::open(inv)?;
-    let s3 = S3Client::from_invocation(inv)?;
+    let s3 = S3Client::new(crate::cli::settings::s3_config(inv)?)?;
     let store = BlobStore::open(&env.ctx.state_dir)?;
     let report = fetch_refs(&env.db.conn, &env.ctx.state_dir, &s3, &store, &inv.args, &opts)?;
     if inv.json() {

@@ -2,12 +2,12 @@
 
 use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
+use crate::fetch::catalog::{show_key, Catalog};
+use crate::fetch::s3::S3Client;
 use crate::ops::output;
-use crate::remote::{show_key, Catalog};
-use crate::s3::S3Client;
 
 pub fn run(inv: &Invocation) -> Result<u8> {
-    let s3 = S3Client::from_invocation(inv)?;
+    let s3 = S3Client::new(crate::cli::settings::s3_config(inv)?)?;
     let objects = s3.list(s3.prefix())?;
     let mut cat = Catalog::build(s3.bucket(), s3.prefix(), objects);
     if let Some(f) = inv.args.first() {
@@ -27,7 +27,13 @@ pub fn run(inv: &Invocation) -> Result<u8> {
     let mut rows = Vec::new();
     for fam in cat.families.values() {
         for l in &fam.layers {
-            rows.push(vec![fam.name.clone(), l.n.to_string(), output::bytes(l.size), l.etag.clone(), show_key(&l.key)]);
+            rows.push(vec![
+                fam.name.clone(),
+                l.n.to_string(),
+                output::bytes(l.size),
+                crate::fetch::s3::printable(&l.etag, 80),
+                show_key(&l.key),
+            ]);
         }
     }
     output::table(&["FAMILY", "LAYER", "SIZE", "ETAG", "KEY"], &rows)?;

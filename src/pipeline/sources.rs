@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use rusqlite::Connection;
 
 use super::Ctx;
-use crate::blobs::{BlobDigest, BlobStore};
 use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
+use crate::fetch::blobstore::{BlobDigest, BlobStore};
+use crate::fetch::s3::S3Client;
 use crate::fetch::{self, FetchOptions};
-use crate::s3::S3Client;
 
 /// The local image name of a ref: `golang` for a whole family, `golang/3`
 /// for a family up to layer 3 (given as `golang/3`, `golang/3.tar` or the
@@ -23,13 +23,13 @@ pub fn image_name(inv: &Invocation, r: &str) -> Result<String> {
         None => (rel, None),
         Some((f, l)) => {
             let l = if l.ends_with(".tar") { l.to_string() } else { format!("{l}.tar") };
-            let n = crate::remote::layer_number(&l).map_err(|why| {
+            let n = crate::fetch::catalog::layer_number(&l).map_err(|why| {
                 Error::usage(format!("reference {r:?}: {why}; expected FAMILY, FAMILY/N or {prefix}FAMILY/N.tar"))
             })?;
             (f, Some(n))
         }
     };
-    if let Some(why) = crate::remote::family_name_problem(family) {
+    if let Some(why) = crate::fetch::catalog::family_name_problem(family) {
         return Err(Error::usage(format!("reference {r:?}: {why}")));
     }
     Ok(match layer {
@@ -54,7 +54,7 @@ pub struct Fetched {
 }
 
 fn s3(ctx: &Ctx) -> Result<S3Client> {
-    S3Client::from_invocation(&ctx.inv)
+    S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)
 }
 
 fn fetch_opts(ctx: &Ctx) -> FetchOptions {
@@ -97,7 +97,7 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
     let client = s3(ctx)?;
     let store = BlobStore::open(&ctx.state_dir)?;
     let objects = client.list(client.prefix())?;
-    let cat = crate::remote::Catalog::build(client.bucket(), client.prefix(), objects);
+    let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
     let keys: Vec<String> = refs.iter().filter(|r| cat.resolve(r).is_ok()).cloned().collect();
     if keys.is_empty() {
         return Ok(());

@@ -94,11 +94,11 @@ pub fn read_refs(path: &str) -> Result<Vec<String>> {
 
 /// Every family in the bucket (valid or not: invalid ones are reported as failures).
 pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
-    let client = crate::s3::S3Client::from_invocation(&ctx.inv)?;
+    let client = crate::fetch::s3::S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)?;
     let objects = client.list(client.prefix())?;
-    let cat = crate::remote::Catalog::build(client.bucket(), client.prefix(), objects);
+    let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
     for i in &cat.ignored {
-        log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::remote::show_key(&i.key), i.reason);
+        log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::fetch::catalog::show_key(&i.key), i.reason);
     }
     Ok(cat.families.keys().cloned().collect())
 }

@@ -18,11 +18,13 @@ pub const SECRET_KEY: &str = "thinimgtestsecret0123456789abcdefghij";
 
 pub struct S3Server {
     pub endpoint: String,
+    /// The filer's HTTP port: a real web server that is not S3.
+    pub filer: String,
     pub dir: PathBuf,
     pid: u32,
     /// weed's master and filer ports (for `weed shell`).
-    master: u16,
-    filer: u16,
+    master_port: u16,
+    filer_port: u16,
 }
 
 impl Drop for S3Server {
@@ -133,7 +135,14 @@ impl S3Server {
             });
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
-        let srv = S3Server { endpoint: format!("http://127.0.0.1:{s3}"), dir, pid: child.id(), master, filer };
+        let srv = S3Server {
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            filer: format!("http://127.0.0.1:{filer}"),
+            dir,
+            pid: child.id(),
+            master_port: master,
+            filer_port: filer,
+        };
         std::mem::forget(child);
         let t0 = Instant::now();
         loop {
@@ -174,8 +183,8 @@ impl S3Server {
     pub fn shell(&self, script: &str) -> String {
         let mut child = Command::new(find_weed())
             .arg("shell")
-            .arg(format!("-master=127.0.0.1:{}", self.master))
-            .arg(format!("-filer=127.0.0.1:{}", self.filer))
+            .arg(format!("-master=127.0.0.1:{}", self.master_port))
+            .arg(format!("-filer=127.0.0.1:{}", self.filer_port))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -506,4 +515,88 @@ fn proxy_conn(mut client: std::net::TcpStream, up: &str, budget: Option<u64>, fa
     }
     let _ = client.shutdown(std::net::Shutdown::Both);
     let _ = server.shutdown(std::net::Shutdown::Both);
+}
+
+/// A small real HTTP/1.1 server on loopback whose answers a test scripts:
+/// the hostile or broken S3 endpoint (looping listings, huge or trickled
+/// replies, silence, escape sequences). The client under test talks to it
+/// over TCP exactly as to any server. `answer` gets the request line and
+/// the connection, and writes whatever it likes.
+pub struct ScriptedServer {
+    pub endpoint: String,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ScriptedServer {
+    pub fn start<F>(answer: F) -> ScriptedServer
+    where
+        F: Fn(&str, &mut std::net::TcpStream) + Send + Sync + 'static,
+    {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (answer, count) = (std::sync::Arc::new(answer), requests.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut conn) = c else { continue };
+                let (answer, count) = (answer.clone(), count.clone());
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let text = String::from_utf8_lossy(&head);
+                    let line = text.lines().next().unwrap_or("").to_string();
+                    answer(&line, &mut conn);
+                });
+            }
+        });
+        ScriptedServer { endpoint, requests }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Write an HTTP reply with a body and close.
+pub fn reply(conn: &mut std::net::TcpStream, status: &str, body: &[u8]) {
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(body);
+    let _ = conn.flush();
+}
+
+/// A ListObjectsV2 page with `keys` (key, size) and, if given, a
+/// continuation token (then the page says it is truncated).
+pub fn list_page(keys: &[(String, u64)], next: Option<&str>) -> String {
+    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>");
+    x.push_str(&format!("<IsTruncated>{}</IsTruncated>", next.is_some()));
+    for (k, size) in keys {
+        x.push_str(&format!(
+            "<Contents><Key>{k}</Key><ETag>&#34;{:032x}&#34;</ETag><Size>{size}</Size><LastModified>2026-11-22T01:01:35Z</LastModified></Contents>",
+            size
+        ));
+    }
+    if let Some(t) = next {
+        x.push_str(&format!("<NextContinuationToken>{t}</NextContinuationToken>"));
+    }
+    x.push_str("</ListBucketResult>");
+    x
+}
+
+/// The value of a query parameter in a request line, if present.
+pub fn query_param(line: &str, name: &str) -> Option<String> {
+    let target = line.split_whitespace().nth(1)?;
+    let q = target.split_once('?')?.1;
+    q.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
 }

@@ -8,13 +8,14 @@
 //! device names). Everything else (other names, nested folders, keys
 //! directly under the prefix, folder markers, empty objects) is listed as
 //! ignored with the reason, never guessed at. A gap in the numbering makes
-//! the image (from the gap up) invalid, with an error naming the missing
-//! layer. This module is pure: no network, no disk, no database.
+//! the image (from the gap up) invalid, with an error (66, "no such layer")
+//! naming the missing layer and the complete ref below it (`golang/5`); a
+//! key the listing names twice makes it invalid from that layer up. This module is pure: no network, no disk, no database.
 
 use std::collections::BTreeMap;
 
+use super::s3::ObjectInfo;
 use crate::error::{Error, Kind, Result};
-use crate::s3::ObjectInfo;
 
 /// The largest layer number accepted (8 digits).
 pub const MAX_LAYER: u32 = 99_999_999;
@@ -169,7 +170,9 @@ impl Catalog {
         }
         for fam in families.values_mut() {
             fam.layers.sort_by_key(|l| l.n);
-            if let Some(missing) = first_gap(&fam.layers) {
+            if let Some(dup) = first_duplicate(&fam.layers) {
+                fam.invalid = Some(duplicate_message(bucket, &fam.name, dup));
+            } else if let Some(missing) = first_gap(&fam.layers) {
                 fam.invalid = Some(gap_message(bucket, prefix, &fam.name, missing, &fam.layers, &ignored));
             }
         }
@@ -221,18 +224,30 @@ impl Catalog {
             ));
         }
         let layers: Vec<Layer> = fam.layers.iter().filter(|l| l.n <= top).cloned().collect();
+        if let Some(dup) = first_duplicate(&layers) {
+            return Err(Error::new(Kind::Unavailable, duplicate_message(&self.bucket, family, dup)));
+        }
         if let Some(missing) = first_gap(&layers) {
-            return Err(Error::bad_data(gap_message(
-                &self.bucket,
-                &self.prefix,
-                family,
-                missing,
-                &fam.layers,
-                &self.ignored,
-            )));
+            return Err(Error::new(
+                Kind::NoSuchImage,
+                gap_message(&self.bucket, &self.prefix, family, missing, &fam.layers, &self.ignored),
+            ));
         }
         Ok(ImageRef { family: family.to_string(), top, layers })
     }
+}
+
+/// A layer listed more than once in a sorted layer list (the same key
+/// twice: a layer number has one spelling), if any.
+fn first_duplicate(layers: &[Layer]) -> Option<&Layer> {
+    layers.windows(2).find(|w| w[0].n == w[1].n).map(|w| &w[1])
+}
+
+fn duplicate_message(bucket: &str, family: &str, dup: &Layer) -> String {
+    format!(
+        "image {family}: the listing names s3://{bucket}/{} more than once (a broken or hostile server); not using it",
+        show_key(&dup.key)
+    )
 }
 
 /// The first missing layer number in a sorted layer list, if any.
@@ -256,6 +271,11 @@ fn gap_message(
     );
     if let Some(ig) = ignored.iter().find(|i| i.key == key) {
         m.push_str(&format!("; {key} was ignored: {}", ig.reason));
+    }
+    // Never guessed around, but the complete part is named.
+    if missing > 1 {
+        let top = missing - 1;
+        m.push_str(&format!("; {family}/{top} (layers 1-{top}) is complete and can be used as that ref"));
     }
     m
 }
@@ -315,7 +335,8 @@ mod tests {
         // go has a gap at 3: the whole family is invalid, but go/2 is fine.
         assert!(c.families["go"].invalid.as_deref().unwrap().contains("layer 3 is missing"));
         let e = c.resolve("go").unwrap_err();
-        assert_eq!(e.kind(), Kind::BadData);
+        assert_eq!(e.kind(), Kind::NoSuchImage);
+        assert!(e.message().contains("go/2 (layers 1-2) is complete"), "{}", e.message());
         assert!(e.message().contains("s3://b/images/go/3.tar"), "{}", e.message());
         for r in ["go/2", "go/2.tar", "images/go/2.tar"] {
             let i = c.resolve(r).unwrap();
@@ -325,5 +346,23 @@ mod tests {
         assert_eq!(c.resolve("rust").unwrap_err().kind(), Kind::NoSuchImage);
         assert_eq!(c.resolve("py/2").unwrap_err().kind(), Kind::NoSuchImage);
         assert_eq!(c.resolve("py/02").unwrap_err().kind(), Kind::Usage);
+    }
+
+    #[test]
+    fn a_key_listed_twice_is_named_not_taken_for_a_gap() {
+        for n in [1u64, 2, 3] {
+            let mut keys: Vec<(String, u64)> = (1..=3).map(|i| (format!("images/go/{i}.tar"), i)).collect();
+            keys.push((format!("images/go/{n}.tar"), n));
+            let c = Catalog::build("b", "images/", keys.into_iter().map(|(k, s)| obj(&k, s)).collect());
+            let why = c.families["go"].invalid.clone().unwrap();
+            assert!(why.contains(&format!("s3://b/images/go/{n}.tar more than once")), "{why}");
+            assert!(!why.contains("missing"), "{why}");
+            let e = c.resolve("go").unwrap_err();
+            assert!(e.message().contains("more than once"), "{}", e.message());
+            // Below the duplicate the family is still usable.
+            if n > 1 {
+                assert_eq!(c.resolve(&format!("go/{}", n - 1)).unwrap().layers.len(), n as usize - 1);
+            }
+        }
     }
 }

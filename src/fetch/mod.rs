@@ -1,4 +1,12 @@
-//! The fetch driver: from refs to verified blobs in the store.
+//! Getting a layer's bytes from S3, and the fetch driver: from refs to
+//! verified blobs in the store.
+//!
+//! The folder: [`s3`] is the S3 client (built from a typed [`s3::S3Config`],
+//! never from flags), [`catalog`] turns a listing into families and layers
+//! and owns the ref grammar, [`blobstore`] is the content-addressed store on
+//! disk and [`download`] the resumable, verifying download into it. Only
+//! this file persists (through `store::blobs`); the four below it never
+//! open the database.
 //!
 //! One listing resolves every ref; layers are deduplicated by key and by
 //! plain-MD5 ETag + size (content already stored under another key is not
@@ -8,7 +16,6 @@
 //! the `downloads`/`objects`/`blobs` rows: a crash anywhere leaves them
 //! consistent, and a rerun resumes from the last checkpoint or adopts a
 //! finished-but-unrecorded blob instead of downloading durable bytes again.
-//! This module persists; the blob store and the S3 client below it do not.
 //! It takes no lock: its callers hold the state-dir lock.
 
 use std::collections::{HashMap, HashSet};
@@ -18,10 +25,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::blobs::{BlobDigest, BlobStore, DownloadJob, Progress};
+pub mod blobstore;
+pub mod catalog;
+pub mod download;
+pub mod s3;
+
+use self::blobstore::{BlobDigest, BlobStore};
+use self::catalog::{Catalog, ImageRef, Layer};
+use self::download::{DownloadJob, Progress};
+use self::s3::{etag_is_plain_md5, S3Client};
 use crate::error::{Error, Kind, Result};
-use crate::remote::{Catalog, ImageRef, Layer};
-use crate::s3::{etag_is_plain_md5, S3Client};
 use crate::store::blobs as q;
 use crate::store::Db;
 

@@ -4,24 +4,30 @@
 //! rust-s3 supplies the region, the credentials and SigV4 (every request is
 //! a presigned URL, so headers such as `Range` and `If-Match` stay outside
 //! the signature and the body is never buffered); ureq does the HTTP, with
-//! no content decoding so ranges and digests see the raw bytes, and a
-//! per-read stall timeout. Requests are retried here with bounded
-//! exponential backoff and jitter; HTTP errors become [`Kind`]s (403 →
-//! NoPerm, 404 → NoSuchImage, the rest Unavailable) with messages that name
-//! the bucket and the key. This module never touches the database or the
-//! local filesystem, and never interprets what an object contains.
+//! no content decoding so ranges and digests see the raw bytes. Every
+//! request has an overall deadline (`--timeout`; an object body gets that
+//! plus its size at [`MIN_BODY_RATE`]), so a server that accepts and never
+//! answers, or trickles, cannot hold the caller (and its state lock).
+//! Requests are retried here (`--retries`) with bounded exponential backoff
+//! and jitter; HTTP errors become [`Kind`]s (403 → NoPerm, 404 →
+//! NoSuchImage, the rest Unavailable) with messages that name the endpoint,
+//! the bucket and the key. Text a server sends is escaped ([`printable`])
+//! before it reaches a message. A listing is bounded ([`MAX_LIST_PAGES`],
+//! [`MAX_LIST_KEYS`], [`MAX_XML_BODY`]) and a repeated continuation token
+//! is an error. This module never touches the database or the local
+//! filesystem, and never interprets what an object contains.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::time::Duration;
 
 use s3::creds::Credentials;
 use s3::{Bucket, Region};
 
-use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
 
-/// How a client reaches its bucket. Built from the invocation by
-/// [`S3Config::from_invocation`].
+/// How a client reaches its bucket. The command layer builds it from the
+/// invocation (`cli::settings::s3_config`); this module never reads flags.
 #[derive(Debug, Clone)]
 pub struct S3Config {
     pub bucket: String,
@@ -32,26 +38,44 @@ pub struct S3Config {
     pub endpoint: Option<String>,
     /// Never sign requests.
     pub anonymous: bool,
+    /// Overall deadline of one request: connecting, the reply's head and a
+    /// listing or error body. An object body gets this plus its size at
+    /// [`MIN_BODY_RATE`].
+    pub timeout: Duration,
+    /// How often a request that failed in a way that may pass is tried again.
+    pub retries: u32,
 }
 
-impl S3Config {
-    pub fn from_invocation(inv: &Invocation) -> Result<S3Config> {
-        let bucket = inv.req("bucket")?.to_string();
-        if bucket.is_empty() || bucket.contains('/') {
-            return Err(Error::usage(format!("--bucket {bucket:?}: not a bucket name")));
+/// The slowest object transfer waited for, in bytes per second: a GET's
+/// deadline is the timeout plus the bytes asked for at this rate, and a
+/// whole download's is the timeout per attempt plus its size at this rate.
+pub const MIN_BODY_RATE: u64 = 64 << 10;
+/// At most this many ListObjectsV2 pages per listing.
+pub const MAX_LIST_PAGES: u64 = 2_000;
+/// At most this many objects per listing (250 full pages).
+pub const MAX_LIST_KEYS: usize = 250_000;
+/// The largest listing page or error document read (a 1000-key page is a
+/// few hundred KiB). A larger one is refused, not retried.
+pub const MAX_XML_BODY: u64 = 8 << 20;
+/// The longest continuation token accepted.
+const MAX_TOKEN: usize = 4096;
+
+/// Server-supplied text made safe to print, log or store: control
+/// characters (terminal escapes, newlines) escaped, cut to `max` characters.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
         }
-        let mut prefix = inv.get("prefix").unwrap_or("").to_string();
-        if !prefix.is_empty() && !prefix.ends_with('/') {
-            prefix.push('/');
+        if c.is_control() || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
-        Ok(S3Config {
-            bucket,
-            prefix,
-            region: inv.get("region").unwrap_or("us-east-1").to_string(),
-            endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
-            anonymous: inv.flag("anonymous"),
-        })
     }
+    out
 }
 
 /// One object from a listing. `etag` is without its quotes.
@@ -117,6 +141,9 @@ pub struct ObjectStream {
     pub total_size: u64,
     /// First byte of this body within the object.
     pub offset: u64,
+    /// `x-amz-checksum-sha256` of the whole object (base64), when the
+    /// server sent one with a whole-object (200) reply.
+    pub checksum_sha256: Option<String>,
 }
 
 impl Read for ObjectStream {
@@ -139,6 +166,8 @@ pub struct S3Client {
     anonymous: bool,
     agent: ureq::Agent,
     retry: RetryPolicy,
+    /// The endpoint as shown in messages (no credentials in it).
+    endpoint: String,
 }
 
 /// Where the credentials came from, for the log.
@@ -183,10 +212,6 @@ fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
 }
 
 impl S3Client {
-    pub fn from_invocation(inv: &Invocation) -> Result<S3Client> {
-        S3Client::new(S3Config::from_invocation(inv)?)
-    }
-
     pub fn new(config: S3Config) -> Result<S3Client> {
         let creds = load_credentials(&config)?;
         let region = match &config.endpoint {
@@ -214,18 +239,42 @@ impl S3Client {
         if config.endpoint.is_some() || config.bucket.contains('.') {
             bucket = bucket.with_path_style();
         }
+        let t = config.timeout.max(Duration::from_millis(100));
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
+            .timeout_global(Some(t))
+            .timeout_connect(Some(t))
+            .timeout_recv_response(Some(t))
             // Stall timeout: a body that sends nothing for this long is a
             // dropped connection, retried from where it stopped.
-            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(t))
             .user_agent(concat!("thinimg/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Ok(S3Client { bucket, config, anonymous, agent, retry: RetryPolicy::default() })
+        let endpoint = match &config.endpoint {
+            Some(ep) => without_userinfo(ep.trim_end_matches('/')),
+            None => without_userinfo(bucket.url().trim_end_matches('/')),
+        };
+        let retry = RetryPolicy { attempts: config.retries.saturating_add(1), ..RetryPolicy::default() };
+        Ok(S3Client { bucket, config, anonymous, agent, retry, endpoint })
+    }
+
+    /// The endpoint URL, for messages.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// How long a whole download of `bytes` may take, retries included,
+    /// before it is abandoned (its durable part is kept for the next run).
+    pub fn transfer_budget(&self, bytes: u64) -> Duration {
+        self.config.timeout.saturating_mul(self.retry.attempts.max(1))
+            + Duration::from_secs(bytes / MIN_BODY_RATE)
+            + self.retry.cap.saturating_mul(self.retry.attempts)
+    }
+
+    fn is_https(&self) -> bool {
+        self.endpoint.starts_with("https://")
     }
 
     pub fn bucket(&self) -> &str {
@@ -277,6 +326,7 @@ impl S3Client {
         let max_keys = std::env::var("THINIMG_S3_MAX_KEYS").ok().and_then(|v| v.parse::<u32>().ok());
         let mut out = Vec::new();
         let mut token: Option<String> = None;
+        let mut seen: HashSet<String> = HashSet::new();
         let mut pages = 0u64;
         loop {
             let mut q = vec![("list-type", "2".to_string()), ("prefix", prefix.to_string())];
@@ -286,32 +336,72 @@ impl S3Client {
             if let Some(t) = &token {
                 q.push(("continuation-token", t.clone()));
             }
-            let what = format!("listing s3://{}/{prefix}", self.config.bucket);
+            let what = format!("listing s3://{}/{prefix} at {}", self.config.bucket, self.endpoint);
             let body = self.with_retries(&what, || {
                 let url = self.url("", &q).map_err(|err| Failure { err, retryable: false })?;
-                let mut resp = self.agent.get(&url).call().map_err(|e| transport_failure(&what, e))?;
+                let mut resp = self.agent.get(&url).call().map_err(|e| self.transport_failure(&what, e))?;
                 let status = resp.status().as_u16();
                 let body = resp
                     .body_mut()
                     .with_config()
-                    .limit(64 << 20)
+                    .limit(MAX_XML_BODY)
                     .read_to_string()
-                    .map_err(|e| transport_failure(&what, e))?;
+                    .map_err(|e| self.transport_failure(&what, e))?;
                 if status != 200 {
-                    return Err(status_failure(&what, status, &body, &self.config.bucket, None));
+                    return Err(self.status_failure(&what, status, &body, None));
                 }
                 Ok(body)
             })?;
-            let page = parse_list_page(&body)
-                .map_err(|m| Error::new(Kind::Unavailable, format!("{what}: malformed ListObjectsV2 reply: {m}")))?;
+            let page = parse_list_page(&body).map_err(|m| {
+                Error::new(
+                    Kind::Unavailable,
+                    format!(
+                        "{what}: not a ListObjectsV2 reply ({}); is {} an S3 endpoint?",
+                        printable(&m, 200),
+                        self.endpoint
+                    ),
+                )
+            })?;
             pages += 1;
             out.extend(page.objects);
+            if out.len() > MAX_LIST_KEYS {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    format!("{what}: more than {MAX_LIST_KEYS} objects (limit); use a narrower --prefix"),
+                ));
+            }
             match (page.truncated, page.next_token) {
-                (true, Some(t)) if token.as_deref() != Some(&t) => token = Some(t),
-                (true, _) => {
+                (true, Some(t)) => {
+                    if t.len() > MAX_TOKEN {
+                        return Err(Error::new(
+                            Kind::Unavailable,
+                            format!(
+                                "{what}: page {pages} has a continuation token of {} bytes (limit {MAX_TOKEN})",
+                                t.len()
+                            ),
+                        ));
+                    }
+                    if !seen.insert(t.clone()) {
+                        return Err(Error::new(
+                            Kind::Unavailable,
+                            format!(
+                                "{what}: page {pages} repeats the continuation token {:?} of an earlier page; the listing would loop",
+                                printable(&t, 100)
+                            ),
+                        ));
+                    }
+                    if pages >= MAX_LIST_PAGES {
+                        return Err(Error::new(
+                            Kind::Unavailable,
+                            format!("{what}: more than {MAX_LIST_PAGES} pages (limit)"),
+                        ));
+                    }
+                    token = Some(t);
+                }
+                (true, None) => {
                     return Err(Error::new(
                         Kind::Unavailable,
-                        format!("{what}: truncated page {pages} without a new continuation token"),
+                        format!("{what}: truncated page {pages} without a continuation token"),
                     ))
                 }
                 (false, _) => break,
@@ -322,36 +412,44 @@ impl S3Client {
     }
 
     /// GET `key` from byte `offset`, conditional on `if_match` when given.
-    /// Retries connection failures and 5xx/429; `Got::Changed` on 412.
-    pub fn get(&self, key: &str, offset: u64, if_match: Option<&str>) -> Result<Got> {
-        let what = format!("downloading {}", self.url_of(key));
+    /// `expect` is how many bytes the caller expects from `offset`: the
+    /// request's deadline is the timeout plus those bytes at
+    /// [`MIN_BODY_RATE`]. Retries connection failures and 5xx/429;
+    /// `Got::Changed` on 412.
+    pub fn get(&self, key: &str, offset: u64, if_match: Option<&str>, expect: u64) -> Result<Got> {
+        let what = format!("downloading {} from {}", self.url_of(key), self.endpoint);
+        let deadline = self.config.timeout + Duration::from_secs(expect / MIN_BODY_RATE);
         self.with_retries(&what, || {
             let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
-            let mut req = self.agent.get(&url);
+            let mut req = self.agent.get(&url).config().timeout_global(Some(deadline)).build();
             if offset > 0 {
                 req = req.header("Range", &format!("bytes={offset}-"));
             }
             if let Some(e) = if_match {
                 req = req.header("If-Match", &format!("\"{e}\""));
             }
-            let resp = req.call().map_err(|e| transport_failure(&what, e))?;
+            let resp = req.call().map_err(|e| self.transport_failure(&what, e))?;
             let status = resp.status().as_u16();
             let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
+            let checksum_sha256 = header("x-amz-checksum-sha256");
             match status {
                 412 => return Ok(Got::Changed),
                 200 | 206 => {}
                 _ => {
                     let mut body = String::new();
                     let _ = resp.into_body().into_reader().take(64 << 10).read_to_string(&mut body);
-                    return Err(status_failure(&what, status, &body, &self.config.bucket, Some(key)));
+                    return Err(self.status_failure(&what, status, &body, Some(key)));
                 }
             }
             let len: Option<u64> = header("content-length").and_then(|v| v.trim().parse().ok());
             let (start, total) = if status == 206 {
                 let cr = header("content-range").unwrap_or_default();
                 parse_content_range(&cr).ok_or_else(|| Failure {
-                    err: Error::new(Kind::Unavailable, format!("{what}: bad Content-Range {cr:?} in a 206 reply")),
+                    err: Error::new(
+                        Kind::Unavailable,
+                        format!("{what}: bad Content-Range \"{}\" in a 206 reply", printable(&cr, 100)),
+                    ),
                     retryable: true,
                 })?
             } else {
@@ -371,7 +469,13 @@ impl S3Client {
                 });
             }
             let reader = resp.into_body().into_reader();
-            Ok(Got::Body(ObjectStream { reader: Box::new(reader), etag, total_size: total, offset: start }))
+            Ok(Got::Body(ObjectStream {
+                reader: Box::new(reader),
+                etag,
+                total_size: total,
+                offset: start,
+                checksum_sha256: checksum_sha256.filter(|_| status == 200),
+            }))
         })
     }
 
@@ -380,11 +484,15 @@ impl S3Client {
     /// of the first byte (`Range: bytes=0-0`), which S3 answers with the
     /// whole object's size in Content-Range, like a HEAD would.
     pub fn stat(&self, key: &str) -> Result<ObjectInfo> {
-        let what = format!("checking {}", self.url_of(key));
+        let what = format!("checking {} at {}", self.url_of(key), self.endpoint);
         self.with_retries(&what, || {
             let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
-            let mut resp =
-                self.agent.get(&url).header("Range", "bytes=0-0").call().map_err(|e| transport_failure(&what, e))?;
+            let mut resp = self
+                .agent
+                .get(&url)
+                .header("Range", "bytes=0-0")
+                .call()
+                .map_err(|e| self.transport_failure(&what, e))?;
             let status = resp.status().as_u16();
             let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
@@ -396,7 +504,7 @@ impl S3Client {
                 416 => Some(0),
                 _ => {
                     let body = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
-                    return Err(status_failure(&what, status, &body, &self.config.bucket, Some(key)));
+                    return Err(self.status_failure(&what, status, &body, Some(key)));
                 }
             };
             let size = size.ok_or_else(|| Failure {
@@ -429,14 +537,79 @@ impl S3Client {
     }
 }
 
-fn transport_failure(what: &str, e: ureq::Error) -> Failure {
-    Failure { err: Error::new(Kind::Unavailable, what.to_string()).with_source(e), retryable: true }
+impl S3Client {
+    /// Classify a failure before (or while) reading a reply: a TLS or HTTP
+    /// mismatch is named and not retried; an oversized body is refused, not
+    /// retried; the rest (refused, reset, timed out) may pass.
+    fn transport_failure(&self, what: &str, e: ureq::Error) -> Failure {
+        classify_transport(what, &self.endpoint, self.is_https(), self.config.timeout, e)
+    }
+
+    fn status_failure(&self, what: &str, status: u16, body: &str, key: Option<&str>) -> Failure {
+        status_failure(what, status, body, &self.config.bucket, key, &self.endpoint)
+    }
+}
+
+fn classify_transport(what: &str, endpoint: &str, https: bool, timeout: Duration, e: ureq::Error) -> Failure {
+    let permanent = |msg: String, e: ureq::Error| Failure {
+        err: Error::new(Kind::Unavailable, format!("{what}: {msg}")).with_source(e),
+        retryable: false,
+    };
+    match e {
+        ureq::Error::BodyExceedsLimit(n) => permanent(
+            format!("the reply is larger than {n} bytes (limit); refusing it"),
+            ureq::Error::BodyExceedsLimit(n),
+        ),
+        // rustls reports a bad handshake as an InvalidData I/O error.
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) if https => permanent(
+            format!(
+                "TLS handshake with {endpoint} failed; if the endpoint speaks plain HTTP, use {}",
+                endpoint.replacen("https://", "http://", 1)
+            ),
+            e,
+        ),
+        ureq::Error::Io(ref io) if https && io.kind() == std::io::ErrorKind::InvalidData => permanent(
+            format!(
+                "TLS handshake with {endpoint} failed; if the endpoint speaks plain HTTP, use {}",
+                endpoint.replacen("https://", "http://", 1)
+            ),
+            e,
+        ),
+        ureq::Error::Protocol(_) | ureq::Error::LargeResponseHeader(..) if !https => permanent(
+            format!(
+                "{endpoint} did not answer with HTTP; if it speaks TLS, use {}",
+                endpoint.replacen("http://", "https://", 1)
+            ),
+            e,
+        ),
+        ureq::Error::Timeout(t) => Failure {
+            err: Error::new(
+                Kind::Unavailable,
+                format!("{what}: no complete answer within the deadline ({} s, --timeout; {t})", timeout.as_secs_f64()),
+            ),
+            retryable: true,
+        },
+        e => Failure { err: Error::new(Kind::Unavailable, what.to_string()).with_source(e), retryable: true },
+    }
+}
+
+/// `http://user:secret@host` → `http://host`: messages never carry credentials.
+fn without_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let host = auth.rsplit_once('@').map(|(_, h)| h).unwrap_or(auth);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 /// Classify an HTTP error reply by status and S3 error code.
-fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option<&str>) -> Failure {
-    let code = xml_text(body, "Code").unwrap_or_default();
-    let s3msg = xml_text(body, "Message").unwrap_or_default();
+fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option<&str>, endpoint: &str) -> Failure {
+    let code = printable(&xml_text(body, "Code").unwrap_or_default(), 64);
+    let s3msg = printable(&xml_text(body, "Message").unwrap_or_default(), 300);
+    let s3_error = body.contains("<Error>") || body.contains("<Error ") || !code.is_empty();
     let obj = match key {
         Some(k) => format!("s3://{bucket}/{k}"),
         None => format!("bucket {bucket}"),
@@ -457,6 +630,13 @@ fn status_failure(what: &str, status: u16, body: &str, bucket: &str, key: Option
             format!("access denied to {obj} (check the credentials, or --anonymous for a public bucket)"),
         ),
         (401, _) => (Kind::NoPerm, false, "authentication required".into()),
+        // An S3 server answers an error with an <Error> document; a web
+        // server, a filer or a proxy on the wrong port does not.
+        (400 | 404 | 405 | 501, _) if !s3_error => (
+            Kind::Unavailable,
+            false,
+            format!("{endpoint} answered HTTP {status} without an S3 error document; it does not look like an S3 endpoint (wrong port or URL?)"),
+        ),
         (404, "NoSuchBucket") => (Kind::NoSuchImage, false, format!("bucket {bucket} does not exist")),
         (404, _) => (Kind::NoSuchImage, false, format!("{obj} does not exist")),
         (301 | 307 | 308, _) => (
@@ -631,18 +811,38 @@ mod tests {
     #[test]
     fn error_codes_map_to_kinds() {
         let body = "<Error><Code>SignatureDoesNotMatch</Code><Message>m</Message></Error>";
-        let f = status_failure("listing", 403, body, "b", None);
+        let f = status_failure("listing", 403, body, "b", None, "http://e");
         assert_eq!(f.err.kind(), Kind::NoPerm);
         assert!(f.err.message().contains("secret key is wrong"), "{}", f.err.message());
-        let f = status_failure("get", 404, "<Error><Code>NoSuchKey</Code></Error>", "b", Some("images/x/1.tar"));
+        let f = status_failure(
+            "get",
+            404,
+            "<Error><Code>NoSuchKey</Code></Error>",
+            "b",
+            Some("images/x/1.tar"),
+            "http://e",
+        );
         assert_eq!(f.err.kind(), Kind::NoSuchImage);
         assert!(f.err.message().contains("s3://b/images/x/1.tar"));
         let skew = "<Error><Code>RequestTimeTooSkewed</Code></Error>";
-        let f = status_failure("listing", 403, skew, "b", None);
+        let f = status_failure("listing", 403, skew, "b", None, "http://e");
         assert_eq!(f.err.kind(), Kind::NoPerm);
         assert!(f.err.message().contains("clock"), "{}", f.err.message());
         assert!(!f.retryable);
-        assert!(status_failure("g", 503, "", "b", None).retryable);
-        assert!(!status_failure("g", 400, "", "b", None).retryable);
+        assert!(status_failure("g", 503, "", "b", None, "http://e").retryable);
+        assert!(!status_failure("g", 400, "", "b", None, "http://e").retryable);
+        // Not an S3 error document: named as a wrong endpoint, not a missing bucket.
+        let f = status_failure("listing", 404, "<html>404 page not found</html>", "b", None, "http://e:8888");
+        assert_eq!(f.err.kind(), Kind::Unavailable);
+        assert!(f.err.message().contains("does not look like an S3 endpoint"), "{}", f.err.message());
+        assert!(f.err.message().contains("http://e:8888"), "{}", f.err.message());
+        // Server text is escaped before it can reach a terminal or a log.
+        let evil = "<Error><Code>InternalError</Code><Message>\u{1b}[31mred\u{1b}[0m\nthinimg: error: injected</Message></Error>";
+        let f = status_failure("g", 500, evil, "b", None, "http://e");
+        let m = f.err.message();
+        assert!(!m.chars().any(|c| c.is_control()), "{m:?}");
+        assert!(m.contains("\\u{1b}[31mred") && m.contains("\\nthinimg"), "{m:?}");
+        assert_eq!(printable(&"x".repeat(500), 10), format!("{}...", "x".repeat(10)));
+        assert_eq!(without_userinfo("http://u:p@h:1/x"), "http://h:1/x");
     }
 }

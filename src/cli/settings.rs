@@ -1,0 +1,38 @@
+//! Typed settings: the string-keyed [`Invocation`] turned into the typed
+//! configuration a lower layer takes, one block per concern. Nothing below
+//! the command layer reads flags; it gets one of these instead.
+
+use super::Invocation;
+use crate::error::{Error, Result};
+use crate::fetch::s3::S3Config;
+
+/// How to reach the bucket: `--bucket`, `--prefix`, `--region`,
+/// `--endpoint`, `--anonymous`, `--timeout`, `--retries`.
+pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
+    let bucket = inv.req("bucket")?.to_string();
+    if bucket.is_empty() || bucket.contains('/') {
+        return Err(Error::usage(format!("--bucket {bucket:?}: not a bucket name")));
+    }
+    let mut prefix = inv.get("prefix").unwrap_or("").to_string();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    Ok(S3Config {
+        bucket,
+        prefix,
+        region: inv.get("region").unwrap_or("us-east-1").to_string(),
+        endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
+        anonymous: inv.flag("anonymous"),
+        timeout: std::time::Duration::from_secs(bounded(inv, "timeout", 1, 3600)?),
+        retries: bounded(inv, "retries", 0, 20)? as u32,
+    })
+}
+
+/// A plain decimal count from the table (its default included), in `lo..=hi`.
+fn bounded(inv: &Invocation, long: &str, lo: u64, hi: u64) -> Result<u64> {
+    let v = inv.req(long)?;
+    match v.trim().parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(Error::usage(format!("--{long} {v:?}: expected a whole number from {lo} to {hi}"))),
+    }
+}
