@@ -12,6 +12,7 @@ _thinimg_value_kind() {
         *" --endpoint") echo "none" ;;
         *" --wait") echo "none" ;;
         *" --metrics-file") echo "file" ;;
+        *" --runs-retention") echo "none" ;;
         *" --log-format") echo "words:text json" ;;
         "fetch --download-jobs") echo "none" ;;
         "fetch --max-blob-size") echo "none" ;;
@@ -91,7 +92,7 @@ _thinimg() {
                 if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
-                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
+                        "ls-remote"|"fetch"|"blobs"|"runs"|"runs show"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor"|"config check"|"config show"|"version"|"help") cmd="$words" ;;
                     esac
                 fi ;;
         esac
@@ -106,18 +107,22 @@ _thinimg() {
         none) return ;;
     esac
 
-    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --wait --metrics-file --json --quiet --verbose --log-format --help --version"
+    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --wait --metrics-file --runs-retention --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
         "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
-        "runs") opts="--all $opts" ;;
+        "blobs") opts="--no-headings $opts" ;;
+        "runs") opts="--all --no-headings $opts" ;;
+        "cancel") opts="--failed $opts" ;;
         "unpack") opts="--dest --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "activate") opts="--name --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
-        "deactivate") opts="--delete $opts" ;;
-        "rm") opts="--force $opts" ;;
+        "deactivate") opts="--delete --dry-run $opts" ;;
+        "rm") opts="--force --dry-run $opts" ;;
+        "images") opts="--no-headings $opts" ;;
+        "activations") opts="--no-headings $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --force --dry-run --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
     esac
     if [[ $cur == -* ]]; then
@@ -127,8 +132,10 @@ _thinimg() {
 
     if [[ -z $cmd ]]; then
         case "$words" in
+            "runs") mapfile -t COMPREPLY < <(compgen -W "show" -- "$cur") ;;
             "pool") mapfile -t COMPREPLY < <(compgen -W "create status" -- "$cur") ;;
-            "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur") ;;
+            "config") mapfile -t COMPREPLY < <(compgen -W "check show" -- "$cur") ;;
+            "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor config version help" -- "$cur") ;;
         esac
         return
     fi

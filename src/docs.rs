@@ -106,6 +106,9 @@ fn flag_head(f: &Flag) -> String {
 fn man_flag(o: &mut String, f: &Flag) {
     let _ = writeln!(o, ".TP\n{}", flag_head(f));
     let mut help = esc(f.help);
+    if let Some(r) = f.kind.describe() {
+        let _ = write!(help, " {}", esc(&r));
+    }
     if let Some(d) = f.default {
         let _ = write!(help, " Default: {}.", bold(d));
     }
@@ -283,8 +286,9 @@ pub fn man_page() -> String {
              THINIMG_CONFIG (which must then exist; a missing default file is ignored). Each line is \
              key = value, where key is a long option name without the dashes; blank lines and lines \
              starting with # are ignored, and a value may be enclosed in double quotes. Switches take \
-             true/false (also 1/0, yes/no, on/off). An unknown key is a usage error (exit 64); a key \
-             of another command is accepted and ignored. thinimg.conf(5) describes the file in full."
+             true/false (also 1/0, yes/no, on/off). Every key and value is checked when the file is \
+             loaded, by every command: an unknown key or an invalid value exits 78 naming the file and \
+             line (thinimg config check does only that); a key of another command is accepted and ignored. thinimg.conf(5) describes the file in full."
         ),
     );
     para(
@@ -491,14 +495,18 @@ pub fn conf_man_page() -> String {
         "One key = value per line. Space around the = and at the ends of the line is ignored. A value \
          may be enclosed in double quotes, which are removed. Blank lines and lines whose first \
          non-blank character is # are ignored; a # later in a line is part of the value. When a key \
-         appears twice, the last line wins. Sizes take the suffixes K, M, G and T (powers of 1024). \
+         appears twice, the last line wins. Sizes take the suffixes K, M, G and T (powers of 1024); \
+         durations take s, m, h and d (600, 10s, 5m, 1h); counts are plain numbers. \
          Switches take true, yes, on or 1, and false, no, off, 0 or an empty value.",
     );
     para(
         &mut o,
-        "A key that no command knows is an error (exit status 64) naming the file and line. Keys \
-         that only some commands read are accepted by all and ignored by the others, so one file \
-         serves every command.",
+        "Every key and value is checked when the file is loaded, whichever command runs: a key that \
+         no command knows, or a value that is not valid for its key (a size, a count out of range, a \
+         duration), is an error (exit status 78) naming the file and line. Keys that only some \
+         commands read are accepted by all and ignored by the others, so one file serves every \
+         command. thinimg config check checks the file; thinimg config show prints every setting's \
+         effective value and where it came from.",
     );
     o.push_str(".SH PRECEDENCE\n");
     para(

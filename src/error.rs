@@ -36,6 +36,9 @@ pub enum Kind {
     /// The host's storage is unsafe to touch: pool in needs_check, read-only or
     /// failed mode (EX_OSERR, 71). Stops everything.
     HostFatal,
+    /// A bad configuration file (unknown key, invalid value, missing file),
+    /// or a database written by a newer thinimg (EX_CONFIG, 78).
+    Config,
     /// Interrupted by SIGINT (130).
     Interrupted,
     /// Terminated by SIGTERM (143).
@@ -56,6 +59,7 @@ impl Kind {
             Kind::Io => 74,
             Kind::TempFail => 75,
             Kind::NoPerm => 77,
+            Kind::Config => 78,
             Kind::Interrupted => 130,
             Kind::Terminated => 143,
         }
@@ -80,6 +84,7 @@ impl Kind {
             Kind::NoPerm => "no_perm",
             Kind::Software => "software",
             Kind::HostFatal => "host_fatal",
+            Kind::Config => "config",
             Kind::Interrupted => "interrupted",
             Kind::Terminated => "terminated",
         }
@@ -90,7 +95,7 @@ impl Kind {
     }
 }
 
-pub const ALL_KINDS: [Kind; 12] = [
+pub const ALL_KINDS: [Kind; 13] = [
     Kind::Usage,
     Kind::BadData,
     Kind::NoSuchImage,
@@ -101,6 +106,7 @@ pub const ALL_KINDS: [Kind; 12] = [
     Kind::Io,
     Kind::TempFail,
     Kind::NoPerm,
+    Kind::Config,
     Kind::Interrupted,
     Kind::Terminated,
 ];
@@ -220,6 +226,12 @@ impl From<rusqlite::Error> for Error {
             {
                 Kind::CantCreate
             }
+            // A damaged file is a storage problem, not a bug in thinimg.
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(f.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) =>
+            {
+                Kind::Io
+            }
             _ => Kind::Software,
         };
         Error::new(kind, "database").with_source(e)
@@ -263,6 +275,7 @@ mod tests {
                 ("io", 74),
                 ("temp_fail", 75),
                 ("no_perm", 77),
+                ("config", 78),
                 ("interrupted", 130),
                 ("terminated", 143),
             ]

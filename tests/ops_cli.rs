@@ -89,7 +89,7 @@ fn unreachable_s3_exits_69() {
 }
 
 #[test]
-fn newer_database_schema_exits_70() {
+fn newer_database_schema_exits_78_saying_upgrade() {
     let d = common::tempdir("oc70");
     let r = run_in(&d, &["runs"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -99,9 +99,12 @@ fn newer_database_schema_exits_70() {
     let conn = rusqlite::Connection::open(d.join("state.db")).unwrap();
     conn.pragma_update(None, "user_version", 999).unwrap();
     drop(conn);
-    let r = run_in(&d, &["images"]);
-    assert_eq!(r.code, 70, "{}", r.stderr);
-    assert!(r.stderr.contains("newer"), "{}", r.stderr);
+    for args in [&["images"][..], &["status"][..], &["gc", "--dry-run"][..]] {
+        let r = run_in(&d, args);
+        assert_eq!(r.code, 78, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("newer") && r.stderr.contains("upgrade thinimg"), "{}", r.stderr);
+        assert!(!r.stderr.contains("bug"), "{}", r.stderr);
+    }
 }
 
 #[test]
@@ -129,7 +132,7 @@ fn state_dir_that_is_a_file_exits_74_and_unwritable_config_is_reported() {
     assert_eq!(r.code, 74, "{}", r.stderr);
     assert!(r.stderr.contains("state dir"), "{}", r.stderr);
     let out = Command::new(bin()).args(["--config", "/nonexistent/thinimg.conf", "images"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(74), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -227,8 +230,14 @@ fn status_and_runs_speak_json_on_an_empty_host() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["database"], false);
-    let r = run_in(&d, &["runs", "--json"]);
-    assert_eq!(r.stdout.trim(), "[]");
+    // List commands share one JSON shape: an object with a named array.
+    for (cmd, key) in [("runs", "runs"), ("images", "images"), ("activations", "activations"), ("blobs", "blobs")] {
+        let r = run_in(&d, &[cmd, "--json"]);
+        assert_eq!(r.code, 0, "{cmd}: {}", r.stderr);
+        let v: serde_json::Value =
+            serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{cmd}: {e}: {}", r.stdout));
+        assert!(v[key].is_array(), "{cmd}: {}", r.stdout);
+    }
     // Errors in --json mode are JSON on stdout too.
     let r = run_in(&d, &["--json", "cancel", "5"]);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();

@@ -2,6 +2,7 @@
 //! print the result. No business logic lives here.
 
 mod blobs;
+mod config;
 mod fetch;
 mod images;
 mod ls_remote;
@@ -43,8 +44,13 @@ pub fn dispatch(inv: &Invocation) -> Result<u8> {
 }
 
 fn run(inv: &Invocation) -> Result<u8> {
+    crate::ops::output::set_no_headings(inv.flag("no-headings"));
     match inv.command.name {
         "runs" => runs::list(inv),
+        "runs show" => runs::show(inv),
+        "config check" => config::check(inv),
+        "config show" => config::show(inv),
+        "version" => config::version(inv),
         "cancel" => runs::cancel(inv),
         "pull" => images::pull(inv),
         "activate" => images::activate(inv),

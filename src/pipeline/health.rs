@@ -97,7 +97,7 @@ pub fn counts(db: &Db) -> Result<Counts> {
         activations: one("SELECT COUNT(*) FROM activations")?,
         activations_active: one("SELECT COUNT(*) FROM activations WHERE state = 'active'")?,
         runs_active: one("SELECT COUNT(*) FROM runs WHERE state IN ('active', 'cancelling')")?,
-        runs_failed: one("SELECT COUNT(*) FROM runs WHERE state = 'failed'")?,
+        runs_failed: crate::journal::unresolved_failures(&db.conn)?,
     })
 }
 
@@ -164,8 +164,8 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
                     out.push(check(
                         "runs",
                         Level::Warn,
-                        format!("{} failed run(s)", c.runs_failed),
-                        Some("see 'thinimg runs'; cancel or fix the input and rerun"),
+                        format!("{} unresolved failed run(s): the latest run of its subject failed", c.runs_failed),
+                        Some("'thinimg runs' lists them and 'thinimg runs show ID' explains one; fix the cause and run again (a later success resolves it), or 'thinimg cancel --failed'"),
                     ));
                 }
             }
