@@ -243,3 +243,299 @@ fn status_and_runs_speak_json_on_an_empty_host() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["error"]["exit_code"], 66);
 }
+
+// ------------------------------------------------ the command line --
+
+#[test]
+fn bare_command_help_version_and_typos() {
+    let d = common::tempdir("cli");
+    // Bare thinimg: usage on stderr, 64, nothing on stdout.
+    let r = run_in(&d, &[]);
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(r.stdout.is_empty() && r.stderr.contains("Usage:"), "{r:?}", r = (&r.stdout, &r.stderr));
+    // A group's help lists its subcommands; `help COMMAND` is `COMMAND --help`.
+    let r = run_in(&d, &["pool", "--help"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("pool create") && r.stdout.contains("pool status"), "{}", r.stdout);
+    let r = run_in(&d, &["pool"]);
+    assert_eq!(r.code, 64);
+    assert!(r.stderr.contains("pool create"), "{}", r.stderr);
+    assert_eq!(run_in(&d, &["help", "fetch"]).stdout, run_in(&d, &["fetch", "--help"]).stdout);
+    assert_eq!(run_in(&d, &["help", "runs", "show"]).stdout, run_in(&d, &["runs", "show", "--help"]).stdout);
+    // version: text and JSON with commit and schema version.
+    let r = run_in(&d, &["version", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert!(v["commit"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    assert_eq!(v["schema_version"], thinimg::store::schema::MIGRATIONS.len());
+    // Did you mean, for commands and options; usage errors honour --json.
+    for (args, want) in [
+        (&["stauts"][..], "'status'"),
+        (&["fecth", "x"][..], "'fetch'"),
+        (&["gc", "--dryrun"][..], "'--dry-run'"),
+        (&["sync", "--prnue", "x"][..], "'--prune'"),
+    ] {
+        let r = run_in(&d, args);
+        assert_eq!(r.code, 64, "{args:?}");
+        assert!(r.stderr.contains(&format!("did you mean {want}")), "{args:?}: {}", r.stderr);
+    }
+    let r = run_in(&d, &["--json", "fetch", "--frob"]);
+    assert_eq!(r.code, 64);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert_eq!(v["error"]["exit_code"], 64);
+    let r = run_in(&d, &["--log-format", "json", "--frob"]);
+    let line: serde_json::Value = serde_json::from_str(r.stderr.trim()).unwrap_or_else(|e| panic!("{e}: {}", r.stderr));
+    assert_eq!(line["level"], "error");
+}
+
+#[test]
+fn durations_counts_and_sizes_are_checked_before_any_work() {
+    let d = common::tempdir("values");
+    // --wait is a duration: 5m is five minutes, not 5 MiB of seconds.
+    let r = run_in(&d, &["--wait", "5m", "gc", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for (args, what) in [
+        (&["--wait", "10K", "gc"][..], "time unit"),
+        (&["--wait", "30d", "gc"][..], "at most"),
+        (&["fetch", "--download-jobs", "0", "x"][..], "at least 1"),
+        (&["fetch", "--download-jobs", "4K", "x"][..], "only for sizes"),
+        (&["sync", "--unpack-jobs", "1000", "x"][..], "at most 64"),
+        (&["pull", "--block-size", "100", "x"][..], "at least 128"),
+        (&["pull", "--block-size", "200", "x"][..], "multiple of 128"),
+        (&["pull", "--device-size", "8X", "x"][..], "suffix"),
+    ] {
+        let r = run_in(&d, args);
+        assert_eq!(r.code, 64, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(what), "{args:?}: {}", r.stderr);
+    }
+    // Nothing was started: no run, no image.
+    let r = run_in(&d, &["runs", "--all", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["runs"].as_array().map(|a| a.len()), Some(0), "{}", r.stdout);
+}
+
+#[test]
+fn config_is_checked_on_load_for_every_command_and_shown_with_sources() {
+    let d = common::tempdir("conf");
+    let conf = d.join("thinimg.conf");
+    std::fs::write(&conf, "# fleet\nbucket = fleet-images\ndownload-jobs = lots\n").unwrap();
+    let c = conf.to_str().unwrap();
+    // A key status never reads still fails status, with FILE:LINE and 78.
+    for args in [&["status"][..], &["ls-remote"][..], &["config", "check"][..]] {
+        let mut a = vec!["--config", c];
+        a.extend_from_slice(args);
+        let r = run_in(&d, &a);
+        assert_eq!(r.code, 78, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("{c}:3")) && r.stderr.contains("download-jobs"), "{}", r.stderr);
+    }
+    // doctor runs on and reports it as a failed check.
+    let r = run_in(&d, &["--config", c, "doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    let chk = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "config").cloned().unwrap();
+    assert_eq!(chk["status"], "fail", "{chk}");
+    assert!(chk["detail"].as_str().unwrap().contains(":3"), "{chk}");
+    // Unknown keys get a suggestion; a trailing comment in a bucket name is caught.
+    std::fs::write(&conf, "download-jobz = 8\n").unwrap();
+    let r = run_in(&d, &["--config", c, "config", "check"]);
+    assert_eq!(r.code, 78);
+    assert!(r.stderr.contains("did you mean 'download-jobs'"), "{}", r.stderr);
+    std::fs::write(&conf, "bucket = priv  # the private one\n").unwrap();
+    assert_eq!(run_in(&d, &["--config", c, "images"]).code, 78);
+    // A good file: check passes, show names each value's source.
+    std::fs::write(&conf, "bucket = fleet-images\nwait = 10m\n").unwrap();
+    let r = run_in(&d, &["--config", c, "config", "check"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let out = Command::new(bin())
+        .env("THINIMG_STATE_DIR", &d)
+        .env("THINIMG_PREFIX", "envprefix/")
+        .args(["--config", c, "config", "show", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| v["settings"].as_array().unwrap().iter().find(|s| s["key"] == k).cloned().unwrap();
+    assert_eq!(get("bucket")["value"], "fleet-images");
+    assert_eq!(get("bucket")["source"], format!("{c}:1"));
+    assert_eq!(get("wait")["value"], "10m");
+    assert_eq!(get("prefix")["source"], "environment THINIMG_PREFIX");
+    assert_eq!(get("download-jobs")["source"], "default");
+    assert_eq!(get("state-dir")["source"], "environment THINIMG_STATE_DIR");
+}
+
+// ------------------------------------------------ the state directory --
+
+fn fresh_db(d: &Path) {
+    let r = run_in(d, &["gc", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(d.join("state.db").exists());
+}
+
+#[test]
+fn damaged_database_exits_74_naming_the_file_with_advice() {
+    for (what, bytes) in [
+        ("garbage", b"this is not a database at all, just text".repeat(200)),
+        ("truncated", Vec::new()), // filled below from a real database
+    ] {
+        let d = common::tempdir("corrupt");
+        fresh_db(&d);
+        let db = d.join("state.db");
+        let bytes = if what == "truncated" {
+            let real = std::fs::read(&db).unwrap();
+            let mut t = real[..real.len().min(4096 + 100)].to_vec();
+            t[4096..].iter_mut().for_each(|b| *b = 0xAA);
+            // Keep the header but damage the schema page.
+            t[100..200].iter_mut().for_each(|b| *b = 0x55);
+            t
+        } else {
+            bytes
+        };
+        std::fs::write(&db, &bytes).unwrap();
+        let _ = std::fs::remove_file(d.join("state.db-wal"));
+        let _ = std::fs::remove_file(d.join("state.db-shm"));
+        for args in [&["status"][..], &["images"][..], &["gc", "--dry-run"][..], &["runs"][..]] {
+            let r = run_in(&d, args);
+            assert_eq!(r.code, 74, "{what} {args:?}: {}", r.stderr);
+            assert!(r.stderr.contains(db.to_str().unwrap()), "{what} {args:?}: names the file: {}", r.stderr);
+            assert!(r.stderr.contains("backup"), "{what} {args:?}: advice: {}", r.stderr);
+            assert!(!r.stderr.contains("bug"), "{what} {args:?}: {}", r.stderr);
+        }
+        let r = run_in(&d, &["doctor", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let chk = v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "database").cloned().unwrap();
+        assert_eq!(chk["status"], "fail");
+        assert!(!chk["advice"].as_str().unwrap_or("").contains("permissions"), "{chk}");
+    }
+}
+
+#[test]
+fn missing_or_empty_database_beside_blobs_or_pool_files_is_refused() {
+    for (evidence, how) in
+        [("blobs/sha256/ab", "deleted"), ("pool/data.img", "emptied"), ("blobs/partial/3.partial", "deleted")]
+    {
+        let d = common::tempdir("orphans");
+        fresh_db(&d);
+        let f = d.join(evidence);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"data").unwrap();
+        for ext in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(d.join(format!("state.db{ext}")));
+        }
+        if how == "emptied" {
+            std::fs::write(d.join("state.db"), b"").unwrap();
+        }
+        for args in [&["status"][..], &["gc", "--dry-run"][..], &["images"][..]] {
+            let r = run_in(&d, args);
+            assert_eq!(r.code, 74, "{evidence} {args:?}: {}", r.stderr);
+            assert!(r.stderr.contains("does not match") && r.stderr.contains("backup"), "{}", r.stderr);
+        }
+        // Nothing was re-created behind the operator's back.
+        let len = std::fs::metadata(d.join("state.db")).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len, 0, "{evidence}: the database was re-created");
+    }
+}
+
+#[test]
+fn read_only_commands_work_on_a_read_only_state_dir_and_as_another_user() {
+    let d = common::tempdir("rostate");
+    fresh_db(&d);
+    // A clean close leaves no -wal/-shm: the hard case for a read-only open.
+    for ext in ["-wal", "-shm"] {
+        assert!(!d.join(format!("state.db{ext}")).exists() || ext == "-shm");
+    }
+    let ro: &[&[&str]] = &[
+        &["status"],
+        &["status", "--json"],
+        &["images"],
+        &["activations"],
+        &["blobs"],
+        &["runs", "--all"],
+        &["doctor", "--json"],
+    ];
+    // As nobody, with a state dir it can read but not write.
+    for args in ro {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin())
+            .args(*args)
+            .env("THINIMG_STATE_DIR", &d)
+            .env("THINIMG_CONFIG", "/dev/null")
+            .output()
+            .expect("setpriv");
+        let code = out.status.code();
+        let ok = if args[0] == "doctor" { code != Some(74) && code != Some(73) } else { code == Some(0) };
+        assert!(ok, "as nobody {args:?}: {code:?} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("database"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // pool status without a pool says so (66), not a database error.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin())
+        .args(["pool", "status"])
+        .env("THINIMG_STATE_DIR", &d)
+        .env("THINIMG_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(66), "{}", String::from_utf8_lossy(&out.stderr));
+    // On a read-only mount of the state dir (private mount namespace).
+    let script = format!(
+        "set -e; mount --make-rprivate /; mount --bind {d} {d}; mount -o remount,bind,ro {d}; \
+         ! touch {d}/probe 2>/dev/null; for c in status images blobs 'runs --all' activations; do \
+         THINIMG_STATE_DIR={d} THINIMG_CONFIG=/dev/null {bin} $c >/dev/null || {{ echo \"$c failed\"; exit 1; }}; done",
+        d = d.display(),
+        bin = bin()
+    );
+    let out = Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+// ------------------------------------------------ evidence: metrics --
+
+#[test]
+fn metrics_keep_each_commands_last_outcome_and_never_fail_a_command() {
+    let d = common::tempdir("metrics2");
+    let m = d.join("thinimg.prom");
+    let ms = m.to_str().unwrap();
+    let r = run_in(&d, &["--metrics-file", ms, "cancel", "999"]);
+    assert_eq!(r.code, 66);
+    let r = run_in(&d, &["--metrics-file", ms, "status"]);
+    assert_eq!(r.code, 0);
+    let text = std::fs::read_to_string(&m).unwrap();
+    assert!(text.contains("thinimg_last_run_exit_code{command=\"cancel\"} 66"), "{text}");
+    assert!(text.contains("thinimg_last_run_exit_code{command=\"status\"} 0"), "{text}");
+    assert_eq!(text.matches("# TYPE thinimg_last_run_exit_code").count(), 1, "{text}");
+    // A later run of the same command replaces only its own sample.
+    let r = run_in(&d, &["--metrics-file", ms, "cancel", "998"]);
+    assert_eq!(r.code, 66);
+    let text = std::fs::read_to_string(&m).unwrap();
+    assert_eq!(text.matches("command=\"cancel\"").count(), 3, "{text}");
+    // An unwritable metrics path is a warning, not a failed command.
+    for bad in [d.join("no/such/dir/m.prom"), d.join("thinimg.prom/inside")] {
+        let r = run_in(&d, &["--metrics-file", bad.to_str().unwrap(), "status"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stderr.contains("warning") && r.stderr.contains("metrics"), "{}", r.stderr);
+        assert_eq!(r.stderr.matches("metrics not written").count(), 1, "reported once: {}", r.stderr);
+    }
+}
+
+// ------------------------------------------------ status --
+
+#[test]
+fn status_shows_space_and_never_a_raw_null() {
+    let d = common::tempdir("space");
+    fresh_db(&d);
+    std::fs::create_dir_all(d.join("blobs/partial")).unwrap();
+    std::fs::write(d.join("blobs/partial/1.partial"), vec![7u8; 5000]).unwrap();
+    let r = run_in(&d, &["status", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["space"]["partial_downloads"], 1, "{v}");
+    assert_eq!(v["space"]["partial_bytes"], 5000, "{v}");
+    assert!(v["space"]["fs_free_bytes"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let r = run_in(&d, &["status"]);
+    assert!(r.stdout.contains("partial downloads 1") && r.stdout.contains("free of"), "{}", r.stdout);
+    assert!(!r.stdout.contains("null"), "{}", r.stdout);
+}
