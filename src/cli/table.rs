@@ -763,7 +763,7 @@ pub static EXIT_CODES: &[(u8, &str)] = &[
     (74, "I/O error, including a corrupt database or a state directory that does not match its database"),
     (75, "temporary failure: another instance holds the lock, a device is busy, or the pool is short of space; retry later"),
     (77, "permission denied: credentials rejected, access denied, or not root"),
-    (78, "configuration error: a bad config file (unknown key, invalid value, missing file), or a database written by a newer thinimg"),
+    (78, "configuration error: a bad config file (unknown key, invalid value, missing file), a database written by a newer thinimg, or sync --prune refused as unsafe (empty or unreadable wanted set, most local images would go)"),
     (130, "interrupted by SIGINT"),
     (143, "terminated by SIGTERM"),
 ];

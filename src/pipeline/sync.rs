@@ -315,9 +315,14 @@ fn prune_plan(env: &Env, items: &[ItemReport], mode: PruneMode) -> Result<(Vec<S
             ),
         ))
     };
-    let good = items.iter().filter(|i| i.error.is_none()).count();
-    if wanted.is_empty() || good == 0 {
-        return refuse("the wanted set is empty or none of it could be read".into());
+    // A wanted image "was read" when the bucket answered for it: it pulled,
+    // or failed for a reason of its own (a bad layer, the host), not because
+    // the ref was bad, the image absent or S3 unreadable.
+    let unread = [Kind::Usage, Kind::NoSuchImage, Kind::Unavailable, Kind::NoPerm, Kind::Config];
+    let read =
+        items.iter().filter(|i| i.error.as_ref().is_none_or(|e| !unread.iter().any(|k| k.as_str() == e.kind))).count();
+    if wanted.is_empty() || read == 0 {
+        return refuse("the wanted set is empty, or none of it exists in the bucket or could be read".into());
     }
     if let Some(i) = items.iter().find(|i| i.error.as_ref().is_some_and(|e| e.kind == Kind::Unavailable.as_str())) {
         return refuse(format!("S3 could not be read for {} (the listing cannot be trusted)", i.reference));
