@@ -506,6 +506,7 @@ fn metrics_keep_each_commands_last_outcome_and_never_fail_a_command() {
     let text = std::fs::read_to_string(&m).unwrap();
     assert!(text.contains("thinimg_last_run_exit_code{command=\"cancel\"} 66"), "{text}");
     assert!(text.contains("thinimg_last_run_exit_code{command=\"status\"} 0"), "{text}");
+    assert!(text.contains("thinimg_runs_unresolved_failures 0"), "{text}");
     assert_eq!(text.matches("# TYPE thinimg_last_run_exit_code").count(), 1, "{text}");
     // A later run of the same command replaces only its own sample.
     let r = run_in(&d, &["--metrics-file", ms, "cancel", "998"]);
@@ -575,6 +576,8 @@ fn failed_runs_are_superseded_explained_cancelled_in_bulk_and_pruned() {
     // The text list has timestamps; runs show explains one run in words.
     let r = t.ok(&["runs"]);
     assert!(r.stdout.contains("STARTED") && r.stdout.contains("Z "), "{}", r.stdout);
+    let r = t.ok(&["runs", "--no-headings"]);
+    assert!(!r.stdout.contains("STARTED") && r.stdout.lines().count() == 2, "{}", r.stdout);
     let r = t.ok(&["runs", "show", &second_ghost.to_string()]);
     assert!(r.stdout.contains("pull ghost is failed"), "{}", r.stdout);
     assert!(r.stdout.contains("next ") && r.stdout.contains("not retried until the bucket changes"), "{}", r.stdout);

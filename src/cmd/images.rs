@@ -198,7 +198,7 @@ pub fn images(inv: &Invocation) -> Result<u8> {
             vec![
                 i["name"].as_str().unwrap_or("").to_string(),
                 i["state"].as_str().unwrap_or("").to_string(),
-                i["top_layer"].to_string(),
+                i["top_layer"].as_i64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 i["top_chain"].as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into()),
                 i["activations"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
             ]

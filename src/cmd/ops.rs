@@ -172,9 +172,9 @@ fn render_status(v: &serde_json::Value) -> String {
     }
     match v.get("pool") {
         Some(p) if !p.is_null() => {
-            let state = if p["present"] == json!(true) { txt(&p["mode"]) } else { "not assembled".to_string() };
-            let _ = write!(s, "pool     {} ({}): {state}", txt(&p["name"]), txt(&p["kind"]));
-            if p["present"] == json!(true) {
+            let state = if p["assembled"] == json!(true) { txt(&p["mode"]) } else { "not assembled".to_string() };
+            let _ = write!(s, "pool     {} ({}): {state}", txt(&p["dm_name"]), txt(&p["kind"]));
+            if p["assembled"] == json!(true) {
                 let _ = write!(
                     s,
                     ", data {} metadata {} needs_check {}",
@@ -297,7 +297,7 @@ mod tests {
         // A half-made pool: recorded, not assembled, every kernel figure unknown.
         let v = json!({
             "state_dir": "/x", "database": true,
-            "pool": { "name": "p", "kind": "loop", "present": false, "mode": null, "needs_check": null,
+            "pool": { "dm_name": "p", "kind": "loop", "assembled": false, "mode": null, "needs_check": null,
                       "data_used_pct": null, "meta_used_pct": null, "thin_devices": 0, "error": null },
             "counts": { "blobs": 0, "blob_bytes": 0, "rejected_blobs": 0, "chains": 0, "images": 0,
                         "images_ready": 0, "activations_active": 0, "activations": 0 },
@@ -312,7 +312,7 @@ mod tests {
         assert!(t.contains("not assembled") && t.contains("partial downloads 1"), "{t}");
         // Present pool with figures.
         let mut v2 = v.clone();
-        v2["pool"]["present"] = json!(true);
+        v2["pool"]["assembled"] = json!(true);
         v2["pool"]["mode"] = json!("out_of_data_space");
         let t = render_status(&v2);
         assert!(!t.contains("null") && t.contains("out_of_data_space"), "{t}");

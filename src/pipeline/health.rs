@@ -9,8 +9,11 @@ use crate::store::Db;
 
 #[derive(Debug, Serialize, Clone)]
 pub struct PoolView {
+    /// Serialized with the same names as `pool status --json`.
+    #[serde(rename = "dm_name")]
     pub name: String,
     pub kind: String,
+    #[serde(rename = "assembled")]
     pub present: bool,
     pub mode: Option<String>,
     pub needs_check: Option<bool>,
@@ -508,6 +511,12 @@ pub fn write_metrics(
     if let Ok(Some(db)) = Db::open_existing(state_dir) {
         if let Ok(c) = counts(&db) {
             gauge("thinimg_blobs", "Blobs in the local store.", "gauge", &[(String::new(), c.blobs as f64)]);
+            gauge(
+                "thinimg_runs_unresolved_failures",
+                "Failed runs that no later run of the same kind and subject replaced.",
+                "gauge",
+                &[(String::new(), c.runs_failed as f64)],
+            );
             gauge(
                 "thinimg_blob_bytes",
                 "Bytes of blobs in the local store.",
