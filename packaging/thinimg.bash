@@ -94,6 +94,10 @@ _thinimg() {
                     case "$words" in
                         "ls-remote"|"fetch"|"blobs"|"runs"|"runs show"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor"|"config check"|"config show"|"version"|"help") cmd="$words" ;;
                     esac
+                else
+                    case "$cmd $w" in
+                        "runs show") cmd="$cmd $w" ;;
+                    esac
                 fi ;;
         esac
     done
@@ -140,9 +144,12 @@ _thinimg() {
         return
     fi
 
-    # Arguments: layer files for unpack. Refs, images and activations are not completed:
+    # Arguments: command names for help, subcommands (runs show), layer files for unpack.
+    # Refs, images and activations are not completed:
     # listing them needs the network or the state directory.
     case "$cmd" in
+        help) mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor config version" -- "$cur") ;;
+        "runs") mapfile -t COMPREPLY < <(compgen -W "show" -- "$cur") ;;
         unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- "$cur"; compgen -d -- "$cur") ;;
     esac
 }

@@ -683,7 +683,20 @@ pub fn bash_completion() -> String {
     o.push_str("                    words=\"$words${words:+ }$w\"\n                    case \"$words\" in\n");
     let all: Vec<String> = table::COMMANDS.iter().map(|c| c.name.to_string()).collect();
     let _ = writeln!(o, "                        {}) cmd=\"$words\" ;;", sh_case_alts(&all));
-    o.push_str("                    esac\n                fi ;;\n        esac\n    done\n\n");
+    // A command followed by a word that makes a longer command (`runs show`).
+    let longer: Vec<String> = table::COMMANDS
+        .iter()
+        .filter(|c| table::COMMANDS.iter().any(|p| c.name.starts_with(&format!("{} ", p.name))))
+        .map(|c| c.name.to_string())
+        .collect();
+    o.push_str("                    esac\n");
+    if longer.is_empty() {
+        o.push_str("                fi ;;\n        esac\n    done\n\n");
+    } else {
+        o.push_str("                else\n                    case \"$cmd $w\" in\n");
+        let _ = writeln!(o, "                        {}) cmd=\"$cmd $w\" ;;", sh_case_alts(&longer));
+        o.push_str("                    esac\n                fi ;;\n        esac\n    done\n\n");
+    }
 
     o.push_str("    kind=$(_thinimg_value_kind \"$cmd\" \"$prev\")\n    case \"$kind\" in\n");
     o.push_str(
@@ -733,9 +746,27 @@ pub fn bash_completion() -> String {
     );
     o.push_str("        esac\n        return\n    fi\n\n");
 
-    o.push_str("    # Arguments: layer files for unpack. Refs, images and activations are not completed:\n");
+    o.push_str("    # Arguments: command names for help, subcommands (runs show), layer files for unpack.\n");
+    o.push_str("    # Refs, images and activations are not completed:\n");
     o.push_str("    # listing them needs the network or the state directory.\n");
     o.push_str("    case \"$cmd\" in\n");
+    let _ = writeln!(
+        o,
+        "        help) mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+        first_words.iter().filter(|w| **w != "help").copied().collect::<Vec<_>>().join(" ")
+    );
+    for p in table::COMMANDS {
+        let ext: Vec<&str> =
+            table::COMMANDS.iter().filter_map(|c| c.name.strip_prefix(&format!("{} ", p.name))).collect();
+        if !ext.is_empty() {
+            let _ = writeln!(
+                o,
+                "        \"{}\") mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+                p.name,
+                ext.join(" ")
+            );
+        }
+    }
     o.push_str("        unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- \"$cur\"; compgen -d -- \"$cur\") ;;\n");
     o.push_str("    esac\n}\n\ncomplete -F _thinimg thinimg\n");
     o

@@ -322,6 +322,10 @@ fn bash_completion_completes_commands_flags_and_paths() {
             &["thinimg", "--state-dir", "sta"],
             &["thinimg", "unpack", "layers/"],
             &["thinimg", "images", "--ver"],
+            &["thinimg", "runs", ""],
+            &["thinimg", "runs", "show", "--al"],
+            &["thinimg", "help", "ver"],
+            &["thinimg", "config", ""],
         ],
     );
     let first = got[0].split(' ').collect::<Vec<_>>();
@@ -341,6 +345,10 @@ fn bash_completion_completes_commands_flags_and_paths() {
         "state 2 state1",
         "layers/1.tar",
         "--verbose --version",
+        "show",
+        "",
+        "version",
+        "check show",
     ];
     for (i, w) in want.iter().enumerate() {
         assert_eq!(got[i + 1], *w, "case {}", i + 1);
