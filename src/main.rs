@@ -31,11 +31,15 @@ fn main() -> ExitCode {
     let inv = match parsed {
         Parsed::Help(text) => return print_ok(&text),
         Parsed::Usage(text) => {
+            if cli::wants_json(&args) {
+                let first = text.lines().next().unwrap_or("usage error").trim_start_matches("thinimg: ");
+                let _ = writeln!(std::io::stdout(), "{}", error_json(&thinimg::Error::usage(first)));
+            }
             let _ = std::io::stderr().write_all(text.as_bytes());
             return ExitCode::from(Kind::Usage.exit_code());
         }
         Parsed::Generate(text) => return print_ok(&text),
-        Parsed::Version => return print_ok(&format!("thinimg {}\n", env!("CARGO_PKG_VERSION"))),
+        Parsed::Version => return print_ok(&thinimg::cmd::version_text(cli::wants_json(&args))),
         Parsed::Run(inv) => inv,
     };
     thinimg::ops::log::init(&inv);

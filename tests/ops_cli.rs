@@ -269,6 +269,13 @@ fn bare_command_help_version_and_typos() {
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
     assert!(v["commit"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
     assert_eq!(v["schema_version"], thinimg::store::schema::MIGRATIONS.len());
+    let r = run_in(&d, &["--version", "--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(), v);
+    // Bare `thinimg --json`: still 64, and the error is JSON on stdout.
+    let r = run_in(&d, &["--json"]);
+    assert_eq!(r.code, 64);
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert_eq!(e["error"]["kind"], "usage");
     // Did you mean, for commands and options; usage errors honour --json.
     for (args, want) in [
         (&["stauts"][..], "'status'"),

@@ -56,20 +56,25 @@ pub fn show(inv: &Invocation) -> Result<u8> {
 }
 
 pub fn version(inv: &Invocation) -> Result<u8> {
-    let v = json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "commit": env!("THINIMG_COMMIT"),
-        "schema_version": crate::store::schema::MIGRATIONS.len(),
-    });
-    if inv.json() {
-        output::json(&v)?;
+    print!("{}", version_text(inv.json()));
+    Ok(0)
+}
+
+/// What `thinimg version` and `thinimg --version` print (JSON with `--json`).
+pub fn version_text(json: bool) -> String {
+    if json {
+        let v = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "commit": env!("THINIMG_COMMIT"),
+            "schema_version": crate::store::schema::MIGRATIONS.len(),
+        });
+        format!("{v:#}\n")
     } else {
-        println!(
-            "thinimg {} (commit {}, database schema {})",
+        format!(
+            "thinimg {} (commit {}, database schema {})\n",
             env!("CARGO_PKG_VERSION"),
             env!("THINIMG_COMMIT"),
             crate::store::schema::MIGRATIONS.len()
-        );
+        )
     }
-    Ok(0)
 }

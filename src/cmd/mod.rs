@@ -3,6 +3,8 @@
 
 mod blobs;
 mod config;
+
+pub use config::version_text;
 mod fetch;
 mod images;
 mod ls_remote;

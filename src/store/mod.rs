@@ -131,6 +131,18 @@ impl Db {
             refuse_orphans(state_dir, &p)?;
             return Ok(None);
         }
+        // Where this process may write, a normal connection with writes
+        // forbidden (query_only) shares the -shm with writers safely.
+        if nix::unistd::access(state_dir, nix::unistd::AccessFlags::W_OK).is_ok()
+            && nix::unistd::access(&p, nix::unistd::AccessFlags::W_OK).is_ok()
+        {
+            match Db::open_query_only(&p) {
+                Ok(db) => return Ok(Some(db)),
+                // A read-only mount answers W_OK for root: fall through.
+                Err(e) if e.kind() == Kind::CantCreate || e.kind() == Kind::NoPerm => {}
+                Err(e) => return Err(e),
+            }
+        }
         let db = match Db::open_ro(&p, false) {
             Ok(db) => db,
             // No -wal/-shm and no way to create them (read-only filesystem, or
@@ -147,17 +159,30 @@ impl Db {
         Db::open_read(state_dir)
     }
 
-    fn open_ro(path: &Path, immutable: bool) -> Result<Db> {
-        let uri = format!("file:{}?mode=ro{}", uri_path(path), if immutable { "&immutable=1" } else { "" });
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| db_error(path, e))?;
+    fn open_query_only(path: &Path) -> Result<Db> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| db_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(|e| db_error(path, e))?;
-        // The first read is where a damaged file or a missing -shm shows.
+        conn.pragma_update(None, "query_only", true).map_err(|e| db_error(path, e))?;
+        Db::check_readable(conn, path)
+    }
+
+    /// The first reads, where a damaged file, a newer schema or a missing
+    /// -shm show.
+    fn check_readable(conn: Connection, path: &Path) -> Result<Db> {
         let have: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| db_error(path, e))?;
         schema::check_version(have).map_err(|e| e.context(path.display()))?;
         conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
             .map_err(|e| db_error(path, e))?;
         Ok(Db { conn, path: path.to_path_buf() })
+    }
+
+    fn open_ro(path: &Path, immutable: bool) -> Result<Db> {
+        let uri = format!("file:{}?mode=ro{}", uri_path(path), if immutable { "&immutable=1" } else { "" });
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| db_error(path, e))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| db_error(path, e))?;
+        Db::check_readable(conn, path)
     }
 
     fn open_path(path: &Path) -> Result<Db> {
