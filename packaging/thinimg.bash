@@ -14,6 +14,7 @@ _thinimg_value_kind() {
         *" --retries") echo "none" ;;
         *" --wait") echo "none" ;;
         *" --metrics-file") echo "file" ;;
+        *" --runs-retention") echo "none" ;;
         *" --log-format") echo "words:text json" ;;
         "fetch --download-jobs") echo "none" ;;
         "fetch --max-blob-size") echo "none" ;;
@@ -93,7 +94,11 @@ _thinimg() {
                 if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
-                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool destroy"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
+                        "ls-remote"|"fetch"|"blobs"|"runs"|"runs show"|"cancel"|"unpack"|"pool create"|"pool destroy"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor"|"config check"|"config show"|"version"|"help") cmd="$words" ;;
+                    esac
+                else
+                    case "$cmd $w" in
+                        "runs show") cmd="$cmd $w" ;;
                     esac
                 fi ;;
         esac
@@ -108,19 +113,23 @@ _thinimg() {
         none) return ;;
     esac
 
-    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --json --quiet --verbose --log-format --help --version"
+    opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --runs-retention --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
         "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
-        "runs") opts="--all $opts" ;;
+        "blobs") opts="--no-headings $opts" ;;
+        "runs") opts="--all --no-headings $opts" ;;
+        "cancel") opts="--failed $opts" ;;
         "unpack") opts="--dest --apply-on-top --keep-privileges --devices --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pool destroy") opts="--force --dry-run $opts" ;;
         "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "activate") opts="--name --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
-        "deactivate") opts="--delete $opts" ;;
-        "rm") opts="--force $opts" ;;
+        "deactivate") opts="--delete --dry-run $opts" ;;
+        "rm") opts="--force --dry-run $opts" ;;
+        "images") opts="--no-headings $opts" ;;
+        "activations") opts="--no-headings $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --force --dry-run --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
     esac
     if [[ $cur == -* ]]; then
@@ -130,15 +139,20 @@ _thinimg() {
 
     if [[ -z $cmd ]]; then
         case "$words" in
+            "runs") mapfile -t COMPREPLY < <(compgen -W "show" -- "$cur") ;;
             "pool") mapfile -t COMPREPLY < <(compgen -W "create destroy status" -- "$cur") ;;
-            "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur") ;;
+            "config") mapfile -t COMPREPLY < <(compgen -W "check show" -- "$cur") ;;
+            "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor config version help" -- "$cur") ;;
         esac
         return
     fi
 
-    # Arguments: layer files for unpack. Refs, images and activations are not completed:
+    # Arguments: command names for help, subcommands (runs show), layer files for unpack.
+    # Refs, images and activations are not completed:
     # listing them needs the network or the state directory.
     case "$cmd" in
+        help) mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor config version" -- "$cur") ;;
+        "runs") mapfile -t COMPREPLY < <(compgen -W "show" -- "$cur") ;;
         unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- "$cur"; compgen -d -- "$cur") ;;
     esac
 }

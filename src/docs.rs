@@ -106,6 +106,9 @@ fn flag_head(f: &Flag) -> String {
 fn man_flag(o: &mut String, f: &Flag) {
     let _ = writeln!(o, ".TP\n{}", flag_head(f));
     let mut help = esc(f.help);
+    if let Some(r) = f.kind.describe() {
+        let _ = write!(help, " {}", esc(&r));
+    }
     if let Some(d) = f.default {
         let _ = write!(help, " Default: {}.", bold(d));
     }
@@ -283,8 +286,9 @@ pub fn man_page() -> String {
              THINIMG_CONFIG (which must then exist; a missing default file is ignored). Each line is \
              key = value, where key is a long option name without the dashes; blank lines and lines \
              starting with # are ignored, and a value may be enclosed in double quotes. Switches take \
-             true/false (also 1/0, yes/no, on/off). An unknown key is a usage error (exit 64); a key \
-             of another command is accepted and ignored. thinimg.conf(5) describes the file in full."
+             true/false (also 1/0, yes/no, on/off). Every key and value is checked when the file is \
+             loaded, by every command: an unknown key or an invalid value exits 78 naming the file and \
+             line (thinimg config check does only that); a key of another command is accepted and ignored. thinimg.conf(5) describes the file in full."
         ),
     );
     para(
@@ -491,14 +495,18 @@ pub fn conf_man_page() -> String {
         "One key = value per line. Space around the = and at the ends of the line is ignored. A value \
          may be enclosed in double quotes, which are removed. Blank lines and lines whose first \
          non-blank character is # are ignored; a # later in a line is part of the value. When a key \
-         appears twice, the last line wins. Sizes take the suffixes K, M, G and T (powers of 1024). \
+         appears twice, the last line wins. Sizes take the suffixes K, M, G and T (powers of 1024); \
+         durations take s, m, h and d (600, 10s, 5m, 1h); counts are plain numbers. \
          Switches take true, yes, on or 1, and false, no, off, 0 or an empty value.",
     );
     para(
         &mut o,
-        "A key that no command knows is an error (exit status 64) naming the file and line. Keys \
-         that only some commands read are accepted by all and ignored by the others, so one file \
-         serves every command.",
+        "Every key and value is checked when the file is loaded, whichever command runs: a key that \
+         no command knows, or a value that is not valid for its key (a size, a count out of range, a \
+         duration), is an error (exit status 78) naming the file and line. Keys that only some \
+         commands read are accepted by all and ignored by the others, so one file serves every \
+         command. thinimg config check checks the file; thinimg config show prints every setting's \
+         effective value and where it came from.",
     );
     o.push_str(".SH PRECEDENCE\n");
     para(
@@ -675,7 +683,20 @@ pub fn bash_completion() -> String {
     o.push_str("                    words=\"$words${words:+ }$w\"\n                    case \"$words\" in\n");
     let all: Vec<String> = table::COMMANDS.iter().map(|c| c.name.to_string()).collect();
     let _ = writeln!(o, "                        {}) cmd=\"$words\" ;;", sh_case_alts(&all));
-    o.push_str("                    esac\n                fi ;;\n        esac\n    done\n\n");
+    // A command followed by a word that makes a longer command (`runs show`).
+    let longer: Vec<String> = table::COMMANDS
+        .iter()
+        .filter(|c| table::COMMANDS.iter().any(|p| c.name.starts_with(&format!("{} ", p.name))))
+        .map(|c| c.name.to_string())
+        .collect();
+    o.push_str("                    esac\n");
+    if longer.is_empty() {
+        o.push_str("                fi ;;\n        esac\n    done\n\n");
+    } else {
+        o.push_str("                else\n                    case \"$cmd $w\" in\n");
+        let _ = writeln!(o, "                        {}) cmd=\"$cmd $w\" ;;", sh_case_alts(&longer));
+        o.push_str("                    esac\n                fi ;;\n        esac\n    done\n\n");
+    }
 
     o.push_str("    kind=$(_thinimg_value_kind \"$cmd\" \"$prev\")\n    case \"$kind\" in\n");
     o.push_str(
@@ -725,9 +746,27 @@ pub fn bash_completion() -> String {
     );
     o.push_str("        esac\n        return\n    fi\n\n");
 
-    o.push_str("    # Arguments: layer files for unpack. Refs, images and activations are not completed:\n");
+    o.push_str("    # Arguments: command names for help, subcommands (runs show), layer files for unpack.\n");
+    o.push_str("    # Refs, images and activations are not completed:\n");
     o.push_str("    # listing them needs the network or the state directory.\n");
     o.push_str("    case \"$cmd\" in\n");
+    let _ = writeln!(
+        o,
+        "        help) mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+        first_words.iter().filter(|w| **w != "help").copied().collect::<Vec<_>>().join(" ")
+    );
+    for p in table::COMMANDS {
+        let ext: Vec<&str> =
+            table::COMMANDS.iter().filter_map(|c| c.name.strip_prefix(&format!("{} ", p.name))).collect();
+        if !ext.is_empty() {
+            let _ = writeln!(
+                o,
+                "        \"{}\") mapfile -t COMPREPLY < <(compgen -W \"{}\" -- \"$cur\") ;;",
+                p.name,
+                ext.join(" ")
+            );
+        }
+    }
     o.push_str("        unpack) compopt -o filenames 2>/dev/null; mapfile -t COMPREPLY < <(compgen -f -X '!*.tar' -- \"$cur\"; compgen -d -- \"$cur\") ;;\n");
     o.push_str("    esac\n}\n\ncomplete -F _thinimg thinimg\n");
     o

@@ -31,14 +31,16 @@ pub enum Kind {
     TempFail,
     /// Credentials rejected, access denied, or not running as root (EX_NOPERM, 77).
     NoPerm,
-    /// The configuration contradicts recorded state, e.g. pool devices that
-    /// are not the recorded pool's (EX_CONFIG, 78).
-    Config,
     /// Internal inconsistency: a bug or a database this version cannot read (EX_SOFTWARE, 70).
     Software,
     /// The host's storage is unsafe to touch: pool in needs_check, read-only or
     /// failed mode (EX_OSERR, 71). Stops everything.
     HostFatal,
+    /// A bad configuration file (unknown key, invalid value, missing file),
+    /// configuration that contradicts recorded state (pool devices that are
+    /// not the recorded pool's), or a database written by a newer thinimg
+    /// (EX_CONFIG, 78).
+    Config,
     /// Interrupted by SIGINT (130).
     Interrupted,
     /// Terminated by SIGTERM (143).
@@ -82,9 +84,9 @@ impl Kind {
             Kind::Io => "io",
             Kind::TempFail => "temp_fail",
             Kind::NoPerm => "no_perm",
-            Kind::Config => "config",
             Kind::Software => "software",
             Kind::HostFatal => "host_fatal",
+            Kind::Config => "config",
             Kind::Interrupted => "interrupted",
             Kind::Terminated => "terminated",
         }
@@ -225,6 +227,12 @@ impl From<rusqlite::Error> for Error {
                 if matches!(f.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen) =>
             {
                 Kind::CantCreate
+            }
+            // A damaged file is a storage problem, not a bug in thinimg.
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(f.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) =>
+            {
+                Kind::Io
             }
             _ => Kind::Software,
         };

@@ -496,6 +496,9 @@ pub struct RunInfo {
     pub pid: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// For a failed or cancelled run: the later run of the same kind and
+    /// subject that replaced it (its failure is history, not a problem).
+    pub superseded_by: Option<RunId>,
     pub steps: Vec<StepInfo>,
 }
 
@@ -511,43 +514,100 @@ pub struct StepInfo {
     pub outcome: Option<Value>,
 }
 
-/// Runs, newest first: all of them, or only unfinished and failed ones.
+/// A failed run counts as a problem only while it is the newest run of its
+/// (kind, subject): a later run, whatever its outcome, supersedes it.
+const UNRESOLVED: &str = "state = 'failed' AND NOT EXISTS
+     (SELECT 1 FROM runs later WHERE later.kind = runs.kind AND later.subject = runs.subject AND later.id > runs.id)";
+
+const RUN_COLUMNS: &str = "id, kind, subject, state, request, error_kind, error, pid, created_at, updated_at,
+     (SELECT MIN(later.id) FROM runs later WHERE later.kind = runs.kind AND later.subject = runs.subject AND later.id > runs.id)";
+
+/// Runs, newest first: all of them, or only the current state (unfinished
+/// runs and unresolved failures).
 pub fn list(conn: &Connection, all: bool) -> Result<Vec<RunInfo>> {
     let sql = if all {
-        "SELECT id, kind, subject, state, request, error_kind, error, pid, created_at, updated_at FROM runs ORDER BY id DESC"
+        format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC")
     } else {
-        "SELECT id, kind, subject, state, request, error_kind, error, pid, created_at, updated_at FROM runs
-         WHERE state IN ('active', 'cancelling', 'failed') ORDER BY id DESC"
+        format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('active', 'cancelling') OR ({UNRESOLVED}) ORDER BY id DESC"
+        )
     };
+    query_runs(conn, &sql, [])
+}
+
+/// One run with its steps.
+pub fn get(conn: &Connection, id: RunId) -> Result<RunInfo> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1");
+    query_runs(conn, &sql, [id])?
+        .pop()
+        .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no run with id {id} (see 'thinimg runs --all')")))
+}
+
+/// Failed runs that no later run of the same kind and subject replaced.
+pub fn unresolved_failures(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row(&format!("SELECT COUNT(*) FROM runs WHERE {UNRESOLVED}"), [], |r| r.get(0))?)
+}
+
+/// Ids of every failed run, oldest first (for `cancel --failed`).
+pub fn failed_ids(conn: &Connection) -> Result<Vec<RunId>> {
+    let mut st = conn.prepare("SELECT id FROM runs WHERE state = 'failed' ORDER BY id")?;
+    let ids = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<RunId>>>()?;
+    Ok(ids)
+}
+
+/// Remove runs (and their steps) that ended before `cutoff` (seconds since
+/// the epoch): done and cancelled ones, and failed ones a later run
+/// superseded. An unresolved failure stays until it is resolved or
+/// cancelled: it is the current state, not history. Returns how many went.
+pub fn prune(conn: &Connection, cutoff: i64) -> Result<usize> {
+    let n = conn.execute(
+        &format!(
+            "DELETE FROM runs WHERE updated_at < ?1
+               AND (state IN ('done', 'cancelled') OR (state = 'failed' AND NOT ({UNRESOLVED})))"
+        ),
+        [cutoff],
+    )?;
+    Ok(n)
+}
+
+fn query_runs(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Vec<RunInfo>> {
     let mut st = conn.prepare(sql)?;
-    let rows = st.query_map([], |r| {
+    let rows = st.query_map(p, |r| {
         Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, Option<String>>(5)?,
-            r.get::<_, Option<String>>(6)?,
-            r.get::<_, Option<i64>>(7)?,
-            r.get::<_, i64>(8)?,
-            r.get::<_, i64>(9)?,
+            (
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ),
+            (
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, Option<i64>>(10)?,
+            ),
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, kind, subject, state, request, error_kind, error, pid, created_at, updated_at) = row?;
+        let ((id, kind, subject, state, request), (error_kind, error, pid, created_at, updated_at, later)) = row?;
+        let state = RunState::parse(&state)?;
+        let superseded_by = if matches!(state, RunState::Failed | RunState::Cancelled) { later } else { None };
         out.push(RunInfo {
             id,
             kind,
             subject,
-            state: RunState::parse(&state)?,
+            state,
             request: serde_json::from_str(&request).unwrap_or(Value::Null),
             error_kind,
             error,
             pid,
             created_at,
             updated_at,
+            superseded_by,
             steps: steps_of(conn, id)?,
         });
     }
@@ -739,5 +799,44 @@ mod tests {
         assert_eq!(ex.0, vec![serde_json::json!({"dev": "x"})]);
         assert!(list(&c, false).unwrap().is_empty());
         assert_eq!(list(&c, true).unwrap()[0].state, RunState::Cancelled);
+    }
+
+    #[test]
+    fn a_later_run_of_the_same_subject_resolves_a_failure_and_old_history_is_pruned() {
+        let mut c = db();
+        let mut failing = Script { ran: vec![], fail: vec![("a".into(), Kind::BadData, 99)] };
+        let (f1, _) = start(&mut c, &spec(&["a"])).unwrap();
+        drive(&mut c, f1, &mut failing, &fast()).unwrap_err();
+        // A different subject's failure is unrelated.
+        let mut other = spec(&["a"]);
+        other.subject = "other".into();
+        let (f2, _) = start(&mut c, &other).unwrap();
+        drive(&mut c, f2, &mut failing, &fast()).unwrap_err();
+        assert_eq!(unresolved_failures(&c).unwrap(), 2);
+        // A second failure of the same subject replaces the first as the problem.
+        let (f3, _) = start(&mut c, &spec(&["a"])).unwrap();
+        drive(&mut c, f3, &mut failing, &fast()).unwrap_err();
+        assert_eq!(unresolved_failures(&c).unwrap(), 2);
+        let ids: Vec<RunId> = list(&c, false).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![f3, f2]);
+        // Then a success resolves it.
+        let mut ok = Script { ran: vec![], fail: vec![] };
+        let (d, _) = start(&mut c, &spec(&["a"])).unwrap();
+        drive(&mut c, d, &mut ok, &fast()).unwrap();
+        assert_eq!(unresolved_failures(&c).unwrap(), 1);
+        assert_eq!(get(&c, f1).unwrap().superseded_by, Some(f3));
+        assert_eq!(get(&c, f3).unwrap().superseded_by, Some(d));
+        // Pruning: everything ended "long ago" except the unresolved failure goes.
+        c.execute("UPDATE runs SET updated_at = 1", []).unwrap();
+        let n = prune(&c, 100).unwrap();
+        assert_eq!(n, 3, "f1, f3 (superseded) and d (done)");
+        let left: Vec<RunId> = list(&c, true).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(left, vec![f2]);
+        let steps: i64 = c.query_row("SELECT COUNT(*) FROM steps WHERE run_id <> ?1", [f2], |r| r.get(0)).unwrap();
+        assert_eq!(steps, 0, "steps go with their run");
+        // Recent history is kept.
+        let (d2, _) = start(&mut c, &spec(&["a"])).unwrap();
+        drive(&mut c, d2, &mut ok, &fast()).unwrap();
+        assert_eq!(prune(&c, 100).unwrap(), 0);
     }
 }

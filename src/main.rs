@@ -7,17 +7,39 @@ use thinimg::cli::{self, Parsed};
 use thinimg::error::Kind;
 
 fn main() -> ExitCode {
-    let parsed = match cli::parse(std::env::args_os().skip(1)) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let parsed = match cli::parse(args.clone()) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("thinimg: {}", e.full_message());
-            return ExitCode::from(e.kind().exit_code());
+            // The logger does not exist yet: honour --json and a JSON log format by hand.
+            let code = e.kind().exit_code();
+            if cli::wants_json(&args) {
+                let _ = writeln!(std::io::stdout(), "{}", error_json(&e));
+            }
+            if cli::wants_json_log(&args) {
+                let line = serde_json::json!({
+                    "ts": thinimg::ops::output::now(), "level": "error", "msg": e.full_message(),
+                    "target": "thinimg", "kind": e.kind().as_str(),
+                });
+                eprintln!("{line}");
+            } else {
+                eprintln!("thinimg: {}", e.full_message());
+            }
+            return ExitCode::from(code);
         }
     };
     let inv = match parsed {
         Parsed::Help(text) => return print_ok(&text),
+        Parsed::Usage(text) => {
+            if cli::wants_json(&args) {
+                let first = text.lines().next().unwrap_or("usage error").trim_start_matches("thinimg: ");
+                let _ = writeln!(std::io::stdout(), "{}", error_json(&thinimg::Error::usage(first)));
+            }
+            let _ = std::io::stderr().write_all(text.as_bytes());
+            return ExitCode::from(Kind::Usage.exit_code());
+        }
         Parsed::Generate(text) => return print_ok(&text),
-        Parsed::Version => return print_ok(&format!("thinimg {}\n", env!("CARGO_PKG_VERSION"))),
+        Parsed::Version => return print_ok(&thinimg::cmd::version_text(cli::wants_json(&args))),
         Parsed::Run(inv) => inv,
     };
     thinimg::ops::log::init(&inv);
@@ -27,10 +49,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = e.kind().exit_code();
             if inv.json() {
-                let v = serde_json::json!({
-                    "error": { "kind": e.kind().as_str(), "message": e.full_message(), "exit_code": code }
-                });
-                let _ = writeln!(std::io::stdout(), "{v}");
+                let _ = writeln!(std::io::stdout(), "{}", error_json(&e));
             }
             log::error!("{}", e.full_message());
             if matches!(e.kind(), Kind::Software) {
@@ -41,6 +60,12 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn error_json(e: &thinimg::Error) -> serde_json::Value {
+    serde_json::json!({
+        "error": { "kind": e.kind().as_str(), "message": e.full_message(), "exit_code": e.kind().exit_code() }
+    })
 }
 
 fn print_ok(text: &str) -> ExitCode {

@@ -15,6 +15,9 @@ fn flag_line(out: &mut String, f: &Flag) {
         let _ = write!(head, " {v}");
     }
     let mut help = f.help.to_string();
+    if let Some(r) = f.kind.describe() {
+        let _ = write!(help, " {r}");
+    }
     if let Some(d) = f.default {
         let _ = write!(help, " [default: {d}]");
     }
@@ -64,9 +67,24 @@ pub fn render(cmd: Option<&'static Command>) -> String {
             for (code, what) in table::EXIT_CODES {
                 let _ = writeln!(out, "  {code:<4} {what}");
             }
-            let _ = writeln!(out, "\n'thinimg COMMAND --help' shows a command's options; man 8 thinimg has the rest.");
+            let _ = writeln!(
+                out,
+                "\n'thinimg help COMMAND' or 'thinimg COMMAND --help' shows a command's options; man 8 thinimg has the rest."
+            );
         }
     }
+    out
+}
+
+/// Help for a group of two-word commands (`thinimg pool --help`).
+pub fn render_group(prefix: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "thinimg {prefix} COMMAND\n\nCommands:");
+    for c in table::COMMANDS.iter().filter(|c| c.name.starts_with(&format!("{prefix} "))) {
+        let head = if c.args.is_empty() { c.name.to_string() } else { format!("{} {}", c.name, c.args) };
+        let _ = writeln!(out, "  {head:<26} {}", c.summary);
+    }
+    let _ = writeln!(out, "\n'thinimg help {prefix} COMMAND' shows a command's options.");
     out
 }
 

@@ -1,10 +1,103 @@
-//! Typed settings: the string-keyed [`Invocation`] turned into the typed
-//! configuration a lower layer takes, one block per concern. Nothing below
-//! the command layer reads flags; it gets one of these instead.
+//! Invocation → typed settings: the one place where the string-keyed
+//! [`Invocation`] becomes the typed values the layers below take.
+//!
+//! Defaults live only in the flag table ([`super::table`]): every value is
+//! read through [`Invocation::number`] and friends, which fall back to the
+//! table's default, so nothing here restates one. Ranges are checked when
+//! the invocation is parsed; the rules that span more than one value (or a
+//! multiple-of rule) are checked here, before any lock is taken or any
+//! work is done. Other areas may add their own blocks below.
+
+use std::time::Duration;
 
 use super::Invocation;
 use crate::error::{Error, Result};
 use crate::fetch::s3::S3Config;
+
+/// `--wait`: how long to queue behind another instance (`None`: not at all).
+pub fn wait(inv: &Invocation) -> Result<Option<Duration>> {
+    Ok(inv.u64_opt("wait")?.map(Duration::from_secs))
+}
+
+/// `--runs-retention`: finished, failed and cancelled runs older than this
+/// are pruned from the journal by commands that write.
+pub fn runs_retention(inv: &Invocation) -> Result<Duration> {
+    Ok(Duration::from_secs(inv.number("runs-retention")?))
+}
+
+/// What the pipeline's steps need from the command line.
+pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
+    let flags: Vec<&str> = crate::cli::table::flags_of(Some(inv.command)).map(|f| f.long).collect();
+    let device_size =
+        if flags.contains(&"device-size") { inv.number("device-size")? } else { default_u64("device-size")? };
+    if device_size % 4096 != 0 {
+        return Err(Error::usage(format!("--device-size {device_size} must be a multiple of 4K")));
+    }
+    if flags.contains(&"block-size") {
+        let b = inv.number("block-size")?;
+        if b % 128 != 0 {
+            return Err(Error::usage(format!("--block-size {b} must be a multiple of 128 sectors (64 KiB)")));
+        }
+    }
+    let extract = crate::extract::Options {
+        limits: crate::extract::Limits::from_invocation(inv)?,
+        jobs: match inv.u64_opt("jobs")? {
+            Some(n) => usize::try_from(n).map_err(|_| Error::usage("--jobs is too large"))?,
+            None => crate::extract::default_jobs(),
+        },
+        // Full fidelity: build mounts are nosuid,nodev.
+        policy: crate::extract::Policy::FULL,
+    };
+    let download_jobs =
+        if flags.contains(&"download-jobs") { inv.number("download-jobs")? } else { default_u64("download-jobs")? };
+    let max_blob_size =
+        if flags.contains(&"max-blob-size") { inv.number("max-blob-size")? } else { default_u64("max-blob-size")? };
+    Ok(crate::pipeline::Opts {
+        device_size,
+        extract,
+        download_jobs: usize::try_from(download_jobs).map_err(|_| Error::usage("--download-jobs is too large"))?,
+        max_blob_size,
+    })
+}
+
+/// A flag's table default as a number, for commands that do not take the flag.
+fn default_u64(long: &str) -> Result<u64> {
+    let f = crate::cli::table::find_flag(long).ok_or_else(|| Error::software(format!("no flag --{long}")))?;
+    let d = f.default.ok_or_else(|| Error::software(format!("--{long} has no default")))?;
+    f.kind
+        .check(d)
+        .ok()
+        .flatten()
+        .ok_or_else(|| Error::software(format!("the table default of --{long} ({d:?}) does not parse")))
+}
+
+/// `sync`'s own settings.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub unpack_jobs: usize,
+    pub all: bool,
+    pub prune: bool,
+    pub dry_run: bool,
+    /// Prune even when the listing is empty or most local images would go.
+    pub force: bool,
+    pub from: Option<String>,
+}
+
+pub fn sync(inv: &Invocation) -> Result<SyncSettings> {
+    let s = SyncSettings {
+        unpack_jobs: usize::try_from(inv.number("unpack-jobs")?)
+            .map_err(|_| Error::usage("--unpack-jobs is too large"))?,
+        all: inv.flag("all"),
+        prune: inv.flag("prune"),
+        dry_run: inv.flag("dry-run"),
+        force: inv.flag("force"),
+        from: inv.get("from").map(String::from),
+    };
+    if (s.dry_run || s.force) && !s.prune {
+        return Err(Error::usage("sync: --dry-run and --force only apply with --prune"));
+    }
+    Ok(s)
+}
 
 /// How to reach the bucket: `--bucket`, `--prefix`, `--region`,
 /// `--endpoint`, `--anonymous`, `--timeout`, `--retries`.
@@ -23,16 +116,45 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
         region: inv.get("region").unwrap_or("us-east-1").to_string(),
         endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
         anonymous: inv.flag("anonymous"),
-        timeout: std::time::Duration::from_secs(bounded(inv, "timeout", 1, 3600)?),
-        retries: bounded(inv, "retries", 0, 20)? as u32,
+        timeout: match inv.number("timeout")? {
+            0 => return Err(Error::usage("--timeout must be at least 1 second")),
+            n => Duration::from_secs(n),
+        },
+        retries: u32::try_from(inv.number("retries")?).map_err(|_| Error::usage("--retries is too large"))?,
     })
 }
 
-/// A plain decimal count from the table (its default included), in `lo..=hi`.
-fn bounded(inv: &Invocation, long: &str, lo: u64, hi: u64) -> Result<u64> {
-    let v = inv.req(long)?;
-    match v.trim().parse::<u64>() {
-        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
-        _ => Err(Error::usage(format!("--{long} {v:?}: expected a whole number from {lo} to {hi}"))),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_default_passes_its_own_check() {
+        for f in crate::cli::table::GLOBAL
+            .iter()
+            .chain(crate::cli::table::COMMANDS.iter().flat_map(|c| c.flags.iter().flat_map(|g| g.iter())))
+        {
+            if let Some(d) = f.default {
+                if f.long != "config" {
+                    assert!(f.kind.check(d).is_ok(), "--{} default {d:?}: {:?}", f.long, f.kind.check(d));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_table() {
+        let inv = Invocation::for_test("pull", &["golang"], &[]);
+        let o = pipeline_opts(&inv).unwrap();
+        assert_eq!(
+            o.device_size,
+            crate::cli::parse_size(crate::cli::table::find_flag("device-size").unwrap().default.unwrap()).unwrap()
+        );
+        assert_eq!(
+            o.download_jobs.to_string(),
+            crate::cli::table::find_flag("download-jobs").unwrap().default.unwrap()
+        );
+        let bad = Invocation::for_test("pull", &["golang"], &[("block-size", "200")]);
+        assert!(pipeline_opts(&bad).is_err());
     }
 }

@@ -19,6 +19,123 @@ pub struct Flag {
     pub config: bool,
     pub default: Option<&'static str>,
     pub help: &'static str,
+    /// What a value must look like; checked when the command line, the
+    /// environment and the config file are read, for every command.
+    pub kind: ValueKind,
+}
+
+/// The type of a flag's value, with its allowed range. Values are checked
+/// against it when they are read (command line, environment, config file),
+/// so a bad value fails every command the same way, before any work starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// No value: the flag is a switch (`true`/`false` in the config file).
+    Switch,
+    Text,
+    Path,
+    /// Bytes; a plain number or one with a K, M, G or T suffix (powers of 1024).
+    Size {
+        min: u64,
+        max: u64,
+    },
+    /// A plain whole number (no suffixes).
+    Count {
+        min: u64,
+        max: u64,
+    },
+    /// Seconds: a plain number, or one with an s, m, h or d suffix; at most `max` seconds.
+    Duration {
+        max: u64,
+    },
+    Choice(&'static [&'static str]),
+    /// An S3 bucket name.
+    Bucket,
+    /// An http:// or https:// URL.
+    Url,
+}
+
+impl ValueKind {
+    /// Check `v`; a number-like value is returned in its base unit (bytes,
+    /// seconds, a count).
+    pub fn check(self, v: &str) -> Result<Option<u64>, String> {
+        match self {
+            ValueKind::Switch => crate::cli::truthy(v).map(|b| Some(u64::from(b))),
+            ValueKind::Text | ValueKind::Path => {
+                if v.contains('\0') {
+                    Err("contains a NUL byte".into())
+                } else {
+                    Ok(None)
+                }
+            }
+            ValueKind::Size { min, max } => {
+                let n = crate::cli::parse_size(v)?;
+                in_range(n, min, max, &crate::cli::show_size).map(Some)
+            }
+            ValueKind::Count { min, max } => {
+                let t = v.trim();
+                let n: u64 = t.parse().map_err(|_| {
+                    if t.ends_with(|c: char| c.is_ascii_alphabetic()) {
+                        "is not a whole number (suffixes are only for sizes)".to_string()
+                    } else {
+                        "is not a whole number".to_string()
+                    }
+                })?;
+                in_range(n, min, max, &|n| n.to_string()).map(Some)
+            }
+            ValueKind::Duration { max } => {
+                let n = crate::cli::parse_duration(v)?;
+                in_range(n, 0, max, &crate::cli::show_duration).map(Some)
+            }
+            ValueKind::Choice(words) => {
+                if words.contains(&v) {
+                    Ok(None)
+                } else {
+                    Err(format!("must be one of {}", words.join(", ")))
+                }
+            }
+            ValueKind::Bucket => {
+                let ok = (3..=255).contains(&v.len())
+                    && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+                if ok {
+                    Ok(None)
+                } else {
+                    Err("is not a bucket name (3 to 255 letters, digits, '.', '-' or '_'; a '#' comment must be on its own line)".into())
+                }
+            }
+            ValueKind::Url => {
+                let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
+                match rest {
+                    Some(r) if !r.is_empty() && !r.contains(char::is_whitespace) => Ok(None),
+                    _ => Err("is not an http:// or https:// URL".into()),
+                }
+            }
+        }
+    }
+
+    /// The allowed values in words, for --help and the man pages (`None`: nothing to say).
+    pub fn describe(self) -> Option<String> {
+        match self {
+            ValueKind::Size { min, max } => {
+                Some(format!("From {} to {}.", crate::cli::show_size(min), crate::cli::show_size(max)))
+            }
+            ValueKind::Count { min, max } => Some(format!("From {min} to {max}.")),
+            ValueKind::Duration { max } => Some(format!(
+                "A duration: seconds, or a number with s, m, h or d (600, 10s, 5m, 1h); at most {}.",
+                crate::cli::show_duration(max)
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn in_range(n: u64, min: u64, max: u64, show: &dyn Fn(u64) -> String) -> Result<u64, String> {
+    if n < min {
+        Err(format!("must be at least {}", show(min)))
+    } else if n > max {
+        Err(format!("must be at most {}", show(max)))
+    } else {
+        Ok(n)
+    }
 }
 
 /// One command. `name` may be two words (`pool create`).
@@ -38,7 +155,7 @@ pub struct Command {
 }
 
 const fn sw(long: &'static str, short: Option<char>, help: &'static str) -> Flag {
-    Flag { long, short, value: None, env: None, config: false, default: None, help }
+    Flag { long, short, value: None, env: None, config: false, default: None, help, kind: ValueKind::Switch }
 }
 
 pub static GLOBAL: &[Flag] = &[
@@ -50,6 +167,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("/var/lib/thinimg"),
         help: "Where the database, blobs and loop-pool files live.",
+        kind: ValueKind::Path,
     },
     Flag {
         long: "run-dir",
@@ -59,6 +177,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("/run/thinimg"),
         help: "Where device nodes and temporary mount points live (cleared by a reboot).",
+        kind: ValueKind::Path,
     },
     Flag {
         long: "config",
@@ -68,6 +187,7 @@ pub static GLOBAL: &[Flag] = &[
         config: false,
         default: Some("/etc/thinimg/thinimg.conf"),
         help: "Config file of `key = value` lines (keys are long flag names). A missing default file is ignored.",
+        kind: ValueKind::Path,
     },
     Flag {
         long: "bucket",
@@ -77,6 +197,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("flyio-platform-hiring-challenge"),
         help: "S3 bucket holding the images.",
+        kind: ValueKind::Bucket,
     },
     Flag {
         long: "prefix",
@@ -86,6 +207,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("images/"),
         help: "Key prefix under which each image is a folder of <N>.tar layers.",
+        kind: ValueKind::Text,
     },
     Flag {
         long: "region",
@@ -95,6 +217,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("us-east-1"),
         help: "S3 region (used for signing).",
+        kind: ValueKind::Text,
     },
     Flag {
         long: "endpoint",
@@ -104,6 +227,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: None,
         help: "S3-compatible endpoint URL (path-style addressing). Default: AWS for --region.",
+        kind: ValueKind::Url,
     },
     Flag {
         long: "anonymous",
@@ -113,6 +237,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: None,
         help: "Send unsigned requests. Also used when no credentials are found.",
+        kind: ValueKind::Switch,
     },
     Flag {
         long: "timeout",
@@ -121,7 +246,8 @@ pub static GLOBAL: &[Flag] = &[
         env: Some("THINIMG_TIMEOUT"),
         config: true,
         default: Some("10"),
-        help: "Overall deadline of one S3 request (1..=3600): connecting, the reply and a listing page; an object's body gets this plus its size at 64 KiB/s.",
+        help: "Overall deadline of one S3 request (1s to 1h): connecting, the reply and a listing page; an object's body gets this plus its size at 64 KiB/s.",
+        kind: ValueKind::Duration { max: 3600 },
     },
     Flag {
         long: "retries",
@@ -131,15 +257,17 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("2"),
         help: "Retries of an S3 request that failed in a way that may pass (timeout, refused, 5xx, SlowDown), 0..=20, with backoff.",
+        kind: ValueKind::Count { min: 0, max: 20 },
     },
     Flag {
         long: "wait",
         short: None,
-        value: Some("SECONDS"),
+        value: Some("DURATION"),
         env: Some("THINIMG_WAIT"),
         config: true,
         default: None,
-        help: "If another instance holds the state dir, wait up to SECONDS for it instead of exiting 75.",
+        help: "If another instance holds the state dir, wait up to DURATION for it instead of exiting 75.",
+        kind: ValueKind::Duration { max: 7 * 86400 },
     },
     Flag {
         long: "metrics-file",
@@ -148,7 +276,18 @@ pub static GLOBAL: &[Flag] = &[
         env: Some("THINIMG_METRICS_FILE"),
         config: true,
         default: None,
-        help: "Write Prometheus textfile metrics here (atomically) when the command ends.",
+        help: "Write Prometheus textfile metrics here (atomically) when the command ends; each command keeps its own last outcome. A path that cannot be written is a warning.",
+        kind: ValueKind::Path,
+    },
+    Flag {
+        long: "runs-retention",
+        short: None,
+        value: Some("DURATION"),
+        env: None,
+        config: true,
+        default: Some("14d"),
+        help: "Finished, failed and cancelled runs older than this are removed from the journal by the next command that writes.",
+        kind: ValueKind::Duration { max: 3650 * 86400 },
     },
     Flag {
         long: "json",
@@ -158,6 +297,7 @@ pub static GLOBAL: &[Flag] = &[
         config: false,
         default: None,
         help: "Print results as JSON on stdout.",
+        kind: ValueKind::Switch,
     },
     sw("quiet", Some('q'), "Only print errors."),
     sw("verbose", Some('v'), "More log output; repeat for debug."),
@@ -169,6 +309,7 @@ pub static GLOBAL: &[Flag] = &[
         config: true,
         default: Some("text"),
         help: "Format of log lines on stderr.",
+        kind: ValueKind::Choice(&["text", "json"]),
     },
     sw("help", Some('h'), "Print help and exit."),
     sw("version", Some('V'), "Print the version and exit."),
@@ -183,6 +324,7 @@ pub static DOWNLOAD: &[Flag] = &[
         config: true,
         default: Some("4"),
         help: "Parallel blob downloads.",
+        kind: ValueKind::Count { min: 1, max: 64 },
     },
     Flag {
         long: "max-blob-size",
@@ -192,6 +334,7 @@ pub static DOWNLOAD: &[Flag] = &[
         config: true,
         default: Some("16G"),
         help: "Refuse S3 objects larger than this (suffixes K, M, G, T).",
+        kind: ValueKind::Size { min: 1, max: 1 << 44 },
     },
 ];
 
@@ -210,6 +353,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: None,
         help: "File-writer threads per unpack, 1 to 256 (default: number of CPUs).",
+        kind: ValueKind::Count { min: 1, max: 256 },
     },
     Flag {
         long: "max-entries",
@@ -219,6 +363,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("1000000"),
         help: "Reject a layer with more tar entries than this.",
+        kind: ValueKind::Count { min: 1, max: 1_000_000_000 },
     },
     Flag {
         long: "max-file-size",
@@ -228,6 +373,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("8G"),
         help: "Reject a layer holding a file larger than this (apparent size, sparse included).",
+        kind: ValueKind::Size { min: 1, max: 1 << 50 },
     },
     Flag {
         long: "max-total-size",
@@ -237,6 +383,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("64G"),
         help: "Reject a layer whose files add up to more than this.",
+        kind: ValueKind::Size { min: 1, max: 1 << 50 },
     },
     Flag {
         long: "max-path-len",
@@ -246,6 +393,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("4095"),
         help: "Reject entries whose path is longer than this.",
+        kind: ValueKind::Count { min: 1, max: 65_536 },
     },
     Flag {
         long: "max-depth",
@@ -255,6 +403,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("128"),
         help: "Reject entries whose path has more components than this.",
+        kind: ValueKind::Count { min: 1, max: 4096 },
     },
     Flag {
         long: "max-header-size",
@@ -264,6 +413,7 @@ pub static EXTRACT: &[Flag] = &[
         config: true,
         default: Some("1M"),
         help: "Reject PAX/GNU extension headers larger than this.",
+        kind: ValueKind::Size { min: 512, max: 1 << 30 },
     },
 ];
 
@@ -276,6 +426,7 @@ pub static POOL_SIZE: &[Flag] = &[
         config: true,
         default: None,
         help: "Block device for pool data (with --meta-dev). Default: a loop file under the state dir.",
+        kind: ValueKind::Path,
     },
     Flag {
         long: "meta-dev",
@@ -285,6 +436,7 @@ pub static POOL_SIZE: &[Flag] = &[
         config: true,
         default: None,
         help: "Block device for pool metadata (with --data-dev).",
+        kind: ValueKind::Path,
     },
     Flag {
         long: "data-size",
@@ -294,6 +446,7 @@ pub static POOL_SIZE: &[Flag] = &[
         config: true,
         default: Some("20G"),
         help: "Size of the loop-file pool created when none exists (sparse file).",
+        kind: ValueKind::Size { min: 64 << 20, max: 1 << 50 },
     },
     Flag {
         long: "block-size",
@@ -303,6 +456,7 @@ pub static POOL_SIZE: &[Flag] = &[
         config: true,
         default: Some("128"),
         help: "Thin-pool block size in 512-byte sectors (multiple of 128).",
+        kind: ValueKind::Count { min: 128, max: 2_097_152 },
     },
     Flag {
         long: "device-size",
@@ -312,6 +466,7 @@ pub static POOL_SIZE: &[Flag] = &[
         config: true,
         default: Some("8G"),
         help: "Virtual size of each image's thin device (the ext4 size).",
+        kind: ValueKind::Size { min: 64 << 20, max: 1 << 44 },
     },
 ];
 
@@ -323,6 +478,7 @@ pub static NAME: &[Flag] = &[Flag {
     config: false,
     default: None,
     help: "Activation name (letters, digits, '-', '_', '.'; at most 100 bytes).",
+    kind: ValueKind::Text,
 }];
 
 pub static DEST: &[Flag] = &[Flag {
@@ -333,6 +489,7 @@ pub static DEST: &[Flag] = &[Flag {
     config: false,
     default: None,
     help: "Directory to unpack into: created with mode 0700 if missing; must be empty unless --apply-on-top; never /.",
+    kind: ValueKind::Path,
 }];
 
 // `thinimg unpack` onto a host directory (extract helper's block).
@@ -355,6 +512,8 @@ pub static FORCE: &[Flag] = &[sw("force", Some('f'), "Also deactivate and delete
 pub static DRY_RUN: &[Flag] = &[sw("dry-run", Some('n'), "Report what would be removed; change nothing.")];
 pub static POOL_FORCE: &[Flag] =
     &[sw("force", Some('f'), "Destroy the pool even though chains or activations exist (they are destroyed with it).")];
+pub static NO_HEADINGS: &[Flag] = &[sw("no-headings", Some('H'), "Print table rows without the heading line.")];
+pub static CANCEL: &[Flag] = &[sw("failed", None, "Cancel every failed run (instead of RUN-ID).")];
 pub static ALL_RUNS: &[Flag] = &[sw("all", Some('a'), "Include finished runs.")];
 pub static WATCH: &[Flag] = &[Flag {
     long: "watch",
@@ -364,6 +523,7 @@ pub static WATCH: &[Flag] = &[Flag {
     config: false,
     default: None,
     help: "Refresh every second on a terminal until interrupted.",
+    kind: ValueKind::Switch,
 }];
 
 pub static SYNC: &[Flag] = &[
@@ -376,8 +536,11 @@ pub static SYNC: &[Flag] = &[
         config: false,
         default: None,
         help: "Read wanted refs from FILE ('-' = stdin), one per line, '#' comments.",
+        kind: ValueKind::Path,
     },
-    sw("prune", None, "Remove images that are no longer wanted (never ones with activations)."),
+    sw("prune", None, "Remove images that are no longer wanted (never ones with activations). Refused when the bucket listing is empty or failed, or when more than half of the local images would go, unless --force."),
+    sw("force", None, "With --prune: prune even when the wanted set is empty or most local images would be removed."),
+    sw("dry-run", Some('n'), "With --prune: report what would be pruned; pull and prune nothing."),
     Flag {
         long: "unpack-jobs",
         short: None,
@@ -386,6 +549,7 @@ pub static SYNC: &[Flag] = &[
         config: true,
         default: Some("2"),
         help: "Layers unpacked at the same time.",
+        kind: ValueKind::Count { min: 1, max: 64 },
     },
 ];
 
@@ -417,7 +581,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(0),
         summary: "List the blobs in the local store.",
         description: "Lists each stored blob with its digest, size and the S3 keys known to hold it.",
-        flags: &[],
+        flags: &[NO_HEADINGS],
         writes: false,
     },
     Command {
@@ -425,19 +589,29 @@ pub static COMMANDS: &[Command] = &[
         args: "",
         min_args: 0,
         max_args: Some(0),
-        summary: "List journaled runs (active and failed by default).",
-        description: "Each run is a journaled operation (pull, activate, ...) with its steps; an interrupted run is resumed by the next invocation that writes.",
-        flags: &[ALL_RUNS],
+        summary: "List journaled runs (active and unresolved failures by default).",
+        description: "Each run is a journaled operation (pull, activate, ...) with its steps; an interrupted run is resumed by the next invocation that writes. A failed run is resolved (and no longer listed or counted by doctor and status) once a later run of the same kind and subject succeeded. Runs that ended more than --runs-retention ago are pruned by the next command that writes.",
+        flags: &[ALL_RUNS, NO_HEADINGS],
+        writes: false,
+    },
+    Command {
+        name: "runs show",
+        args: "RUN-ID",
+        min_args: 1,
+        max_args: Some(1),
+        summary: "Explain one run in words: what it did, where it stopped and why.",
+        description: "Prints the run's kind, subject, times and state, then one line per step with its attempts, error and outcome, and what to do next.",
+        flags: &[],
         writes: false,
     },
     Command {
         name: "cancel",
-        args: "RUN-ID",
-        min_args: 1,
+        args: "[RUN-ID]",
+        min_args: 0,
         max_args: Some(1),
-        summary: "Cancel an interrupted or failed run; its half-done work is cleaned up.",
+        summary: "Cancel an interrupted or failed run (or, with --failed, every failed run).",
         description: "Marks the run cancelled and undoes the half-done work its current step recorded (devices, mounts). Finished steps' results stay; gc removes what nothing uses.",
-        flags: &[],
+        flags: &[CANCEL],
         writes: true,
     },
     Command {
@@ -506,8 +680,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: Some(1),
         summary: "Remove an activation's dm device (and with --delete, its thin device).",
-        description: "Without --delete the writable snapshot is kept and is re-activated by the next activate with the same name.",
-        flags: &[DELETE],
+        description: "Without --delete the writable snapshot is kept and is re-activated by the next activate with the same name. --dry-run says what would be removed.",
+        flags: &[DELETE, DRY_RUN],
         writes: true,
     },
     Command {
@@ -516,8 +690,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: Some(1),
         summary: "Forget an image; gc then frees chains no image uses.",
-        description: "Refuses while the image has activations unless --force.",
-        flags: &[FORCE],
+        description: "Refuses while the image has activations unless --force. --dry-run says what would be removed.",
+        flags: &[FORCE, DRY_RUN],
         writes: true,
     },
     Command {
@@ -527,7 +701,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(0),
         summary: "List local images.",
         description: "Lists each image with its layers, top chain and state.",
-        flags: &[],
+        flags: &[NO_HEADINGS],
         writes: false,
     },
     Command {
@@ -537,7 +711,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(0),
         summary: "List activations and their device paths.",
         description: "Lists each activation with its image, thin id and device paths.",
-        flags: &[],
+        flags: &[NO_HEADINGS],
         writes: false,
     },
     Command {
@@ -565,8 +739,8 @@ pub static COMMANDS: &[Command] = &[
         args: "",
         min_args: 0,
         max_args: Some(0),
-        summary: "Pool usage, object counts, runs in flight and recent errors.",
-        description: "A read-only overview; never takes the write lock.",
+        summary: "Pool usage, space, object counts, runs in flight and unresolved failures.",
+        description: "A read-only overview: the pool, the space used by blobs, partial downloads and pool files, the free space of the state filesystem, and runs. Works on a read-only state directory.",
         flags: &[WATCH],
         writes: false,
     },
@@ -576,7 +750,47 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Health checks before device-mapper work; exit code reflects the worst.",
-        description: "Checks pool mode, needs_check and space, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice.",
+        description: "Checks the config file, pool mode, needs_check and space, unresolved failed runs, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice.",
+        flags: &[],
+        writes: false,
+    },
+    Command {
+        name: "config check",
+        args: "",
+        min_args: 0,
+        max_args: Some(0),
+        summary: "Check the config file: every key known, every value valid.",
+        description: "Exits 0 when the file (or its absence) is fine, and 78 naming FILE:LINE for each problem otherwise. Every command checks the file the same way when it starts.",
+        flags: &[],
+        writes: false,
+    },
+    Command {
+        name: "config show",
+        args: "",
+        min_args: 0,
+        max_args: Some(0),
+        summary: "Show every setting's effective value and where it came from.",
+        description: "For each config key: the value in effect and its source (command line, environment variable, FILE:LINE, or default).",
+        flags: &[],
+        writes: false,
+    },
+    Command {
+        name: "version",
+        args: "",
+        min_args: 0,
+        max_args: Some(0),
+        summary: "Print the version, the git commit and the database schema version.",
+        description: "With --json: {\"version\", \"commit\", \"schema_version\"}.",
+        flags: &[],
+        writes: false,
+    },
+    Command {
+        name: "help",
+        args: "[COMMAND]",
+        min_args: 0,
+        max_args: None,
+        summary: "Show the help of a command (or of a group such as 'pool').",
+        description: "Same as 'thinimg COMMAND --help'.",
         flags: &[],
         writes: false,
     },
@@ -590,13 +804,13 @@ pub static EXIT_CODES: &[(u8, &str)] = &[
     (65, "bad data: a blob or layer was rejected (hostile, malformed, not a tar)"),
     (66, "no such image, layer or activation (also a gap in an image's layers)"),
     (69, "S3 unavailable (network, 5xx after retries)"),
-    (70, "internal error"),
+    (70, "internal error (a bug in thinimg)"),
     (71, "the host cannot run the pool: device-mapper or its thin-pool target is missing, the pool is unsafe (needs_check, read-only, failed), or the database and the pool diverged"),
     (73, "cannot create a device, file or directory"),
-    (74, "I/O error"),
+    (74, "I/O error, including a corrupt database or a state directory that does not match its database"),
     (75, "temporary failure: another instance holds the lock, a device is busy, or the pool is short of space; retry later"),
     (77, "permission denied: credentials rejected, access denied, or not root"),
-    (78, "configuration conflict: the configured pool devices are not the recorded pool's"),
+    (78, "configuration error: a bad config file (unknown key, invalid value, missing file), configured pool devices that are not the recorded pool's, a database written by a newer thinimg, or sync --prune refused as unsafe (empty or unreadable wanted set, most local images would go)"),
     (130, "interrupted by SIGINT"),
     (143, "terminated by SIGTERM"),
 ];
@@ -609,6 +823,11 @@ pub static ENVIRONMENT: &[(&str, &str)] = &[
     ("THINIMG_FAULT", "Testing only: abort the process as kill -9 would at a named point (see FAULT INJECTION)."),
     ("RUST_LOG", "Overrides the log filter (env_logger syntax)."),
 ];
+
+/// A flag by its long name, wherever it is defined (globals first).
+pub fn find_flag(long: &str) -> Option<&'static Flag> {
+    GLOBAL.iter().chain(COMMANDS.iter().flat_map(|c| c.flags.iter().flat_map(|g| g.iter()))).find(|f| f.long == long)
+}
 
 pub fn find_command(name: &str) -> Option<&'static Command> {
     COMMANDS.iter().find(|c| c.name == name)

@@ -30,7 +30,7 @@ pub fn run(inv: &Invocation) -> Result<u8> {
         })
         .collect();
     if inv.json() {
-        return output::json(&out).map(|()| 0);
+        return output::json(&serde_json::json!({ "blobs": out })).map(|()| 0);
     }
     let rows: Vec<Vec<String>> = out
         .iter()

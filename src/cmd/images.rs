@@ -110,11 +110,30 @@ fn print_activation(inv: &Invocation, info: &activate::ActivationInfo) -> Result
 
 pub fn deactivate(inv: &Invocation) -> Result<u8> {
     let name = &inv.args[0];
+    let delete = inv.flag("delete");
+    if inv.flag("dry-run") {
+        // A look at the database only: no lock, no resume, no kernel.
+        let a = Db::open_read(&inv.state_dir())?
+            .map(|db| q::activation(&db.conn, name))
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no activation named {name}")))?;
+        let what = if delete {
+            format!("would deactivate {name} and delete its thin device {} (its data is lost)", a.thin_id)
+        } else {
+            format!("would deactivate {name} (its thin device {} is kept)", a.thin_id)
+        };
+        if inv.json() {
+            output::json(&json!({ "name": name, "deleted": delete, "thin_id": a.thin_id, "dry_run": true }))?;
+        } else if !quiet(inv) {
+            println!("{what}");
+        }
+        return Ok(0);
+    }
     let mut env = Env::open(inv)?;
     if q::activation(&env.db.conn, name)?.is_none() {
         return Err(Error::new(Kind::NoSuchImage, format!("no activation named {name}")));
     }
-    let delete = inv.flag("delete");
     env.run(&activate::deactivate_spec(name, delete))?;
     if inv.json() {
         output::json(&json!({ "name": name, "deleted": delete }))?;
@@ -126,6 +145,28 @@ pub fn deactivate(inv: &Invocation) -> Result<u8> {
 
 pub fn rm(inv: &Invocation) -> Result<u8> {
     let image = sources::image_name(inv, &inv.args[0])?;
+    if inv.flag("dry-run") {
+        let db = Db::open_read(&inv.state_dir())?;
+        let db = db
+            .filter(|db| q::image(&db.conn, &image).ok().flatten().is_some())
+            .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no image {image}")))?;
+        let acts: Vec<String> = q::activations_of(&db.conn, &image)?.into_iter().map(|a| a.name).collect();
+        if !acts.is_empty() && !inv.flag("force") {
+            return Err(Error::new(
+                Kind::TempFail,
+                format!("image {image} has activations ({}); deactivate them or pass --force", acts.join(", ")),
+            ));
+        }
+        if inv.json() {
+            output::json(&json!({ "removed": image, "activations_deleted": acts, "dry_run": true }))?;
+        } else if !quiet(inv) {
+            println!("would remove {image}");
+            for a in &acts {
+                println!("would deactivate and delete activation {a}");
+            }
+        }
+        return Ok(0);
+    }
     let mut env = Env::open(inv)?;
     if q::image(&env.db.conn, &image)?.is_none() {
         return Err(Error::new(Kind::NoSuchImage, format!("no image {image}")));
@@ -157,7 +198,7 @@ pub fn images(inv: &Invocation) -> Result<u8> {
             vec![
                 i["name"].as_str().unwrap_or("").to_string(),
                 i["state"].as_str().unwrap_or("").to_string(),
-                i["top_layer"].to_string(),
+                i["top_layer"].as_i64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 i["top_chain"].as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into()),
                 i["activations"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
             ]

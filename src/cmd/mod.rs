@@ -2,6 +2,9 @@
 //! print the result. No business logic lives here.
 
 mod blobs;
+mod config;
+
+pub use config::version_text;
 mod fetch;
 mod images;
 mod ls_remote;
@@ -15,7 +18,8 @@ use crate::error::{Error, Result};
 
 /// Run the command; `Ok(code)` is the exit code (non-zero without an error
 /// only for `sync` with failed images and `doctor` with warnings). With
-/// --metrics-file, the metrics are written whatever the outcome.
+/// --metrics-file, the metrics are written whatever the outcome; failing to
+/// write them is a warning.
 pub fn dispatch(inv: &Invocation) -> Result<u8> {
     let t0 = std::time::Instant::now();
     let res = run(inv);
@@ -32,19 +36,23 @@ pub fn dispatch(inv: &Invocation) -> Result<u8> {
             code,
             t0.elapsed().as_secs_f64(),
         );
+        // Metrics are evidence about the command, not its result: a path
+        // that cannot be written must not turn a success into a failure.
         if let Err(e) = w {
-            log::error!("{}", e.full_message());
-            if res.is_ok() {
-                return Err(e);
-            }
+            log::warn!("metrics not written: {}", e.full_message());
         }
     }
     res
 }
 
 fn run(inv: &Invocation) -> Result<u8> {
+    crate::ops::output::set_no_headings(inv.flag("no-headings"));
     match inv.command.name {
         "runs" => runs::list(inv),
+        "runs show" => runs::show(inv),
+        "config check" => config::check(inv),
+        "config show" => config::show(inv),
+        "version" => config::version(inv),
         "cancel" => runs::cancel(inv),
         "pull" => images::pull(inv),
         "activate" => images::activate(inv),

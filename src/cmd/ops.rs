@@ -9,47 +9,57 @@ use crate::pipeline::{health, sync, Env};
 use crate::store::Db;
 
 pub fn sync(inv: &Invocation) -> Result<u8> {
-    let mut refs: Vec<String> = inv.args.clone();
-    if let Some(f) = inv.get("from") {
+    let set = crate::cli::settings::sync(inv)?;
+    let mut refs: Vec<sync::Wanted> = inv.args.iter().map(|a| sync::Wanted::arg(a)).collect();
+    if let Some(f) = &set.from {
         refs.extend(sync::read_refs(f)?);
     }
-    let all = inv.flag("all");
-    if refs.is_empty() && !all {
+    if refs.is_empty() && !set.all {
         return Err(Error::usage("sync needs --all, --from FILE or at least one REF"));
     }
-    let unpack_jobs = inv.u64_or("unpack-jobs", 2)?.clamp(1, 64) as usize;
     let mut env = Env::open(inv)?;
-    if all {
+    if set.all {
         for f in sync::all_families(&env.ctx)? {
-            if !refs.contains(&f) {
-                refs.push(f);
+            if !refs.iter().any(|w| w.reference == f) {
+                refs.push(sync::Wanted::arg(&f));
             }
         }
     }
-    let rep = sync::sync(&mut env, refs, unpack_jobs, inv.flag("prune"))?;
+    let mode = sync::PruneMode { prune: set.prune, dry_run: set.dry_run, force: set.force };
+    let rep = sync::sync(&mut env, refs, set.unpack_jobs, mode)?;
+    let quiet = inv.flag("quiet");
     if inv.json() {
         output::json(&rep)?;
     } else {
+        // Each failure is already on stderr (logged where it happened); with
+        // --quiet that is the only place it appears.
         for i in &rep.images {
             match &i.error {
-                None => {
-                    if !inv.flag("quiet") {
-                        println!("ok      {}", i.image);
-                    }
-                }
+                None if quiet => {}
+                None if rep.dry_run => println!("wanted  {}", i.image),
+                None => println!("ok      {}", i.image),
+                Some(_) if quiet => {}
                 Some(e) => println!("FAILED  {} ({}): {}", i.image, e.kind, e.message),
             }
         }
+        let verb = if rep.dry_run { "would prune" } else { "pruned" };
         for p in &rep.pruned {
-            if !inv.flag("quiet") {
-                println!("pruned  {p}");
+            if !quiet || rep.dry_run {
+                println!("{verb} {p}");
             }
         }
         for k in &rep.kept_with_activations {
-            println!("kept    {k} (has activations)");
+            if !quiet {
+                println!("kept    {k} (has activations)");
+            }
         }
-        if !inv.flag("quiet") || rep.failed > 0 {
-            println!("sync: {} ok, {} failed", rep.ok, rep.failed);
+        if !quiet {
+            println!(
+                "sync: {} ok, {} failed{}",
+                rep.ok,
+                rep.failed,
+                if rep.dry_run { " (dry run: nothing pulled)" } else { "" }
+            );
         }
     }
     Ok(rep.exit_code())
@@ -57,10 +67,12 @@ pub fn sync(inv: &Invocation) -> Result<u8> {
 
 fn status_doc(inv: &Invocation) -> Result<serde_json::Value> {
     let Some(db) = Db::open_existing(&inv.state_dir())? else {
-        return Ok(json!({ "state_dir": inv.state_dir(), "database": false }));
+        let space = health::space(&inv.state_dir(), None, None);
+        return Ok(json!({ "state_dir": inv.state_dir(), "database": false, "space": space }));
     };
     let pool = health::pool_view(&db, &inv.run_dir())?;
     let counts = health::counts(&db)?;
+    let space = health::space(&inv.state_dir(), Some(&counts), pool.as_ref());
     let runs = crate::journal::list(&db.conn, false)?;
     let in_flight: Vec<serde_json::Value> = runs
         .iter()
@@ -87,31 +99,94 @@ fn status_doc(inv: &Invocation) -> Result<serde_json::Value> {
         "database": true,
         "pool": pool,
         "counts": counts,
+        "space": space,
         "runs_in_flight": in_flight,
         "recent_errors": errors,
     }))
+}
+
+/// A JSON value as text: strings bare, and `-` for null (no raw `null` in text output).
+fn txt(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn pct_txt(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        "-".to_string()
+    } else {
+        format!("{}%", txt(v))
+    }
+}
+
+fn bytes_txt(v: &serde_json::Value) -> String {
+    v.as_u64().map(output::bytes).unwrap_or_else(|| "-".to_string())
+}
+
+fn render_space(s: &mut String, sp: &serde_json::Value) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        s,
+        "space    blobs {} ({}), partial downloads {} ({})",
+        txt(&sp["blobs"]),
+        bytes_txt(&sp["blob_bytes"]),
+        txt(&sp["partial_downloads"]),
+        bytes_txt(&sp["partial_bytes"])
+    );
+    for f in sp["pool_files"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "         pool file {}: {} ({} allocated)",
+            txt(&f["path"]),
+            bytes_txt(&f["size_bytes"]),
+            bytes_txt(&f["allocated_bytes"])
+        );
+    }
+    if !sp["pool_data_total_bytes"].is_null() {
+        let _ = writeln!(
+            s,
+            "         pool data {} of {}, metadata {}",
+            bytes_txt(&sp["pool_data_used_bytes"]),
+            bytes_txt(&sp["pool_data_total_bytes"]),
+            pct_txt(&sp["pool_meta_used_pct"])
+        );
+    }
+    let _ = writeln!(
+        s,
+        "         state filesystem {} free of {}",
+        bytes_txt(&sp["fs_free_bytes"]),
+        bytes_txt(&sp["fs_total_bytes"])
+    );
 }
 
 fn render_status(v: &serde_json::Value) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     if v["database"] == json!(false) {
-        let _ = writeln!(s, "no database under {} yet", v["state_dir"].as_str().unwrap_or("?"));
+        let _ = writeln!(s, "no database under {} yet", txt(&v["state_dir"]));
+        render_space(&mut s, &v["space"]);
         return s;
     }
     match v.get("pool") {
         Some(p) if !p.is_null() => {
-            let _ = writeln!(
-                s,
-                "pool     {} ({}): {} data {}% metadata {}% needs_check {} thin devices {}",
-                p["name"].as_str().unwrap_or("?"),
-                p["kind"].as_str().unwrap_or("?"),
-                if p["present"] == json!(true) { p["mode"].as_str().unwrap_or("?") } else { "not assembled" },
-                p["data_used_pct"],
-                p["meta_used_pct"],
-                p["needs_check"],
-                p["thin_devices"]
-            );
+            let state = if p["assembled"] == json!(true) { txt(&p["mode"]) } else { "not assembled".to_string() };
+            let _ = write!(s, "pool     {} ({}): {state}", txt(&p["dm_name"]), txt(&p["kind"]));
+            if p["assembled"] == json!(true) {
+                let _ = write!(
+                    s,
+                    ", data {} metadata {} needs_check {}",
+                    pct_txt(&p["data_used_pct"]),
+                    pct_txt(&p["meta_used_pct"]),
+                    txt(&p["needs_check"])
+                );
+            }
+            let _ = writeln!(s, ", thin devices {}", txt(&p["thin_devices"]));
+            if !p["error"].is_null() {
+                let _ = writeln!(s, "         {}", txt(&p["error"]));
+            }
         }
         _ => {
             let _ = writeln!(s, "pool     none yet");
@@ -121,24 +196,25 @@ fn render_status(v: &serde_json::Value) -> String {
     let _ = writeln!(
         s,
         "blobs    {} ({}), {} rejected\nchains   {}\nimages   {} ({} ready)\nactive   {} of {} activations",
-        c["blobs"],
-        output::bytes(c["blob_bytes"].as_u64().unwrap_or(0)),
-        c["rejected_blobs"],
-        c["chains"],
-        c["images"],
-        c["images_ready"],
-        c["activations_active"],
-        c["activations"]
+        txt(&c["blobs"]),
+        bytes_txt(&c["blob_bytes"]),
+        txt(&c["rejected_blobs"]),
+        txt(&c["chains"]),
+        txt(&c["images"]),
+        txt(&c["images_ready"]),
+        txt(&c["activations_active"]),
+        txt(&c["activations"])
     );
+    render_space(&mut s, &v["space"]);
     for r in v["runs_in_flight"].as_array().into_iter().flatten() {
         let _ = writeln!(
             s,
             "run {}   {} {} at {} ({}){}",
-            r["id"],
-            r["kind"].as_str().unwrap_or(""),
-            r["subject"].as_str().unwrap_or(""),
-            r["step"].as_str().unwrap_or("-"),
-            r["progress"].as_str().unwrap_or(""),
+            txt(&r["id"]),
+            txt(&r["kind"]),
+            txt(&r["subject"]),
+            txt(&r["step"]),
+            txt(&r["progress"]),
             if r["running"] == json!(true) { "" } else { " interrupted; resumes on the next write" }
         );
     }
@@ -146,10 +222,10 @@ fn render_status(v: &serde_json::Value) -> String {
         let _ = writeln!(
             s,
             "failed   run {} {} {}: {}",
-            e["id"],
-            e["kind"].as_str().unwrap_or(""),
-            e["subject"].as_str().unwrap_or(""),
-            e["error"].as_str().unwrap_or("")
+            txt(&e["id"]),
+            txt(&e["kind"]),
+            txt(&e["subject"]),
+            txt(&e["error"])
         );
     }
     s
@@ -183,7 +259,7 @@ pub fn status(inv: &Invocation) -> Result<u8> {
 }
 
 pub fn doctor(inv: &Invocation) -> Result<u8> {
-    let checks = health::doctor(&inv.state_dir(), &inv.run_dir());
+    let checks = health::doctor(&inv.state_dir(), &inv.run_dir(), &inv.config_errors);
     let worst = checks.iter().map(|c| c.status).max().unwrap_or(health::Level::Ok);
     if inv.json() {
         output::json(&json!({ "worst": worst, "checks": checks }))?;
@@ -210,4 +286,35 @@ pub fn doctor(inv: &Invocation) -> Result<u8> {
         health::Level::Warn => 1,
         health::Level::Fail => Kind::HostFatal.exit_code(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_text_never_prints_a_raw_null() {
+        // A half-made pool: recorded, not assembled, every kernel figure unknown.
+        let v = json!({
+            "state_dir": "/x", "database": true,
+            "pool": { "dm_name": "p", "kind": "loop", "assembled": false, "mode": null, "needs_check": null,
+                      "data_used_pct": null, "meta_used_pct": null, "thin_devices": 0, "error": null },
+            "counts": { "blobs": 0, "blob_bytes": 0, "rejected_blobs": 0, "chains": 0, "images": 0,
+                        "images_ready": 0, "activations_active": 0, "activations": 0 },
+            "space": { "blobs": 0, "blob_bytes": 0, "partial_downloads": 1, "partial_bytes": 5,
+                       "pool_files": [], "pool_data_used_bytes": null, "pool_data_total_bytes": null,
+                       "pool_meta_used_pct": null, "fs_free_bytes": null, "fs_total_bytes": null },
+            "runs_in_flight": [{ "id": 1, "kind": "pull", "subject": "x", "step": null, "progress": "0/1", "running": false }],
+            "recent_errors": [{ "id": 2, "kind": "pull", "subject": "y", "error": null }],
+        });
+        let t = render_status(&v);
+        assert!(!t.contains("null"), "{t}");
+        assert!(t.contains("not assembled") && t.contains("partial downloads 1"), "{t}");
+        // Present pool with figures.
+        let mut v2 = v.clone();
+        v2["pool"]["assembled"] = json!(true);
+        v2["pool"]["mode"] = json!("out_of_data_space");
+        let t = render_status(&v2);
+        assert!(!t.contains("null") && t.contains("out_of_data_space"), "{t}");
+    }
 }

@@ -14,11 +14,13 @@ pub fn create(inv: &Invocation) -> Result<u8> {
         (None, None) => None,
         _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
     };
-    let data_size = match inv.get("data-size") {
-        Some(v) => crate::cli::parse_size(v).map_err(|e| Error::usage(format!("--data-size: {e}")))?,
-        None => 20 << 30,
-    };
-    let req = CreateRequest { devices, data_size, block_sectors: inv.u64_or("block-size", 128)? };
+    // Defaults come from the flag table; ranges were checked at parse time.
+    let data_size = inv.number("data-size")?;
+    let block_sectors = inv.number("block-size")?;
+    if block_sectors % 128 != 0 {
+        return Err(Error::usage(format!("--block-size {block_sectors} must be a multiple of 128 sectors (64 KiB)")));
+    }
+    let req = CreateRequest { devices, data_size, block_sectors };
     // The state lock, and interrupted runs resumed first.
     let env = crate::pipeline::Env::open(inv)?;
     let (pool, existed) = poolctl::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
@@ -100,6 +102,8 @@ fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: 
             v["data_used_pct"] = pct(u.data_used, u.data_total).into();
             v["meta_used_pct"] = pct(u.meta_used, u.meta_total).into();
             v["data_bytes"] = (u.data_total * block).into();
+            // The same name as in `status --json`.
+            v["data_total_bytes"] = (u.data_total * block).into();
             v["data_used_bytes"] = (u.data_used * block).into();
         }
         v["status"] = serde_json::to_value(st).map_err(|e| Error::software("status to JSON").with_source(e))?;

@@ -3,24 +3,34 @@
 //! `-q` shows errors only, default warnings and info, `-v` debug, `-vv`
 //! trace; `RUST_LOG` overrides. JSON lines carry the fields set with
 //! [`set_context`] (run id, step, image) and the elapsed milliseconds.
+//! The context is per thread: `sync` pulls images on several threads, and
+//! each line must carry the run, step and image of the thread that logs it.
 
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::cli::Invocation;
 
-static CONTEXT: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+thread_local! {
+    static CONTEXT: RefCell<Vec<(&'static str, String)>> = const { RefCell::new(Vec::new()) };
+}
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
-/// Set (or with `None`, clear) a context field included in JSON log lines.
+/// Set (or with `None`, clear) a context field of this thread's JSON log lines.
 pub fn set_context(key: &'static str, value: Option<String>) {
-    if let Ok(mut c) = CONTEXT.lock() {
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
         c.retain(|(k, _)| *k != key);
         if let Some(v) = value {
             c.push((key, v));
         }
-    }
+    });
+}
+
+/// This thread's context fields.
+pub fn context() -> Vec<(&'static str, String)> {
+    CONTEXT.with(|c| c.borrow().clone())
 }
 
 pub fn init(inv: &Invocation) {
@@ -55,10 +65,8 @@ pub fn init(inv: &Invocation) {
             if let Some(s) = START.get() {
                 m.insert("elapsed_ms".into(), serde_json::json!(s.elapsed().as_millis() as u64));
             }
-            if let Ok(c) = CONTEXT.lock() {
-                for (k, v) in c.iter() {
-                    m.insert((*k).into(), serde_json::json!(v));
-                }
+            for (k, v) in context() {
+                m.insert(k.into(), serde_json::json!(v));
             }
             writeln!(buf, "{}", serde_json::Value::Object(m))
         });
@@ -73,4 +81,32 @@ pub fn init(inv: &Invocation) {
         });
     }
     let _ = b.try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_belongs_to_the_thread_that_sets_it() {
+        set_context("image", Some("main".into()));
+        let seen: Vec<Vec<(&str, String)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| {
+                    s.spawn(move || {
+                        set_context("image", Some(format!("img{i}")));
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        context()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, c) in seen.iter().enumerate() {
+            assert_eq!(c, &vec![("image", format!("img{i}"))]);
+        }
+        assert_eq!(context(), vec![("image", "main".to_string())]);
+        set_context("image", None);
+        assert!(context().is_empty());
+    }
 }

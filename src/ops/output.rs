@@ -11,9 +11,18 @@ pub fn json(v: &impl serde::Serialize) -> Result<()> {
     writeln!(out, "{s}").map_err(|e| Error::io("writing to stdout", e))
 }
 
-/// Print rows as a table with a header; columns padded to their widest cell.
+static NO_HEADINGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--no-headings`: tables print their rows only.
+pub fn set_no_headings(on: bool) {
+    NO_HEADINGS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Print rows as a table with a header (unless --no-headings); columns
+/// padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let headings = !NO_HEADINGS.load(std::sync::atomic::Ordering::Relaxed);
+    let mut w: Vec<usize> = header.iter().map(|h| if headings { h.len() } else { 0 }).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
             if i < w.len() {
@@ -34,7 +43,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> Result<()> {
         }
         s.push('\n');
     };
-    line(header.to_vec(), &mut s);
+    if headings {
+        line(header.to_vec(), &mut s);
+    }
     for r in rows {
         line(r.iter().map(|c| c.as_str()).collect(), &mut s);
     }
@@ -60,4 +71,37 @@ pub fn bytes(n: u64) -> String {
 /// Seconds since the epoch, for timestamps in the database.
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Seconds since the epoch as `2026-12-02 06:07:49Z` (UTC; 0 and below: `-`).
+pub fn utc(ts: i64) -> String {
+    if ts <= 0 {
+        return "-".to_string();
+    }
+    let days = ts.div_euclid(86400);
+    let secs = ts.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1), "1970-01-01 00:00:01Z");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(utc(1_796_180_869), "2026-12-02 03:07:49Z");
+    }
 }

@@ -9,8 +9,11 @@ use crate::store::Db;
 
 #[derive(Debug, Serialize, Clone)]
 pub struct PoolView {
+    /// Serialized with the same names as `pool status --json`.
+    #[serde(rename = "dm_name")]
     pub name: String,
     pub kind: String,
+    #[serde(rename = "assembled")]
     pub present: bool,
     pub mode: Option<String>,
     pub needs_check: Option<bool>,
@@ -45,7 +48,8 @@ pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>>
             match p.status() {
                 Ok(crate::pool::PoolStatus::Active(u)) => {
                     let block = spec.block_sectors.0 * 512;
-                    v.mode = Some(format!("{:?}", u.mode).to_lowercase());
+                    // The same spelling as `pool status --json` (serde's).
+                    v.mode = serde_json::to_value(u.mode).ok().and_then(|m| m.as_str().map(String::from));
                     v.needs_check = Some(u.needs_check);
                     v.data_used_pct = Some(pct(u.data_used, u.data_total));
                     v.meta_used_pct = Some(pct(u.meta_used, u.meta_total));
@@ -69,6 +73,78 @@ pub fn pct(used: u64, total: u64) -> f64 {
     } else {
         (used as f64 * 1000.0 / total as f64).round() / 10.0
     }
+}
+
+/// Where the state directory's space goes, and what is left.
+#[derive(Debug, Serialize, Default)]
+pub struct SpaceView {
+    pub blobs: i64,
+    pub blob_bytes: i64,
+    /// Partial downloads under blobs/partial/ (kept to resume).
+    pub partial_downloads: u64,
+    pub partial_bytes: u64,
+    /// Loop-pool files: apparent size and bytes actually allocated on disk.
+    pub pool_files: Vec<PoolFile>,
+    pub pool_data_used_bytes: Option<u64>,
+    pub pool_data_total_bytes: Option<u64>,
+    pub pool_meta_used_pct: Option<f64>,
+    /// Free space of the filesystem holding the state directory.
+    pub fs_free_bytes: Option<u64>,
+    pub fs_total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PoolFile {
+    pub path: std::path::PathBuf,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// Free and total bytes of the filesystem holding `path` (for unprivileged users).
+pub fn fs_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let frag = st.fragment_size();
+    Some((st.blocks_available().saturating_mul(frag), st.blocks().saturating_mul(frag)))
+}
+
+pub fn space(state_dir: &std::path::Path, counts: Option<&Counts>, pool: Option<&PoolView>) -> SpaceView {
+    use std::os::unix::fs::MetadataExt;
+    let mut v = SpaceView::default();
+    if let Some(c) = counts {
+        v.blobs = c.blobs;
+        v.blob_bytes = c.blob_bytes;
+    }
+    if let Ok(rd) = std::fs::read_dir(state_dir.join("blobs").join("partial")) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                if m.is_file() {
+                    v.partial_downloads += 1;
+                    v.partial_bytes += m.len();
+                }
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(state_dir.join("pool")) {
+        let mut files: Vec<PoolFile> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                m.is_file().then(|| PoolFile { path: e.path(), size_bytes: m.len(), allocated_bytes: m.blocks() * 512 })
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        v.pool_files = files;
+    }
+    if let Some(p) = pool {
+        v.pool_data_used_bytes = p.data_used_bytes;
+        v.pool_data_total_bytes = p.data_total_bytes;
+        v.pool_meta_used_pct = p.meta_used_pct;
+    }
+    if let Some((free, total)) = fs_space(state_dir) {
+        v.fs_free_bytes = Some(free);
+        v.fs_total_bytes = Some(total);
+    }
+    v
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -97,7 +173,7 @@ pub fn counts(db: &Db) -> Result<Counts> {
         activations: one("SELECT COUNT(*) FROM activations")?,
         activations_active: one("SELECT COUNT(*) FROM activations WHERE state = 'active'")?,
         runs_active: one("SELECT COUNT(*) FROM runs WHERE state IN ('active', 'cancelling')")?,
-        runs_failed: one("SELECT COUNT(*) FROM runs WHERE state = 'failed'")?,
+        runs_failed: crate::journal::unresolved_failures(&db.conn)?,
     })
 }
 
@@ -121,9 +197,46 @@ fn check(name: &'static str, status: Level, detail: impl Into<String>, advice: O
     Check { name, status, detail: detail.into(), advice: advice.map(String::from) }
 }
 
-/// All doctor checks, in order.
-pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Check> {
+/// All doctor checks, in order. `config_errors` are the config file's
+/// problems found at parse time (doctor runs on despite them).
+pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_errors: &[String]) -> Vec<Check> {
     let mut out = Vec::new();
+    if config_errors.is_empty() {
+        out.push(check("config", Level::Ok, "every key and value valid", None));
+    } else {
+        out.push(check(
+            "config",
+            Level::Fail,
+            config_errors.join(" | "),
+            Some(
+                "fix the file ('thinimg config check' lists every problem); every other command refuses to run with it",
+            ),
+        ));
+    }
+    // Free space where blobs and loop-pool files live.
+    let probe = std::iter::successors(Some(state_dir), |p| p.parent()).find(|p| p.exists());
+    match probe.and_then(fs_space) {
+        Some((free, total)) => {
+            let low = free < (512 << 20) || free.saturating_mul(20) < total;
+            let detail = format!(
+                "{} free of {} on the filesystem of {}",
+                crate::ops::output::bytes(free),
+                crate::ops::output::bytes(total),
+                state_dir.display()
+            );
+            if low {
+                out.push(check(
+                    "state filesystem space",
+                    Level::Warn,
+                    detail,
+                    Some("free space: 'thinimg gc', remove images, or grow the filesystem"),
+                ));
+            } else {
+                out.push(check("state filesystem space", Level::Ok, detail, None));
+            }
+        }
+        None => out.push(check("state filesystem space", Level::Warn, "cannot read the free space", None)),
+    }
     // Kernel support.
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {
@@ -168,8 +281,8 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
                     out.push(check(
                         "runs",
                         Level::Warn,
-                        format!("{} failed run(s)", c.runs_failed),
-                        Some("see 'thinimg runs'; cancel or fix the input and rerun"),
+                        format!("{} unresolved failed run(s): the latest run of its subject failed", c.runs_failed),
+                        Some("'thinimg runs' lists them and 'thinimg runs show ID' explains one; fix the cause and run again (a later success resolves it), or 'thinimg cancel --failed'"),
                     ));
                 }
             }
@@ -218,7 +331,12 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path) -> Vec<Che
             }
         }
         Err(e) => {
-            out.push(check("database", Level::Fail, e.full_message(), Some("check permissions of the state dir")))
+            let advice = match e.kind() {
+                crate::error::Kind::NoPerm | crate::error::Kind::CantCreate => "check permissions of the state dir",
+                crate::error::Kind::Config => "upgrade thinimg: the database was written by a newer version",
+                _ => "see the message: restore state.db from a backup, or move the stray files away",
+            };
+            out.push(check("database", Level::Fail, e.full_message(), Some(advice)))
         }
     }
 
@@ -325,6 +443,30 @@ fn psi_avg10(res: &str) -> Option<f64> {
     line.split_whitespace().find_map(|kv| kv.strip_prefix("avg10=")).and_then(|v| v.parse().ok())
 }
 
+/// The `thinimg_last_run_*{command="X"}` samples of a metrics file as it is:
+/// command → [timestamp, exit code, duration]. Unreadable or foreign lines
+/// are skipped (the file is ours to rewrite).
+fn previous_outcomes(path: &std::path::Path) -> std::collections::BTreeMap<String, [f64; 3]> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return out };
+    for line in text.lines() {
+        let Some((metric, rest)) = line.split_once("{command=\"") else { continue };
+        let i = match metric {
+            "thinimg_last_run_timestamp_seconds" => 0,
+            "thinimg_last_run_exit_code" => 1,
+            "thinimg_last_run_duration_seconds" => 2,
+            _ => continue,
+        };
+        let Some((cmd, value)) = rest.rsplit_once("\"} ") else { continue };
+        let Ok(v) = value.trim().parse::<f64>() else { continue };
+        if cmd.contains(['\\', '"']) {
+            continue;
+        }
+        out.entry(cmd.to_string()).or_insert([0.0; 3])[i] = v;
+    }
+    out
+}
+
 /// Prometheus textfile (node_exporter textfile collector format), written
 /// atomically (temp file + fsync + rename) so the collector never reads a
 /// half-written file. Counts and totals come from the database (they are
@@ -347,28 +489,38 @@ pub fn write_metrics(
         }
     };
     let now = crate::ops::output::now() as f64;
-    let cmd = command.replace('\\', "\\\\").replace('"', "\\\"");
-    gauge(
-        "thinimg_last_run_timestamp_seconds",
-        "When the last thinimg command ended.",
-        "gauge",
-        &[(format!("{{command=\"{cmd}\"}}"), now)],
-    );
-    gauge(
-        "thinimg_last_run_exit_code",
-        "Exit code of the last thinimg command.",
-        "gauge",
-        &[(format!("{{command=\"{cmd}\"}}"), f64::from(exit_code))],
-    );
-    gauge(
-        "thinimg_last_run_duration_seconds",
-        "Wall time of the last thinimg command.",
-        "gauge",
-        &[(format!("{{command=\"{cmd}\"}}"), seconds)],
-    );
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    // Serialize with other thinimg processes writing the same file (a
+    // read-only `status` does not take the state lock): flock the directory.
+    let dir_fd = std::fs::File::open(dir).map_err(|e| crate::Error::io(format!("opening {}", dir.display()), e))?;
+    let _guard = nix::fcntl::Flock::lock(dir_fd, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| crate::Error::io(format!("locking {}", dir.display()), std::io::Error::from(e)))?;
+    // Each command keeps its own last outcome: samples of other commands
+    // are carried over from the file as it is.
+    let mut last: std::collections::BTreeMap<String, [f64; 3]> = previous_outcomes(path);
+    last.insert(command.to_string(), [now, f64::from(exit_code), seconds]);
+    let label =
+        |c: &str| format!("{{command=\"{}\"}}", c.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"));
+    for (i, (name, help)) in [
+        ("thinimg_last_run_timestamp_seconds", "When the last run of each thinimg command ended."),
+        ("thinimg_last_run_exit_code", "Exit code of the last run of each thinimg command."),
+        ("thinimg_last_run_duration_seconds", "Wall time of the last run of each thinimg command."),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let samples: Vec<(String, f64)> = last.iter().map(|(c, v)| (label(c), v[i])).collect();
+        gauge(name, help, "gauge", &samples);
+    }
     if let Ok(Some(db)) = Db::open_existing(state_dir) {
         if let Ok(c) = counts(&db) {
             gauge("thinimg_blobs", "Blobs in the local store.", "gauge", &[(String::new(), c.blobs as f64)]);
+            gauge(
+                "thinimg_runs_unresolved_failures",
+                "Failed runs that no later run of the same kind and subject replaced.",
+                "gauge",
+                &[(String::new(), c.runs_failed as f64)],
+            );
             gauge(
                 "thinimg_blob_bytes",
                 "Bytes of blobs in the local store.",
@@ -444,7 +596,6 @@ pub fn write_metrics(
             }
         }
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp.{}",
         path.file_name().and_then(|s| s.to_str()).unwrap_or("metrics"),

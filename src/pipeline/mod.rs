@@ -16,7 +16,6 @@ pub mod sources;
 pub mod sync;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
@@ -24,12 +23,8 @@ use crate::journal::{self, Executor, Outcome, RetryPolicy, RunId, RunSpec};
 use crate::ops::lock::StateLock;
 use crate::store::Db;
 
-/// `--wait SECONDS` as a duration.
-pub fn wait_of(inv: &Invocation) -> Result<Option<Duration>> {
-    Ok(inv.u64_opt("wait")?.map(Duration::from_secs))
-}
-
-/// Options the steps need, read once from the invocation.
+/// Options the steps need; built from the invocation by
+/// `cli::settings::pipeline_opts` (defaults come from the flag table).
 #[derive(Debug, Clone)]
 pub struct Opts {
     /// Virtual size of each image's thin device, bytes.
@@ -37,26 +32,6 @@ pub struct Opts {
     pub extract: crate::extract::Options,
     pub download_jobs: usize,
     pub max_blob_size: u64,
-}
-
-impl Opts {
-    pub fn from_invocation(inv: &Invocation) -> Result<Opts> {
-        let device_size = inv.u64_or("device-size", 8 << 30)?;
-        if device_size < (64 << 20) || device_size % 4096 != 0 {
-            return Err(Error::usage("--device-size must be a multiple of 4K and at least 64M"));
-        }
-        Ok(Opts {
-            device_size,
-            extract: crate::extract::Options {
-                limits: crate::extract::Limits::from_invocation(inv)?,
-                jobs: crate::extract::Options::from_invocation(inv)?.jobs,
-                // Full fidelity: build mounts are nosuid,nodev.
-                policy: crate::extract::Policy::FULL,
-            },
-            download_jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
-            max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
-        })
-    }
 }
 
 /// Everything steps need besides the database connection. Mechanisms
@@ -98,6 +73,14 @@ impl Env {
     pub fn open(inv: &Invocation) -> Result<Env> {
         let mut env = Env::open_without_resume(inv)?;
         env.resume_all()?;
+        // History older than --runs-retention goes; unresolved failures stay.
+        let keep = crate::cli::settings::runs_retention(inv)?;
+        let cutoff = crate::ops::output::now() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+        match journal::prune(&env.db.conn, cutoff) {
+            Ok(0) => {}
+            Ok(n) => log::debug!("pruned {n} run(s) that ended before the --runs-retention of {}s", keep.as_secs()),
+            Err(e) => log::warn!("pruning old runs: {}", e.full_message()),
+        }
         Ok(env)
     }
 
@@ -111,15 +94,11 @@ impl Env {
         // Signals first: a SIGINT while queued behind another instance
         // (--wait) must end with 130, not the default action.
         crate::ops::signals::install();
-        let lock = StateLock::acquire(&state_dir, wait_of(inv)?)?;
+        // Settings first: a bad value fails before the lock is waited for.
+        let opts = crate::cli::settings::pipeline_opts(inv)?;
+        let lock = StateLock::acquire(&state_dir, crate::cli::settings::wait(inv)?)?;
         let db = Db::open(&state_dir)?;
-        let ctx = Ctx {
-            state_dir,
-            run_dir: inv.run_dir(),
-            inv: inv.clone(),
-            opts: Opts::from_invocation(inv)?,
-            devices: None,
-        };
+        let ctx = Ctx { state_dir, run_dir: inv.run_dir(), inv: inv.clone(), opts, devices: None };
         Ok(Env { db, ctx, policy: RetryPolicy::default(), _lock: lock })
     }
 

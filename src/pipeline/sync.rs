@@ -27,16 +27,44 @@ pub struct Failure {
 #[derive(Debug, Serialize)]
 pub struct ItemReport {
     pub reference: String,
+    /// Where the ref came from: `FILE:LINE` for `--from`, absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub image: String,
     pub ok: bool,
     pub error: Option<Failure>,
 }
 
+/// One wanted ref and where it came from (`FILE:LINE` for `--from`).
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub reference: String,
+    pub source: Option<String>,
+}
+
+impl Wanted {
+    pub fn arg(r: &str) -> Wanted {
+        Wanted { reference: r.to_string(), source: None }
+    }
+}
+
+/// What to do besides pulling.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PruneMode {
+    pub prune: bool,
+    /// Report what would be pruned; pull and remove nothing.
+    pub dry_run: bool,
+    /// Prune even when the safety rules say no.
+    pub force: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct SyncReport {
     pub images: Vec<ItemReport>,
+    /// Removed (or, with --dry-run, would be removed).
     pub pruned: Vec<String>,
     pub kept_with_activations: Vec<String>,
+    pub dry_run: bool,
     pub ok: usize,
     pub failed: usize,
 }
@@ -74,8 +102,9 @@ fn failure(e: &Error) -> Failure {
     Failure { kind: e.kind().as_str(), exit_code: e.kind().exit_code(), message: e.full_message() }
 }
 
-/// Refs from a file (or "-" for stdin): one per line, `#` comments.
-pub fn read_refs(path: &str) -> Result<Vec<String>> {
+/// Refs from a file (or "-" for stdin): one per line, `#` comments; each
+/// remembers its `FILE:LINE` for error messages.
+pub fn read_refs(path: &str) -> Result<Vec<Wanted>> {
     let text = if path == "-" {
         let mut s = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -84,11 +113,13 @@ pub fn read_refs(path: &str) -> Result<Vec<String>> {
     } else {
         std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading refs from {path}"), e))?
     };
+    let name = if path == "-" { "<stdin>" } else { path };
     Ok(text
         .lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(String::from)
+        .enumerate()
+        .map(|(i, l)| (i, l.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| Wanted { reference: l.to_string(), source: Some(format!("{name}:{}", i + 1)) })
         .collect())
 }
 
@@ -103,21 +134,47 @@ pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(cat.families.keys().cloned().collect())
 }
 
-pub fn sync(env: &mut Env, refs: Vec<String>, unpack_jobs: usize, prune: bool) -> Result<SyncReport> {
+pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMode) -> Result<SyncReport> {
     // Normalize; a malformed ref is that ref's failure, not the whole sync's.
     let mut items: Vec<ItemReport> = Vec::new();
     let mut todo: Vec<(usize, String, String)> = Vec::new();
     let mut seen = BTreeSet::new();
-    for r in refs {
+    for w in refs {
+        let r = w.reference;
         match super::sources::image_name(&env.ctx.inv, &r) {
             Ok(image) => {
                 if seen.insert(image.clone()) {
                     todo.push((items.len(), r.clone(), image.clone()));
-                    items.push(ItemReport { reference: r, image, ok: false, error: None });
+                    items.push(ItemReport { reference: r, source: w.source, image, ok: false, error: None });
                 }
             }
-            Err(e) => items.push(ItemReport { reference: r.clone(), image: r, ok: false, error: Some(failure(&e)) }),
+            Err(e) => {
+                let e = match &w.source {
+                    Some(src) => e.context(src),
+                    None => e,
+                };
+                log::error!("{}", e.full_message());
+                items.push(ItemReport {
+                    reference: r.clone(),
+                    source: w.source,
+                    image: r,
+                    ok: false,
+                    error: Some(failure(&e)),
+                })
+            }
         }
+    }
+    if mode.dry_run {
+        // Nothing is pulled: only what pruning would do is reported.
+        for (idx, _, _) in &todo {
+            if let Some(it) = items.get_mut(*idx) {
+                it.ok = true;
+            }
+        }
+        let (pruned, kept) = prune_plan(env, &items, mode)?;
+        let ok = items.iter().filter(|i| i.ok).count();
+        let failed = items.len() - ok;
+        return Ok(SyncReport { images: items, pruned, kept_with_activations: kept, dry_run: true, ok, failed });
     }
 
     if !todo.is_empty() {
@@ -164,6 +221,9 @@ pub fn sync(env: &mut Env, refs: Vec<String>, unpack_jobs: usize, prune: bool) -
                         }
                     }
                     let Some((db, ctx)) = local.as_mut() else { return };
+                    // This thread's log context: this image, no run or step yet.
+                    crate::ops::log::set_context("run", None);
+                    crate::ops::log::set_context("step", None);
                     crate::ops::log::set_context("image", Some(image.clone()));
                     let res = (|| -> Result<()> {
                         let (id, _) = journal::start(&mut db.conn, &pull::spec(&image, &reference))?;
@@ -203,27 +263,75 @@ pub fn sync(env: &mut Env, refs: Vec<String>, unpack_jobs: usize, prune: bool) -
         }
     }
 
-    let mut pruned = Vec::new();
-    let mut kept = Vec::new();
-    if prune {
-        let wanted: BTreeSet<String> = items.iter().map(|i| i.image.clone()).collect();
-        for img in q::images(&env.db.conn)? {
-            if wanted.contains(&img.name) {
-                continue;
-            }
-            if !q::activations_of(&env.db.conn, &img.name)?.is_empty() {
-                kept.push(img.name);
-                continue;
-            }
-            env.run(&super::rm_spec(&img.name, false))?;
-            pruned.push(img.name);
+    let ok = items.iter().filter(|i| i.ok).count();
+    let failed = items.len() - ok;
+    let mut report =
+        SyncReport { images: items, pruned: Vec::new(), kept_with_activations: Vec::new(), dry_run: false, ok, failed };
+    if mode.prune {
+        // On a refusal the pulls above stand; the refusal is the sync's outcome.
+        let (doomed, kept) = prune_plan(env, &report.images, mode)?;
+        report.kept_with_activations = kept;
+        for name in doomed {
+            env.run(&super::rm_spec(&name, false))?;
+            report.pruned.push(name);
         }
-        if !pruned.is_empty() {
+        if !report.pruned.is_empty() {
             let Env { db, ctx, .. } = env;
             super::gc::run(ctx, &mut db.conn, false)?;
         }
     }
-    let ok = items.iter().filter(|i| i.ok).count();
-    let failed = items.len() - ok;
-    Ok(SyncReport { images: items, pruned, kept_with_activations: kept, ok, failed })
+    Ok(report)
+}
+
+/// Which local images pruning removes, and which it keeps for their
+/// activations. Refuses (exit 78, unless --force) when the wanted set is
+/// empty, when S3 could not be read for some wanted image (the remote view
+/// cannot be trusted), or when more than half of the local images would go:
+/// each is far more often a wrong prefix, bucket or wanted file than a
+/// real intent to empty the host.
+fn prune_plan(env: &Env, items: &[ItemReport], mode: PruneMode) -> Result<(Vec<String>, Vec<String>)> {
+    let wanted: BTreeSet<String> = items.iter().map(|i| i.image.clone()).collect();
+    let local = q::images(&env.db.conn)?;
+    let mut doomed = Vec::new();
+    let mut kept = Vec::new();
+    for img in &local {
+        if wanted.contains(&img.name) {
+            continue;
+        }
+        if !q::activations_of(&env.db.conn, &img.name)?.is_empty() {
+            kept.push(img.name.clone());
+        } else {
+            doomed.push(img.name.clone());
+        }
+    }
+    if mode.force || doomed.is_empty() {
+        return Ok((doomed, kept));
+    }
+    let refuse = |why: String| {
+        Err(Error::new(
+            Kind::Config,
+            format!(
+                "sync --prune refused: {why}; nothing was pruned ({} image(s) would have gone: {}). \
+                 Check --bucket, --prefix and the wanted list, or pass --force",
+                doomed.len(),
+                doomed.join(", ")
+            ),
+        ))
+    };
+    // A wanted image "was read" when the bucket answered for it: it pulled,
+    // or failed for a reason of its own (a bad layer, the host), not because
+    // the ref was bad, the image absent or S3 unreadable.
+    let unread = [Kind::Usage, Kind::NoSuchImage, Kind::Unavailable, Kind::NoPerm, Kind::Config];
+    let read =
+        items.iter().filter(|i| i.error.as_ref().is_none_or(|e| !unread.iter().any(|k| k.as_str() == e.kind))).count();
+    if wanted.is_empty() || read == 0 {
+        return refuse("the wanted set is empty, or none of it exists in the bucket or could be read".into());
+    }
+    if let Some(i) = items.iter().find(|i| i.error.as_ref().is_some_and(|e| e.kind == Kind::Unavailable.as_str())) {
+        return refuse(format!("S3 could not be read for {} (the listing cannot be trusted)", i.reference));
+    }
+    if doomed.len() * 2 > local.len() {
+        return refuse(format!("it would remove {} of the {} local images", doomed.len(), local.len()));
+    }
+    Ok((doomed, kept))
 }

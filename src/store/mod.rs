@@ -17,6 +17,89 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, Kind, Result};
 
+/// `file:` URI path: percent-encode what a URI would misread.
+fn uri_path(p: &Path) -> String {
+    let mut o = String::new();
+    for b in p.as_os_str().as_encoded_bytes() {
+        match b {
+            b'%' | b'?' | b'#' => o.push_str(&format!("%{b:02X}")),
+            _ => o.push(char::from(*b)),
+        }
+    }
+    o
+}
+
+fn is_missing_or_empty(p: &Path) -> Result<bool> {
+    match std::fs::metadata(p) {
+        Ok(m) => Ok(m.len() == 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+    }
+}
+
+/// Files that only exist because a database recorded them.
+fn orphan_evidence(state_dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for d in ["blobs/sha256", "blobs/partial", "pool"] {
+        let dir = state_dir.join(d);
+        if let Ok(mut rd) = std::fs::read_dir(&dir) {
+            if rd.any(|e| e.is_ok()) {
+                found.push(dir);
+            }
+        }
+    }
+    found
+}
+
+fn refuse_orphans(state_dir: &Path, db: &Path) -> Result<()> {
+    let found = orphan_evidence(state_dir);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = found.iter().map(|p| p.display().to_string()).collect();
+    Err(Error::new(
+        Kind::Io,
+        format!(
+            "database {} is missing or empty, but {} exist(s): the state directory does not match its database. \
+             Restore state.db from a backup (taken with the pool's metadata); or, to start over, stop using the pool, \
+             move those files away and run again. thinimg will not create a new database that would orphan them",
+            db.display(),
+            list.join(" and ")
+        ),
+    ))
+}
+
+/// A database error at open, named by its file, with advice for a damaged file.
+fn db_error(path: &Path, e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode as C;
+    let code = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+        _ => None,
+    };
+    match code {
+        Some(C::NotADatabase | C::DatabaseCorrupt) => Error::new(
+            Kind::Io,
+            format!(
+                "database {} is damaged; restore it from a backup (taken together with the pool's metadata), \
+                 or move it aside and check it with 'sqlite3 {} .recover'",
+                path.display(),
+                path.display()
+            ),
+        )
+        .with_source(e),
+        Some(C::CannotOpen) => {
+            Error::new(Kind::CantCreate, format!("cannot open database {}", path.display())).with_source(e)
+        }
+        Some(C::ReadOnly) => {
+            Error::new(Kind::CantCreate, format!("database {} is read-only", path.display())).with_source(e)
+        }
+        Some(C::PermissionDenied) => {
+            Error::new(Kind::NoPerm, format!("permission denied on database {}", path.display())).with_source(e)
+        }
+        _ => Error::from(e).context(path.display()),
+    }
+}
+
 /// An open database. Not `Sync`: each thread that needs one opens its own.
 pub struct Db {
     pub conn: Connection,
@@ -25,29 +108,86 @@ pub struct Db {
 
 impl Db {
     /// Open (creating if needed) `<state-dir>/state.db` and migrate it.
+    /// A missing or empty database next to existing blobs or pool files is
+    /// refused: re-creating it would orphan them for good.
     pub fn open(state_dir: &Path) -> Result<Db> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
-        Db::open_path(&state_dir.join("state.db"), false)
+        let p = state_dir.join("state.db");
+        if is_missing_or_empty(&p)? {
+            refuse_orphans(state_dir, &p)?;
+        }
+        Db::open_path(&p)
     }
 
-    /// Open an existing database without creating or migrating it (read-only
-    /// commands). A missing database reads as empty: `Ok(None)`.
-    pub fn open_existing(state_dir: &Path) -> Result<Option<Db>> {
+    /// Open an existing database for reading only (read-only commands): no
+    /// lock, no migration, no write of any kind, so it works on a
+    /// read-only filesystem and for a user who can only read the state
+    /// directory. A missing database reads as empty (`Ok(None)`), unless
+    /// blobs or pool files show that one should exist.
+    pub fn open_read(state_dir: &Path) -> Result<Option<Db>> {
         let p = state_dir.join("state.db");
-        if !p.exists() {
+        if is_missing_or_empty(&p)? {
+            refuse_orphans(state_dir, &p)?;
             return Ok(None);
         }
-        Db::open_path(&p, true).map(Some)
+        // Where this process may write, a normal connection with writes
+        // forbidden (query_only) shares the -shm with writers safely.
+        if nix::unistd::access(state_dir, nix::unistd::AccessFlags::W_OK).is_ok()
+            && nix::unistd::access(&p, nix::unistd::AccessFlags::W_OK).is_ok()
+        {
+            match Db::open_query_only(&p) {
+                Ok(db) => return Ok(Some(db)),
+                // A read-only mount answers W_OK for root: fall through.
+                Err(e) if e.kind() == Kind::CantCreate || e.kind() == Kind::NoPerm => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let db = match Db::open_ro(&p, false) {
+            Ok(db) => db,
+            // No -wal/-shm and no way to create them (read-only filesystem, or
+            // a directory this user cannot write): nobody can be writing, so
+            // the file can be read as immutable.
+            Err(e) if e.kind() == Kind::CantCreate || e.kind() == Kind::NoPerm => Db::open_ro(&p, true)?,
+            Err(e) => return Err(e),
+        };
+        Ok(Some(db))
     }
 
-    fn open_path(path: &Path, existing_only: bool) -> Result<Db> {
-        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        if !existing_only {
-            flags |= OpenFlags::SQLITE_OPEN_CREATE;
-        }
-        let mut conn = Connection::open_with_flags(path, flags)
-            .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
+    /// Same as [`Db::open_read`]; kept for callers outside the store.
+    pub fn open_existing(state_dir: &Path) -> Result<Option<Db>> {
+        Db::open_read(state_dir)
+    }
+
+    fn open_query_only(path: &Path) -> Result<Db> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| db_error(path, e))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| db_error(path, e))?;
+        conn.pragma_update(None, "query_only", true).map_err(|e| db_error(path, e))?;
+        Db::check_readable(conn, path)
+    }
+
+    /// The first reads, where a damaged file, a newer schema or a missing
+    /// -shm show.
+    fn check_readable(conn: Connection, path: &Path) -> Result<Db> {
+        let have: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| db_error(path, e))?;
+        schema::check_version(have).map_err(|e| e.context(path.display()))?;
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| db_error(path, e))?;
+        Ok(Db { conn, path: path.to_path_buf() })
+    }
+
+    fn open_ro(path: &Path, immutable: bool) -> Result<Db> {
+        let uri = format!("file:{}?mode=ro{}", uri_path(path), if immutable { "&immutable=1" } else { "" });
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&uri, flags).map_err(|e| db_error(path, e))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| db_error(path, e))?;
+        Db::check_readable(conn, path)
+    }
+
+    fn open_path(path: &Path) -> Result<Db> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_CREATE;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| db_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(30))?;
         // Every transaction here writes. IMMEDIATE takes the write lock at
         // BEGIN (waiting with the busy timeout), instead of failing with
@@ -58,9 +198,13 @@ impl Db {
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
              PRAGMA foreign_keys=ON;",
-        )?;
+        )
+        .map_err(|e| db_error(path, e))?;
         let mut db = Db { conn, path: path.to_path_buf() };
-        schema::migrate(&mut db.conn).map_err(|e| e.context(format!("migrating {}", path.display())))?;
+        schema::migrate(&mut db.conn).map_err(|e| match e.kind() {
+            Kind::Config => e.context(path.display()),
+            _ => e.context(format!("migrating {}", path.display())),
+        })?;
         Ok(db)
     }
 

@@ -162,16 +162,26 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// Bring the database to the newest version, one transaction per migration.
-pub fn migrate(conn: &mut Connection) -> Result<()> {
-    let have: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+/// A database written by a newer thinimg is a configuration problem of this
+/// host (exit 78): upgrade thinimg; nothing here may touch it.
+pub fn check_version(have: i64) -> Result<()> {
     let want = MIGRATIONS.len() as i64;
     if have > want {
         return Err(Error::new(
-            Kind::Software,
-            format!("database schema version {have} is newer than this thinimg understands ({want}); upgrade thinimg"),
+            Kind::Config,
+            format!(
+                "database schema version {have} is newer than this thinimg understands ({want}); \
+                 upgrade thinimg (the database was written by a newer version)"
+            ),
         ));
     }
+    Ok(())
+}
+
+/// Bring the database to the newest version, one transaction per migration.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let have: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    check_version(have)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -198,7 +208,7 @@ mod tests {
     fn refuses_newer_schema() {
         let mut c = Connection::open_in_memory().unwrap();
         c.pragma_update(None, "user_version", 999).unwrap();
-        assert_eq!(migrate(&mut c).err().map(|e| e.kind()), Some(Kind::Software));
+        assert_eq!(migrate(&mut c).err().map(|e| e.kind()), Some(Kind::Config));
     }
 
     #[test]
