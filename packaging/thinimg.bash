@@ -91,7 +91,7 @@ _thinimg() {
                 if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
-                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
+                        "ls-remote"|"fetch"|"blobs"|"runs"|"cancel"|"unpack"|"pool create"|"pool assemble"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor") cmd="$words" ;;
                     esac
                 fi ;;
         esac
@@ -127,7 +127,7 @@ _thinimg() {
 
     if [[ -z $cmd ]]; then
         case "$words" in
-            "pool") mapfile -t COMPREPLY < <(compgen -W "create status" -- "$cur") ;;
+            "pool") mapfile -t COMPREPLY < <(compgen -W "create assemble status" -- "$cur") ;;
             "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor" -- "$cur") ;;
         esac
         return

@@ -234,3 +234,14 @@ fn status_and_runs_speak_json_on_an_empty_host() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["error"]["exit_code"], 66);
 }
+
+#[test]
+fn pool_assemble_without_a_pool_does_nothing_and_creates_nothing() {
+    // thinimg-pool.service may run on a host where no pool was created yet.
+    let d = common::tempdir("assemble");
+    let state = d.join("state");
+    let r = run_in(&state, &["pool", "assemble"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("nothing to assemble"), "{}", r.stdout);
+    assert!(!state.exists(), "pool assemble created the state dir");
+}

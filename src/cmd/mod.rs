@@ -58,6 +58,7 @@ fn run(inv: &Invocation) -> Result<u8> {
         "doctor" => ops::doctor(inv),
         "pool create" => pool::create(inv),
         "pool status" => pool::status(inv),
+        "pool assemble" => pool::assemble(inv),
         "ls-remote" => ls_remote::run(inv),
         "fetch" => fetch::run(inv),
         "blobs" => blobs::run(inv),
