@@ -211,7 +211,11 @@ if missing:
     sys.exit("missing: %s" % sorted(missing))
 print(len(names))
 "#;
-    let out = Command::new("python3").arg("-c").arg(py).arg(&m).output().expect("python3");
+    // scripts/install-deps installs prometheus_client into build/venv when
+    // the system's python3 lacks it.
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/venv/bin/python3");
+    let python = if venv.exists() { venv } else { "python3".into() };
+    let out = Command::new(&python).arg("-c").arg(py).arg(&m).output().expect("python3");
     assert!(
         out.status.success(),
         "prometheus_client failed to parse (pip install prometheus_client is done by scripts/install-deps):\n{}\n{}",

