@@ -69,6 +69,8 @@ install: $(BIN)
 	sed 's|/usr/sbin/thinimg|$(SBINDIR)/thinimg|g' packaging/thinimg-sync.service > $(DESTDIR)$(UNITDIR)/thinimg-sync.service
 	chmod 644 $(DESTDIR)$(UNITDIR)/thinimg-sync.service
 	install -Dm644 packaging/thinimg-sync.timer $(DESTDIR)$(UNITDIR)/thinimg-sync.timer
+	sed 's|/usr/sbin/thinimg|$(SBINDIR)/thinimg|g' packaging/thinimg-pool.service > $(DESTDIR)$(UNITDIR)/thinimg-pool.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/thinimg-pool.service
 	install -Dm644 packaging/thinimg.bash $(DESTDIR)$(BASHCOMPDIR)/thinimg
 	install -d $(DESTDIR)$(DOCDIR)/examples
 	sed 's|/usr/sbin/thinimg|$(SBINDIR)/thinimg|g' packaging/thinimg.cron > $(DESTDIR)$(DOCDIR)/examples/thinimg.cron
@@ -87,7 +89,7 @@ install: $(BIN)
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/thinimg
 	rm -f $(DESTDIR)$(MANDIR)/man8/thinimg.8.gz $(DESTDIR)$(MANDIR)/man5/thinimg.conf.5.gz
-	rm -f $(DESTDIR)$(UNITDIR)/thinimg-sync.service $(DESTDIR)$(UNITDIR)/thinimg-sync.timer
+	rm -f $(DESTDIR)$(UNITDIR)/thinimg-sync.service $(DESTDIR)$(UNITDIR)/thinimg-sync.timer $(DESTDIR)$(UNITDIR)/thinimg-pool.service
 	rm -f $(DESTDIR)$(BASHCOMPDIR)/thinimg
 	rm -f $(DESTDIR)$(DOCDIR)/examples/thinimg.cron $(DESTDIR)$(DOCDIR)/README.md
 	rmdir $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null || true

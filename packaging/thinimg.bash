@@ -94,7 +94,7 @@ _thinimg() {
                 if [[ -z $cmd ]]; then
                     words="$words${words:+ }$w"
                     case "$words" in
-                        "ls-remote"|"fetch"|"blobs"|"runs"|"runs show"|"cancel"|"unpack"|"pool create"|"pool destroy"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor"|"config check"|"config show"|"version"|"help") cmd="$words" ;;
+                        "ls-remote"|"fetch"|"blobs"|"runs"|"runs show"|"cancel"|"unpack"|"pool create"|"pool destroy"|"pool assemble"|"pool status"|"pull"|"activate"|"deactivate"|"rm"|"images"|"activations"|"gc"|"sync"|"status"|"doctor"|"config check"|"config show"|"version"|"help") cmd="$words" ;;
                     esac
                 else
                     case "$cmd $w" in
@@ -140,7 +140,7 @@ _thinimg() {
     if [[ -z $cmd ]]; then
         case "$words" in
             "runs") mapfile -t COMPREPLY < <(compgen -W "show" -- "$cur") ;;
-            "pool") mapfile -t COMPREPLY < <(compgen -W "create destroy status" -- "$cur") ;;
+            "pool") mapfile -t COMPREPLY < <(compgen -W "create destroy assemble status" -- "$cur") ;;
             "config") mapfile -t COMPREPLY < <(compgen -W "check show" -- "$cur") ;;
             "") mapfile -t COMPREPLY < <(compgen -W "ls-remote fetch blobs runs cancel unpack pool pull activate deactivate rm images activations gc sync status doctor config version help" -- "$cur") ;;
         esac

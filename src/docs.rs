@@ -418,6 +418,7 @@ const FILES: &[(&str, &str)] = &[
     ("/run/thinimg/", "The run directory (--run-dir): device nodes and temporary mount points, cleared by a reboot."),
     ("/usr/lib/systemd/system/thinimg-sync.service", "Runs thinimg sync --all once; started by thinimg-sync.timer."),
     ("/usr/lib/systemd/system/thinimg-sync.timer", "Starts the sync every 15 minutes with a random per-host delay (not enabled by the package)."),
+    ("/usr/lib/systemd/system/thinimg-pool.service", "Runs thinimg pool assemble at boot: the pool and every active activation back in the kernel (not enabled by the package)."),
     ("/usr/share/doc/thinimg/examples/thinimg.cron", "The same schedule as a cron.d file, for hosts without systemd."),
 ];
 
@@ -433,6 +434,18 @@ const EXAMPLES: &[(&str, &[&str])] = &[
             "75) exit 75 ;;              # busy or short of pool space: retry later",
             "*)  echo \"activate failed ($rc): $out\" >&2; exit 1 ;;",
             "esac",
+        ],
+    ),
+    (
+        "Set up a host whose pool lives on LVM logical volumes (after installing the package), so \
+         that the pool and its activations come back by themselves after every reboot:",
+        &[
+            "lvcreate -n thinimg-meta -L 64M vg0",
+            "lvcreate -n thinimg-data -l 100%FREE vg0",
+            "# in /etc/thinimg/thinimg.conf: bucket, endpoint,",
+            "#   data-dev = /dev/vg0/thinimg-data, meta-dev = /dev/vg0/thinimg-meta",
+            "thinimg pool create",
+            "systemctl enable thinimg-pool.service",
         ],
     ),
     (

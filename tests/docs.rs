@@ -335,7 +335,7 @@ fn bash_completion_completes_commands_flags_and_paths() {
     assert!(!first.contains(&"create"), "'thinimg <TAB>' offers a second word: {}", got[0]);
     let want = [
         "pool",
-        "create destroy status",
+        "assemble create destroy status",
         "--data-dev --data-size --device-size",
         "json text",
         "--name",

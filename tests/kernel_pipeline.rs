@@ -384,6 +384,44 @@ fn reboot_brings_back_the_pool_and_activations_with_data() {
 }
 
 #[test]
+fn pool_assemble_after_reboot_brings_back_pool_and_activations() {
+    let h = Host::new("assemble");
+    upload(S3Server::shared(), &h.prefix, &[]);
+    let path = h.ok(&["activate", "golang", "--name", "boot"]).stdout.trim().to_string();
+    h.ok(&["activate", "node", "--name", "gone"]);
+    h.ok(&["deactivate", "gone"]);
+    let before = h.dm_devices();
+    h.reboot();
+    // What thinimg-pool.service runs at boot.
+    let r = h.ok(&["pool", "assemble"]);
+    assert!(r.stdout.contains("assembled"), "{}", r.stdout);
+    assert_eq!(h.dm_devices(), before, "the pool and the active activation, nothing more");
+    assert!(Path::new(&path).exists(), "{path} not back");
+    assert_eq!(activation(&h, "boot")["state"], "active");
+    // Again: nothing to do, same answer.
+    h.ok(&["pool", "assemble"]);
+    assert_eq!(h.dm_devices(), before);
+}
+
+#[test]
+fn run_dir_on_a_nodev_mount_works() {
+    // On a systemd host /run is mounted nodev: device nodes made there
+    // cannot be opened (mkfs.ext4 failed with "Permission denied").
+    let h = Host::new("nodev");
+    upload(S3Server::shared(), &h.prefix, &[]);
+    let nodes = h.run.join("dev");
+    std::fs::create_dir_all(&nodes).unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "nodev,nosuid,mode=0755", "run"]).arg(&nodes).status();
+    assert!(st.unwrap().success(), "mount nodev tmpfs on {}", nodes.display());
+    let path = h.ok(&["activate", "golang", "--name", "nodev"]).stdout.trim().to_string();
+    let mnt = common::tempdir("nodev-mnt");
+    assert!(Command::new("mount").arg(&path).arg(&mnt).status().unwrap().success(), "mount {path}");
+    assert!(mnt.join("etc").exists(), "activation holds no image");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    assert!(Command::new("umount").arg(&nodes).status().unwrap().success());
+}
+
+#[test]
 fn hostile_layer_fails_that_image_only_and_leaks_nothing() {
     let h = Host::new("hostile");
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hostile-tar");

