@@ -190,7 +190,9 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
             Ok(cat) => todo.retain(|(idx, r, image)| match cat.resolve(r) {
                 Ok(_) => true,
                 Err(e) => {
+                    crate::ops::log::set_context("image", Some(image.clone()));
                     log::error!("{image}: {}", e.full_message());
+                    crate::ops::log::set_context("image", None);
                     if let Some(it) = items.get_mut(*idx) {
                         it.error = Some(failure(&e));
                     }
