@@ -129,7 +129,7 @@ fn shared_layers_are_downloaded_once() {
     assert_eq!(src.iter().filter(|s| s.1 == "downloaded").count(), 2, "{src:?}");
     // blobs lists every key per digest.
     let b = t.ok(&["blobs", "--json"]).json();
-    let arr = b.as_array().unwrap();
+    let arr = b["blobs"].as_array().unwrap();
     assert_eq!(arr.len(), 8);
     let l1 = arr.iter().find(|x| x["digest"] == sha256_hex(&shared[0])).unwrap();
     assert_eq!(l1["keys"].as_array().unwrap().len(), 3);
@@ -373,7 +373,7 @@ fn blobs_on_a_missing_state_dir_is_empty() {
     let srv = S3Server::shared();
     let t = Thinimg::new(srv, "priv", "none/");
     let r = t.ok(&["blobs", "--json"]);
-    assert_eq!(r.json(), serde_json::json!([]));
+    assert_eq!(r.json(), serde_json::json!({ "blobs": [] }));
     assert!(!t.state.join("state.db").exists());
 }
 
@@ -492,7 +492,7 @@ fn fetch_takes_the_state_lock_and_blobs_does_not() {
     assert!(r.stderr.contains("another thinimg instance"), "{}", r.stderr);
     // Read-only: works while the lock is held.
     let b = t.ok(&["blobs", "--json"]).json();
-    assert_eq!(b.as_array().unwrap().len(), 1);
+    assert_eq!(b["blobs"].as_array().unwrap().len(), 1);
     // --wait: succeeds once the holder lets go.
     let mut child = t
         .command(&["fetch", "--wait", "30", "l"], &[])
