@@ -72,9 +72,10 @@ pub struct SyncReport {
 impl SyncReport {
     /// The exit code of the most severe failure (0 when none failed).
     pub fn exit_code(&self) -> u8 {
-        const SEVERITY: [Kind; 10] = [
+        const SEVERITY: [Kind; 11] = [
             Kind::HostFatal,
             Kind::Software,
+            Kind::Config,
             Kind::NoPerm,
             Kind::Unavailable,
             Kind::Io,
