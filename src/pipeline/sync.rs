@@ -230,7 +230,11 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
                         Ok(())
                     })();
                     if let Err(e) = &res {
-                        log::error!("{image}: {}", e.full_message());
+                        // A host-fatal error ends the whole sync and is reported
+                        // once, by the caller; every other failure is reported here.
+                        if e.kind() != Kind::HostFatal {
+                            log::error!("{image}: {}", e.full_message());
+                        }
                     } else {
                         log::info!("{image}: ready");
                     }
