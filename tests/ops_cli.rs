@@ -674,12 +674,23 @@ fn sync_prune_refuses_an_empty_or_sweeping_wanted_set_unless_forced() {
     let r = t.run(&["sync", "--prune", "--dry-run", "a", "b"], &[]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("would prune c") && !r.stdout.contains("would prune b"), "{}", r.stdout);
+    // Forced, it prunes for real (the pull of the absent "a" fails on its own).
+    let r = t.run(&["sync", "--prune", "--force", "a"], &[]);
+    assert_eq!(r.code, 66, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("pruned  b") || r.stdout.contains("pruned b"), "{}", r.stdout);
+    let left: Vec<String> = t.ok(&["images", "--json"]).json()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, vec!["a".to_string()]);
     assert_eq!(t.run(&["sync", "--dry-run", "a"], &[]).code, 64, "--dry-run needs --prune");
     // rm --dry-run says what it would do and does nothing; deactivate --dry-run knows no such activation.
-    let r = t.run(&["rm", "--dry-run", "b"], &[]);
+    let r = t.run(&["rm", "--dry-run", "a"], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("would remove b"), "{}", r.stdout);
-    assert_eq!(images(&t), 3);
+    assert!(r.stdout.contains("would remove a"), "{}", r.stdout);
+    assert_eq!(images(&t), 1);
     assert_eq!(t.run(&["rm", "--dry-run", "zzz"], &[]).code, 66);
     assert_eq!(t.run(&["deactivate", "--dry-run", "--delete", "vm-1"], &[]).code, 66);
 }
