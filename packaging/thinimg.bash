@@ -115,7 +115,8 @@ _thinimg() {
 
     opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --runs-retention --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
-        "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
+        "ls-remote") opts="--no-headings $opts" ;;
+        "fetch") opts="--download-jobs --max-blob-size --verify --no-headings $opts" ;;
         "blobs") opts="--no-headings $opts" ;;
         "runs") opts="--all --no-headings $opts" ;;
         "cancel") opts="--failed $opts" ;;
@@ -131,6 +132,7 @@ _thinimg() {
         "gc") opts="--dry-run $opts" ;;
         "sync") opts="--all --from --prune --force --dry-run --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
+        "config show") opts="--no-headings $opts" ;;
     esac
     if [[ $cur == -* ]]; then
         mapfile -t COMPREPLY < <(compgen -W "$opts" -- "$cur")

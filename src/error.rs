@@ -236,6 +236,14 @@ impl From<rusqlite::Error> for Error {
             }
             _ => Kind::Software,
         };
+        if kind == Kind::Io {
+            return Error::new(
+                kind,
+                "the database (state.db) is damaged; restore it from a backup taken with the pool's metadata, \
+                 or move it aside and recover it with 'sqlite3 state.db .recover'",
+            )
+            .with_source(e);
+        }
         Error::new(kind, "database").with_source(e)
     }
 }

@@ -358,7 +358,9 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
         RunState::Active => {}
     }
     conn.execute("UPDATE runs SET pid = ?1 WHERE id = ?2", params![std::process::id(), run])?;
-    crate::ops::log::set_context("run", Some(run.to_string()));
+    // This thread's log lines carry the run and step while it is driven;
+    // the previous context (an outer run, or none) comes back afterwards.
+    let _context = LogContext::enter(run);
     loop {
         let Some(row) = next_step(conn, run)? else {
             conn.execute("UPDATE runs SET state = 'done', updated_at = ?1 WHERE id = ?2", params![now(), run])?;
@@ -428,6 +430,29 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
                 fail_run(conn, run, row.idx, &e)?;
                 return Err(e);
             }
+        }
+    }
+}
+
+/// Restores the thread's `run` and `step` log context when dropped.
+struct LogContext {
+    prev: Vec<(&'static str, String)>,
+}
+
+impl LogContext {
+    fn enter(run: RunId) -> LogContext {
+        let prev = crate::ops::log::context().into_iter().filter(|(k, _)| matches!(*k, "run" | "step")).collect();
+        crate::ops::log::set_context("run", Some(run.to_string()));
+        crate::ops::log::set_context("step", None);
+        LogContext { prev }
+    }
+}
+
+impl Drop for LogContext {
+    fn drop(&mut self) {
+        for key in ["run", "step"] {
+            let v = self.prev.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+            crate::ops::log::set_context(key, v);
         }
     }
 }
@@ -799,6 +824,31 @@ mod tests {
         assert_eq!(ex.0, vec![serde_json::json!({"dev": "x"})]);
         assert!(list(&c, false).unwrap().is_empty());
         assert_eq!(list(&c, true).unwrap()[0].state, RunState::Cancelled);
+    }
+
+    #[test]
+    fn driving_a_run_tags_log_lines_and_restores_the_context_after() {
+        let mut c = db();
+        crate::ops::log::set_context("run", None);
+        struct Seen(Vec<Vec<(&'static str, String)>>);
+        impl Executor for Seen {
+            fn step(&mut self, _cx: &mut StepCx<'_>) -> Result<()> {
+                self.0.push(crate::ops::log::context());
+                Ok(())
+            }
+        }
+        let (id, _) = start(&mut c, &spec(&["a", "b"])).unwrap();
+        let mut ex = Seen(vec![]);
+        drive(&mut c, id, &mut ex, &fast()).unwrap();
+        assert_eq!(ex.0[1], vec![("run", id.to_string()), ("step", "b".to_string())]);
+        assert!(crate::ops::log::context().is_empty(), "{:?}", crate::ops::log::context());
+        // A failing run restores it too.
+        let mut failing = Script { ran: vec![], fail: vec![("a".into(), Kind::BadData, 9)] };
+        let mut other = spec(&["a"]);
+        other.subject = "t".into();
+        let (id2, _) = start(&mut c, &other).unwrap();
+        drive(&mut c, id2, &mut failing, &fast()).unwrap_err();
+        assert!(crate::ops::log::context().is_empty());
     }
 
     #[test]

@@ -228,10 +228,10 @@ fn pull_shares_chains_and_activate_is_idempotent() {
     assert!(path.exists(), "activate printed {first:?}");
     let act = activation(&h, "demo");
     assert_eq!(act["state"], "active");
-    let runs_before = h.json(&["runs", "--all"]).as_array().unwrap().len();
+    let runs_before = h.json(&["runs", "--all"])["runs"].as_array().unwrap().len();
     let again = h.ok(&["activate", "golang", "--name", "demo"]).stdout;
     assert_eq!(first, again, "idempotent activate prints the same answer");
-    let runs_after = h.json(&["runs", "--all"]).as_array().unwrap().len();
+    let runs_after = h.json(&["runs", "--all"])["runs"].as_array().unwrap().len();
     assert_eq!(runs_before, runs_after, "an idempotent activate starts no run (no device work)");
     // Same name, other image: refused.
     let r = h.cmd(&["activate", "node", "--name", "demo"], &[]);

@@ -379,7 +379,7 @@ fn blobs_on_a_missing_state_dir_is_empty() {
     let srv = S3Server::shared();
     let t = Thinimg::new(srv, "priv", "none/");
     let r = t.ok(&["blobs", "--json"]);
-    assert_eq!(r.json(), serde_json::json!({"blobs": []}));
+    assert_eq!(r.json(), serde_json::json!({ "blobs": [] }));
     assert!(!t.state.join("state.db").exists());
 }
 

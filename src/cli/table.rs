@@ -561,7 +561,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(1),
         summary: "List the images and layers in the bucket, and objects that are ignored.",
         description: "Lists every image family under the prefix with its layers in numeric order. Objects that are not <N>.tar are listed as ignored with the reason; a gap in the numbering marks the image invalid.",
-        flags: &[],
+        flags: &[NO_HEADINGS],
         writes: false,
     },
     Command {
@@ -571,7 +571,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Download an image's layer blobs into the content-addressed store.",
         description: "REF is a family (golang: all its layers) or one layer, written as the key images/golang/3.tar, as golang/3.tar or as golang/3, meaning the family's layers 1 to 3. Layers are the objects <N>.tar in the family folder, N a decimal without leading zeros, applied in numeric order. Downloads stream with SHA-256 verification, resume after interruption with a Range request, and identical content is stored once. Non-tar and compressed objects are refused (exit 65).",
-        flags: &[DOWNLOAD, VERIFY],
+        flags: &[DOWNLOAD, VERIFY, NO_HEADINGS],
         writes: true,
     },
     Command {
@@ -781,7 +781,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(0),
         summary: "Show every setting's effective value and where it came from.",
         description: "For each config key: the value in effect and its source (command line, environment variable, FILE:LINE, or default).",
-        flags: &[],
+        flags: &[NO_HEADINGS],
         writes: false,
     },
     Command {

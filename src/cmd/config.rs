@@ -38,7 +38,11 @@ pub fn check(inv: &Invocation) -> Result<u8> {
 
 pub fn show(inv: &Invocation) -> Result<u8> {
     let (path, exists) = config_file(inv);
-    let mut rows = Vec::new();
+    let mut rows = vec![vec![
+        "config".to_string(),
+        if exists { path.clone() } else { format!("{path} (absent)") },
+        inv.source("config").unwrap_or("default").to_string(),
+    ]];
     let mut items = Vec::new();
     for (f, _) in crate::docs::config_keys() {
         let value =

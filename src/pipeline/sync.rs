@@ -72,9 +72,10 @@ pub struct SyncReport {
 impl SyncReport {
     /// The exit code of the most severe failure (0 when none failed).
     pub fn exit_code(&self) -> u8 {
-        const SEVERITY: [Kind; 10] = [
+        const SEVERITY: [Kind; 11] = [
             Kind::HostFatal,
             Kind::Software,
+            Kind::Config,
             Kind::NoPerm,
             Kind::Unavailable,
             Kind::Io,
@@ -271,7 +272,11 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
                         Ok(())
                     })();
                     if let Err(e) = &res {
-                        log::error!("{image}: {}", e.full_message());
+                        // A host-fatal error ends the whole sync and is reported
+                        // once, by the caller; every other failure is reported here.
+                        if e.kind() != Kind::HostFatal {
+                            log::error!("{image}: {}", e.full_message());
+                        }
                     } else {
                         log::info!("{image}: ready");
                     }

@@ -200,6 +200,9 @@ impl Db {
              PRAGMA foreign_keys=ON;",
         )
         .map_err(|e| db_error(path, e))?;
+        // A damaged file shows here, named, before any migration touches it.
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))
+            .map_err(|e| db_error(path, e))?;
         let mut db = Db { conn, path: path.to_path_buf() };
         schema::migrate(&mut db.conn).map_err(|e| match e.kind() {
             Kind::Config => e.context(path.display()),
