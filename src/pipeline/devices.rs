@@ -157,7 +157,7 @@ impl Devices {
                 Some(p) => (p, false),
                 None => {
                     log::info!("assembling thin-pool {} (not in the kernel: after a reboot?)", spec.dm_name);
-                    (Pool::assemble(&spec, &run_dir)?, true)
+                    (crate::poolctl::assemble_recorded(conn, &spec, &run_dir)?, true)
                 }
             },
             _ => {
