@@ -155,6 +155,20 @@ pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sect
 /// A pool spec on existing block devices (sizes read from the devices).
 pub fn block_spec(dm_name: DmName, data_dev: &Path, meta_dev: &Path, block_sectors: u64) -> Result<PoolSpec> {
     check_block_sectors(block_sectors)?;
+    let same = match (std::fs::metadata(data_dev), std::fs::metadata(meta_dev)) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            (a.dev(), a.ino()) == (b.dev(), b.ino()) || (a.rdev() != 0 && a.rdev() == b.rdev())
+        }
+        _ => false,
+    };
+    if same {
+        return Err(Error::usage(format!(
+            "--data-dev {} and --meta-dev {} are the same device; the pool needs two",
+            data_dev.display(),
+            meta_dev.display()
+        )));
+    }
     let size = |p: &Path| -> Result<u64> {
         let mut f = std::fs::File::open(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
         f.seek(SeekFrom::End(0)).map_err(|e| Error::io(format!("size of {}", p.display()), e))

@@ -205,8 +205,11 @@ pub fn spec(conn: &rusqlite::Connection) -> Result<PoolSpec> {
     match spool::load(conn)? {
         Some((spec, PoolState::Ready)) => Ok(spec),
         Some((spec, PoolState::Creating)) => Err(Error::new(
-            Kind::TempFail,
-            format!("thin-pool {} was not finished being created; run `thinimg pool create` again", spec.dm_name),
+            Kind::NoSuchImage,
+            format!(
+                "thin-pool {} was not finished being created; run `thinimg pool create` to finish it, or `thinimg pool destroy` to roll it back",
+                spec.dm_name
+            ),
         )),
         None => Err(no_pool()),
     }
