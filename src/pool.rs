@@ -155,6 +155,20 @@ pub fn create_loop_files(dir: &Path, dm_name: DmName, data_size: u64, block_sect
 /// A pool spec on existing block devices (sizes read from the devices).
 pub fn block_spec(dm_name: DmName, data_dev: &Path, meta_dev: &Path, block_sectors: u64) -> Result<PoolSpec> {
     check_block_sectors(block_sectors)?;
+    let same = match (std::fs::metadata(data_dev), std::fs::metadata(meta_dev)) {
+        (Ok(a), Ok(b)) => {
+            use std::os::unix::fs::MetadataExt;
+            (a.dev(), a.ino()) == (b.dev(), b.ino()) || (a.rdev() != 0 && a.rdev() == b.rdev())
+        }
+        _ => false,
+    };
+    if same {
+        return Err(Error::usage(format!(
+            "--data-dev {} and --meta-dev {} are the same device; the pool needs two",
+            data_dev.display(),
+            meta_dev.display()
+        )));
+    }
     let size = |p: &Path| -> Result<u64> {
         let mut f = std::fs::File::open(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
         f.seek(SeekFrom::End(0)).map_err(|e| Error::io(format!("size of {}", p.display()), e))
@@ -178,6 +192,102 @@ pub fn block_spec(dm_name: DmName, data_dev: &Path, meta_dev: &Path, block_secto
         block_sectors: Sectors(block_sectors),
         low_water: low_water_for(data_sectors / block_sectors),
     })
+}
+
+/// Geometry a thin-pool superblock records: (data block size in sectors,
+/// number of data blocks), or `None` when `meta` holds no superblock.
+/// Offsets are those of `struct thin_disk_superblock`: magic at 32, the
+/// data space map root (nr_blocks first) at 64, data_block_size at 336.
+pub fn superblock_geometry(meta: &Path) -> Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(meta).map_err(|e| Error::io(format!("opening {}", meta.display()), e))?;
+    let mut sb = [0u8; 512];
+    f.read_exact_at(&mut sb, 0).map_err(|e| Error::io(format!("reading {}", meta.display()), e))?;
+    let le64 = |o: usize| u64::from_le_bytes(sb[o..o + 8].try_into().unwrap_or([0; 8]));
+    if le64(32) != THIN_SUPERBLOCK_MAGIC {
+        return Ok(None);
+    }
+    let block = u64::from(u32::from_le_bytes(sb[336..340].try_into().unwrap_or([0; 4])));
+    Ok(Some((block, le64(64))))
+}
+
+/// A stable identity of a block device, from sysfs: a dm uuid, a disk's
+/// wwid or serial (with the partition number for a partition), or a loop
+/// device's backing file. `None` when the kernel offers none.
+pub fn device_identity(p: &Path) -> Option<String> {
+    let dev = block_dev_of(p).ok()?;
+    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", dev.major, dev.minor));
+    let read =
+        |rel: &str| std::fs::read_to_string(sys.join(rel)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let part = read("partition").map(|n| format!("/part{n}")).unwrap_or_default();
+    for (rel, tag) in [
+        ("dm/uuid", "dm"),
+        ("device/wwid", "wwid"),
+        ("device/serial", "serial"),
+        ("../device/wwid", "wwid"),
+        ("../device/serial", "serial"),
+        ("loop/backing_file", "loop"),
+    ] {
+        if let Some(v) = read(rel) {
+            return Some(format!("{tag}:{v}{part}"));
+        }
+    }
+    None
+}
+
+/// Before a recorded block pool is assembled (after a reboot device names
+/// may have moved): the metadata device must hold a thin-pool superblock
+/// of exactly this pool's geometry, the data device must have its size,
+/// and where identities were recorded they must match. dm-thin would
+/// otherwise format a blank device taken for the metadata, or map the
+/// pool onto another disk.
+pub fn check_block_identity(spec: &PoolSpec, recorded: Option<(&str, &str)>) -> Result<()> {
+    if spec.kind != PoolKind::Block {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Error::new(
+            Kind::HostFatal,
+            format!(
+                "refusing to assemble thin-pool {} on data {} / metadata {}: {why}; the device names may have changed (check /dev/disk/by-id and the recorded paths in `thinimg pool status --json`)",
+                spec.dm_name,
+                spec.data_path.display(),
+                spec.meta_path.display()
+            ),
+        )
+    };
+    let want = (spec.block_sectors.0, spec.data_sectors.0 / spec.block_sectors.0.max(1));
+    match superblock_geometry(&spec.meta_path)? {
+        None => return Err(refuse(format!("{} holds no thin-pool superblock", spec.meta_path.display()))),
+        Some(g) if g != want => {
+            return Err(refuse(format!(
+                "the superblock on {} is of another pool ({} sectors per block, {} blocks; this pool has {} and {})",
+                spec.meta_path.display(),
+                g.0,
+                g.1,
+                want.0,
+                want.1
+            )))
+        }
+        Some(_) => {}
+    }
+    let mut f = std::fs::File::open(&spec.data_path)
+        .map_err(|e| Error::io(format!("opening {}", spec.data_path.display()), e))?;
+    let size = f.seek(SeekFrom::End(0)).map_err(|e| Error::io(format!("size of {}", spec.data_path.display()), e))?;
+    if size / 512 / spec.block_sectors.0.max(1) * spec.block_sectors.0 != spec.data_sectors.0 {
+        return Err(refuse(format!("{} has {size} bytes, not the recorded pool's size", spec.data_path.display())));
+    }
+    if let Some((data_id, meta_id)) = recorded {
+        for (p, want) in [(&spec.data_path, data_id), (&spec.meta_path, meta_id)] {
+            match device_identity(p) {
+                Some(got) if got != want => {
+                    return Err(refuse(format!("{} is {got}, but the pool was created on {want}", p.display())))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -1004,6 +1114,36 @@ mod tests {
         assert_eq!(k("0 1/10 10/10 - out_of_data_space discard_passdown error_if_no_space - 2"), Some(Kind::TempFail));
         assert_eq!(k("Fail"), Some(Kind::HostFatal));
         assert_eq!(k("Error"), Some(Kind::HostFatal));
+    }
+
+    #[test]
+    fn superblock_geometry_reads_the_thin_superblock() {
+        let d = std::env::temp_dir().join(format!("thinimg-sb-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("meta");
+        let mut sb = vec![0u8; 4096];
+        std::fs::write(&p, &sb).unwrap();
+        assert_eq!(superblock_geometry(&p).unwrap(), None);
+        sb[32..40].copy_from_slice(&THIN_SUPERBLOCK_MAGIC.to_le_bytes());
+        sb[64..72].copy_from_slice(&4096u64.to_le_bytes());
+        sb[336..340].copy_from_slice(&128u32.to_le_bytes());
+        std::fs::write(&p, &sb).unwrap();
+        assert_eq!(superblock_geometry(&p).unwrap(), Some((128, 4096)));
+        // A loop spec is not checked; a block spec whose "device" is this
+        // file is refused when the geometry or the data size differ.
+        let mut spec = loop_spec(&d, DmName::new("p").unwrap(), 4096 * 65536, 128).unwrap();
+        spec.kind = PoolKind::Block;
+        spec.meta_path = p.clone();
+        spec.data_path = d.join("data");
+        std::fs::File::create(&spec.data_path).unwrap().set_len(4096 * 65536).unwrap();
+        check_block_identity(&spec, None).unwrap();
+        std::fs::File::create(&spec.data_path).unwrap().set_len(4000 * 65536).unwrap();
+        assert_eq!(check_block_identity(&spec, None).unwrap_err().kind(), Kind::HostFatal);
+        std::fs::File::create(&spec.data_path).unwrap().set_len(4096 * 65536).unwrap();
+        spec.block_sectors = Sectors(256);
+        spec.data_sectors = Sectors(4096 * 128);
+        assert_eq!(check_block_identity(&spec, None).unwrap_err().kind(), Kind::HostFatal);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

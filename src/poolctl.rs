@@ -40,7 +40,7 @@ pub fn create(
         Some((spec, PoolState::Ready)) => {
             check_configured_devices(&spec, req.devices.as_ref())?;
             log::info!("thin-pool {} already exists; assembling it", spec.dm_name);
-            return Ok((Pool::assemble(&spec, run_dir)?, true));
+            return Ok((assemble_recorded(conn, &spec, run_dir)?, true));
         }
         Some((spec, PoolState::Creating)) => {
             check_configured_devices(&spec, req.devices.as_ref())?;
@@ -75,6 +75,11 @@ pub fn create(
     }
     let p = Pool::create(&spec, run_dir)?;
     fault::point("pool-create:device");
+    if spec.kind == PoolKind::Block {
+        if let (Some(d), Some(m)) = (pool::device_identity(&spec.data_path), pool::device_identity(&spec.meta_path)) {
+            spool::set_device_ids(conn, &d, &m)?;
+        }
+    }
     spool::set_state(conn, PoolState::Ready)?;
     Ok((p, false))
 }
@@ -200,8 +205,11 @@ pub fn spec(conn: &rusqlite::Connection) -> Result<PoolSpec> {
     match spool::load(conn)? {
         Some((spec, PoolState::Ready)) => Ok(spec),
         Some((spec, PoolState::Creating)) => Err(Error::new(
-            Kind::TempFail,
-            format!("thin-pool {} was not finished being created; run `thinimg pool create` again", spec.dm_name),
+            Kind::NoSuchImage,
+            format!(
+                "thin-pool {} was not finished being created; run `thinimg pool create` to finish it, or `thinimg pool destroy` to roll it back",
+                spec.dm_name
+            ),
         )),
         None => Err(no_pool()),
     }
@@ -215,7 +223,19 @@ pub fn no_pool() -> Error {
 /// kernel) and check it is healthy.
 pub fn open(conn: &rusqlite::Connection, run_dir: &Path) -> Result<Pool> {
     let spec = spec(conn)?;
-    let p = Pool::assemble(&spec, run_dir)?;
+    let p = assemble_recorded(conn, &spec, run_dir)?;
     p.check_usable()?;
     Ok(p)
+}
+
+/// Assemble a pool that was created before: a block pool only once its
+/// devices are identified as the recorded ones ([`pool::check_block_identity`]).
+/// A pool device already in the kernel is adopted as it is (its table is
+/// compared by `Pool::assemble`).
+pub fn assemble_recorded(conn: &rusqlite::Connection, spec: &PoolSpec, run_dir: &Path) -> Result<Pool> {
+    if spec.kind == PoolKind::Block && Pool::find(spec, run_dir)?.is_none() {
+        let ids = spool::device_ids(conn)?;
+        pool::check_block_identity(spec, ids.as_ref().map(|(d, m)| (d.as_str(), m.as_str())))?;
+    }
+    Pool::assemble(spec, run_dir)
 }

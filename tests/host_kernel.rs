@@ -346,3 +346,26 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
     assert!(!spec.data_path.exists() && !spec.meta_path.exists(), "loop files left");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// UX review #32 and #19: one device as both data and metadata is a usage
+/// error; a half-made pool is reported with both ways out, not as "retry".
+#[test]
+fn same_device_twice_and_a_half_made_pool_are_explained() {
+    need_root();
+    let d = tempdir("same");
+    let state = d.join("state");
+    std::fs::write(d.join("f"), vec![0u8; 4096]).unwrap();
+    let f = d.join("f");
+    let r = thinimg(
+        &state,
+        Control::Missing,
+        &["pool", "create", "--data-dev", f.to_str().unwrap(), "--meta-dev", f.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(r.stderr.contains("same device"), "{}", r.stderr);
+    record_loop_pool(&state, thinimg::store::pool::PoolState::Creating, false);
+    let r = thinimg(&state, Control::Missing, &["pool", "status"]);
+    assert_ne!(r.code, 75, "{}", r.stderr);
+    assert!(r.stderr.contains("pool destroy") && r.stderr.contains("pool create"), "{}", r.stderr);
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -113,8 +113,10 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
         return Ok(());
     }
     log::info!("cleaning up an interrupted snapshot for activation {name} (thin {thin_id})");
-    dev.deactivate(&dev.activation_name(name))?;
-    dev.delete_thin(thin_id)?;
+    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+        dev.deactivate(&dev.activation_name(name))?;
+        dev.delete_thin(thin_id)?;
+    }
     let tx = conn.unchecked_transaction()?;
     tx.execute(
         "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
@@ -166,7 +168,14 @@ impl Activate<'_> {
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
         // so no suspend is needed; the pool layer suspends if it finds it active.
-        dev.snapshot(thin_id, origin)?;
+        if dev.snapshot(thin_id, origin)? == super::devices::Created::Exists {
+            // Not ours (database and pool diverged): never delete it.
+            let foreign = json!({ "thin_id": thin_id, "name": name, "origin": origin, "foreign": true });
+            cx.record_intent(foreign.clone())?;
+            undo_snapshot(dev, cx.conn, &foreign)?;
+            cx.record_intent(Value::Null)?;
+            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+        }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
             q::set_thin_state(tx, thin_id, "ready")?;

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use crate::cli::Invocation;
 use crate::dm::{DmName, Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
-use crate::pool::{Created, Pool};
+pub use crate::pool::Created;
+use crate::pool::Pool;
 
 /// Device-mapper calls of all threads of this process go one at a time:
 /// the kernel serializes pool metadata changes anyway, and interleaved
@@ -86,7 +87,7 @@ fn thin(id: u32) -> Result<ThinId> {
 }
 
 /// EEXIST for a thin id the database just allocated as free.
-fn diverged(pool: &str, id: u32) -> Error {
+pub fn diverged(pool: &str, id: u32) -> Error {
     Error::new(
         Kind::HostFatal,
         format!(
@@ -157,7 +158,7 @@ impl Devices {
                 Some(p) => (p, false),
                 None => {
                     log::info!("assembling thin-pool {} (not in the kernel: after a reboot?)", spec.dm_name);
-                    (Pool::assemble(&spec, &run_dir)?, true)
+                    (crate::poolctl::assemble_recorded(conn, &spec, &run_dir)?, true)
                 }
             },
             _ => {
@@ -233,20 +234,18 @@ impl Devices {
         self.pool.ensure_space(data_bytes)
     }
 
-    /// A fresh thin device under an id the database just allocated. The
-    /// pool having it already means the database and the pool diverged
-    /// (state.db restored from a backup, rows lost): that device may be a
-    /// live VM's disk, so it is never deleted; everything stops.
-    pub fn create_thin(&self, id: u32) -> Result<()> {
+    /// A fresh thin device under an id the database just allocated.
+    /// `Created::Exists` means the database and the pool diverged (state.db
+    /// restored from a backup, rows lost): that device may be a live VM's
+    /// disk. The caller must never delete it and stops with [`diverged`].
+    pub fn create_thin(&self, id: u32) -> Result<Created> {
         let _g = dm_lock();
-        if self.pool.create_thin(thin(id)?)? == Created::Exists {
-            return Err(diverged(&self.pool_name(), id));
-        }
-        Ok(())
+        self.pool.create_thin(thin(id)?)
     }
 
-    /// A snapshot of `origin`; suspends the origin if it happens to be active.
-    pub fn snapshot(&self, id: u32, origin: u32) -> Result<()> {
+    /// A snapshot of `origin`; suspends the origin if it happens to be
+    /// active. `Created::Exists` as for [`Devices::create_thin`].
+    pub fn snapshot(&self, id: u32, origin: u32) -> Result<Created> {
         let _g = dm_lock();
         let active = [self.build_name(origin)]
             .into_iter()
@@ -254,10 +253,7 @@ impl Devices {
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .find(|n| matches!(self.pool.dm().try_info(n), Ok(Some(_))));
-        if self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())? == Created::Exists {
-            return Err(diverged(&self.pool_name(), id));
-        }
-        Ok(())
+        self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())
     }
 
     pub fn delete_thin(&self, id: u32) -> Result<()> {

@@ -239,8 +239,23 @@ impl Pull<'_> {
             intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("chain:intent");
 
-        let result =
-            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts);
+        let created = match parent_thin {
+            None => dev.create_thin(thin_id),
+            Some(p) => dev.snapshot(thin_id, p),
+        };
+        if let Ok(super::devices::Created::Exists) = created {
+            // Not ours: never touched. Mark the attempt so no teardown (now
+            // or after a crash) deletes it, drop its rows, and stop.
+            let mut foreign = intent.clone();
+            foreign["foreign"] = json!(true);
+            cx.record_intent(foreign.clone())?;
+            teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
+            cx.record_intent(Value::Null)?;
+            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+        }
+        let result = created.and_then(|_| {
+            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts)
+        });
         let report = match result {
             Ok(r) => r,
             Err(e) => {
@@ -315,10 +330,6 @@ fn build(
     digest: &str,
     opts: &crate::extract::Options,
 ) -> Result<Value> {
-    match parent_thin {
-        None => dev.create_thin(thin_id)?,
-        Some(p) => dev.snapshot(thin_id, p)?,
-    }
     fault::point("chain:thin-created");
     let node = dev.activate(&dev.build_name(thin_id), thin_id, size_sectors)?;
     if parent_thin.is_none() {
@@ -425,9 +436,13 @@ pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent
     }
     log::info!("cleaning up an interrupted build of thin device {thin_id}");
     fault::fail("build:teardown")?;
-    mount::unmount(&mount::mount_point(run_dir, thin_id))?;
-    dev.deactivate(&dev.build_name(thin_id))?;
-    dev.delete_thin(thin_id)?;
+    // A "foreign" id existed in the pool before this attempt (EEXIST):
+    // nothing of it in the kernel is ours, only the rows are.
+    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+        mount::unmount(&mount::mount_point(run_dir, thin_id))?;
+        dev.deactivate(&dev.build_name(thin_id))?;
+        dev.delete_thin(thin_id)?;
+    }
     let tx = conn.unchecked_transaction()?;
     if let Some(cid) = intent.get("chain_id").and_then(|v| v.as_str()) {
         tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;

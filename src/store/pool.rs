@@ -199,6 +199,22 @@ pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
     Ok(st.as_deref() == Some("ready"))
 }
 
+/// Stable identities (data, metadata) of a block pool's devices, recorded
+/// when it was created.
+pub fn device_ids(conn: &Connection) -> Result<Option<(String, String)>> {
+    let v: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'pool_device_ids'", [], |r| r.get(0)).optional()?;
+    Ok(v.and_then(|v| v.split_once('\n').map(|(a, b)| (a.to_string(), b.to_string()))))
+}
+
+pub fn set_device_ids(conn: &Connection, data: &str, meta: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('pool_device_ids', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+        [format!("{data}\n{meta}")],
+    )?;
+    Ok(())
+}
+
 /// (chains, activations) recorded on the pool.
 pub fn dependents(conn: &Connection) -> Result<(u64, u64)> {
     let c: i64 = conn.query_row("SELECT COUNT(*) FROM chains", [], |r| r.get(0))?;
@@ -218,7 +234,7 @@ pub fn destroy_rows(conn: &Connection) -> Result<()> {
          DELETE FROM chains;
          DELETE FROM thin_devices;
          DELETE FROM pool;
-         DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next');",
+         DELETE FROM meta WHERE key IN ('pool_transaction_id', 'pool_transaction_next', 'pool_device_ids');",
     )?;
     tx.commit()?;
     Ok(())
