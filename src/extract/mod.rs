@@ -725,7 +725,7 @@ impl Applier<'_> {
         let segments: Vec<(u64, u64)> = match &m.sparse {
             Some(s) => {
                 self.report.sparse_files += 1;
-                file.set_len(s.real_size).map_err(|e| Fail::Err(Error::io("sizing the sparse file", e)))?;
+                file.set_len(s.real_size).map_err(|e| Fail::Err(target_error("sizing the sparse file".into(), e)))?;
                 s.map.clone()
             }
             None if m.data_size <= INLINE_MAX => return self.small_file(file, meta, m, stream),
@@ -1075,6 +1075,27 @@ mod tests {
                 Err(r) => return Err(r.rule),
             }
         }
+    }
+
+    #[test]
+    fn path_set_marks_paths_and_their_parents() {
+        let mut p = PathSet::new();
+        assert_eq!(p.mark(b"a/b/c"), 3);
+        assert_eq!(p.flags(b"a/b/c"), CREATED);
+        assert_eq!(p.flags(b"a/b"), ANCESTOR);
+        assert_eq!(p.flags(b"a"), ANCESTOR);
+        assert_eq!(p.flags(b"a/bc"), 0, "components, not bytes");
+        assert_eq!(p.flags(b"ab/c"), 0);
+        // A sibling adds one key: the walk up stops at the first known parent.
+        assert_eq!(p.mark(b"a/b/d"), 1);
+        assert_eq!(p.mark(b"a/b"), 0);
+        assert_eq!(p.flags(b"a/b"), ANCESTOR | CREATED);
+        // Same key however the path was written; a different set keys differently.
+        assert_eq!(p.key(b"a/b/c"), p.key(b"a//b/c/"));
+        assert_ne!(PathSet::new().key(b"a/b/c"), p.key(b"a/b/c"));
+        // Memory per key is fixed, whatever the path length.
+        let long = vec![b'n'; 4000];
+        assert_eq!(p.mark(&long), 1);
     }
 
     #[test]
