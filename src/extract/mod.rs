@@ -338,14 +338,16 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
 
 /// A directory's mode and times, applied when the layer is done (and a
 /// default ACL, which would otherwise be inherited by the entries created
-/// in it). Owner and other xattrs are applied at once, so nothing large is
-/// kept per directory.
+/// in it; and the owner when the entry has no xattrs). Other xattrs are
+/// applied at once, so nothing large is kept per directory.
 struct DirMeta {
     path: Box<[u8]>,
     /// The directory this entry made or met: the deferred metadata goes to
     /// that inode only, never to whatever the path names at the end.
     dev: u64,
     ino: u64,
+    /// Still to apply (`None`: applied with the xattrs).
+    owner: Option<(u32, u32)>,
     mode: u32,
     mtime_sec: i64,
     mtime_nsec: u32,
@@ -675,20 +677,32 @@ impl Applier<'_> {
         }
         self.report.dirs += 1;
         self.mark_created(joined)?;
-        // Owner and xattrs now, through the directory itself; mode and times
-        // (and a default ACL, inherited by what is created in it) at the end.
+        // xattrs now (with the owner first: chown would clear a capability),
+        // through the directory itself; mode and times (and a default ACL,
+        // inherited by what is created in it, and the owner when there are
+        // no xattrs) at the end.
         let pfd = self.parent_of(cp)?;
-        let fd = root::open_subdir(pfd, &name).map_err(|e| io_fail(e, "opening the directory".into()))?;
         let (acl, now): (Vec<_>, Vec<_>) =
             meta.xattrs.into_iter().partition(|(n, _)| n.as_bytes() == b"system.posix_acl_default");
         let now = Meta { xattrs: now, ..meta };
-        let what = format!("directory {:?}", stream::display_path(joined));
-        root::apply_owner_xattrs_fd(fd.as_fd(), &now).map_err(|(op, e)| meta_fail(op, e, &what))?;
-        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+        let (st, owner) = if now.xattrs.is_empty() {
+            let st = root::lstat_at(pfd, &name).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+            match st {
+                Some(st) if root::is_dir(&st) => (st, Some((now.uid, now.gid))),
+                _ => return Err(replaced("directory")),
+            }
+        } else {
+            let fd = root::open_subdir(pfd, &name).map_err(|e| io_fail(e, "opening the directory".into()))?;
+            let what = format!("directory {:?}", stream::display_path(joined));
+            root::apply_owner_xattrs_fd(fd.as_fd(), &now).map_err(|(op, e)| meta_fail(op, e, &what))?;
+            let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+            (st, None)
+        };
         let d = DirMeta {
             path: joined.into(),
             dev: st.st_dev,
             ino: st.st_ino,
+            owner,
             mode: now.mode,
             mtime_sec: now.mtime_sec,
             mtime_nsec: now.mtime_nsec,
@@ -994,6 +1008,14 @@ fn apply_dir_meta(root: &Root, dirs: &[DirMeta]) -> Result<(), Fail> {
             continue;
         }
         let what = format!("directory {:?}", stream::display_path(&d.path));
+        if let Some((uid, gid)) = d.owner {
+            nix::unistd::fchown(
+                fd.as_fd(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| meta_fail("fchown", e, &what))?;
+        }
         if let Some(acl) = &d.acl_default {
             let name = CString::from(c"system.posix_acl_default");
             root::set_xattrs_fd(fd.as_fd(), &[(name, acl.clone())]).map_err(|(op, e)| meta_fail(op, e, &what))?;
