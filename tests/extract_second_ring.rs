@@ -725,6 +725,45 @@ fn sigint_and_sigterm_stop_a_long_unpack_within_a_second() {
     }
 }
 
+#[test]
+fn sigterm_stops_an_unpack_whose_source_stalls() {
+    require_root();
+    let sb = Sandbox::new("signal-stall");
+    let mut child = Command::new(common::bin())
+        .args(["unpack", "--dest"])
+        .arg(&sb.root)
+        .args(common::FULL)
+        .arg("/dev/stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut t = TarW::new();
+    t.file("first", b"1", 0o644);
+    // One entry, then nothing: the reader blocks in read(2).
+    stdin.write_all(&t.buf).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(5), "still blocked 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let waited = sent.elapsed();
+    drop(stdin);
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert!(waited < Duration::from_secs(1), "stopped after {waited:?}");
+    sb.check("signal stall");
+}
+
 // --------------------------------------------------------------- L11 -----
 
 #[test]

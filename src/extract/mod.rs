@@ -324,6 +324,11 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
             };
             Err(match f {
                 Fail::Rule(rej) => match rej.io {
+                    Some(e)
+                        if e.kind() == std::io::ErrorKind::Interrupted && crate::ops::signals::pending().is_some() =>
+                    {
+                        crate::ops::signals::interrupted_error().context(format!("layer {layer}: {entry}"))
+                    }
                     Some(e) => Error::io(format!("layer {layer}: reading the layer"), e),
                     None => Error::bad_data(format!("layer {layer}: {entry}: {rej}{consequence}")),
                 },
