@@ -233,3 +233,50 @@ fn sparse_corpus_files_are_accepted_with_a_higher_limit() {
     assert_eq!(std::fs::read(sb.root.join("b")).unwrap().len(), 4);
     sb.check("sparse-skip");
 }
+
+/// `thinimg unpack` with its defaults (no --keep-privileges, --devices,
+/// --apply-on-top) over every corpus archive: whatever is accepted leaves
+/// no setuid/setgid file, no file capability and no device node behind.
+#[test]
+fn corpus_in_unpack_defaults_materializes_no_privileges() {
+    require_root();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut found = Vec::new();
+    for row in manifest() {
+        let sb = Sandbox::new(&format!("plain-{}", row.file));
+        let dest = sb.layers.join("dest");
+        let out = sb.unpack_plain(&dest, &[&corpus().join(&row.file)], &["--jobs", "2"]);
+        let code = out.status.code();
+        assert!(matches!(code, Some(0) | Some(65)), "{}: exit {code:?}: {}", row.file, stderr(&out));
+        if code == Some(0) {
+            assert_eq!(std::fs::metadata(&dest).unwrap().mode() & 0o7777, 0o700, "{}", row.file);
+        }
+        let mut stack = vec![dest.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            for e in rd {
+                let p = e.unwrap().path();
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                let ft = m.file_type();
+                if ft.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let cap = {
+                    let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                    // SAFETY: NUL-terminated strings; a null buffer of size 0 asks for the size only.
+                    unsafe { libc::lgetxattr(cp.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0) }
+                };
+                if ft.is_char_device()
+                    || ft.is_block_device()
+                    || (!ft.is_symlink() && m.mode() & 0o6000 != 0)
+                    || cap >= 0
+                {
+                    found.push(format!("{}: {}", row.file, p.display()));
+                }
+            }
+        }
+        sb.check(&row.file);
+    }
+    assert!(found.is_empty(), "privileges materialized by default:\n{}", found.join("\n"));
+}

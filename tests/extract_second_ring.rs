@@ -563,8 +563,48 @@ fn target_file_system_limits_reject_the_layer() {
         let o = Command::new("find").arg(&mnt).args(["-mindepth", "1", "-delete"]).output().unwrap();
         assert!(o.status.success());
     }
+    // A sparse file larger than ext4 allows (16 TiB with 4 KiB blocks).
+    let big = 17u64 << 40;
+    let l = sb.layer("efbig.tar", &gnu_sparse("huge", big, &[(0, 4)]));
+    let o = sb.unpack_plain(&mnt, &[&l], &["--apply-on-top", "--max-file-size", "32T"]);
+    assert_rejected(o.status.code().unwrap_or(-1), &stderr(&o), "file-size");
     umount(&mnt);
     sb.check("enospc");
+}
+
+/// A GNU old-style sparse file ('S'): `real` bytes apparent, `segs` stored.
+fn gnu_sparse(name: &str, real: u64, segs: &[(u64, u64)]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    // Octal when it fits, GNU base-256 otherwise.
+    let num = |f: &mut [u8], v: u64| {
+        let s = format!("{:0w$o}", v, w = f.len() - 1);
+        if s.len() < f.len() {
+            f[..s.len()].copy_from_slice(s.as_bytes());
+        } else {
+            f.fill(0);
+            let n = f.len();
+            f[n - 8..].copy_from_slice(&v.to_be_bytes());
+            f[0] = 0x80;
+        }
+    };
+    num(&mut h[100..108], 0o644);
+    num(&mut h[108..116], 0);
+    num(&mut h[116..124], 0);
+    let stored: u64 = segs.iter().map(|s| s.1).sum();
+    num(&mut h[124..136], stored);
+    num(&mut h[136..148], 1_600_000_000);
+    h[156] = b'S';
+    h[257..265].copy_from_slice(b"ustar  \0");
+    for (i, &(o, l)) in segs.iter().enumerate().take(4) {
+        num(&mut h[386 + i * 24..398 + i * 24], o);
+        num(&mut h[398 + i * 24..410 + i * 24], l);
+    }
+    num(&mut h[483..495], real);
+    let mut t = TarW::new();
+    t.block(h);
+    t.data(&vec![b'x'; stored as usize]);
+    t.finish()
 }
 
 // ---------------------------------------------------------------- L6 -----
@@ -683,6 +723,45 @@ fn sigint_and_sigterm_stop_a_long_unpack_within_a_second() {
         assert!(err.contains("resumes"), "{err}");
         sb.check("signal");
     }
+}
+
+#[test]
+fn sigterm_stops_an_unpack_whose_source_stalls() {
+    require_root();
+    let sb = Sandbox::new("signal-stall");
+    let mut child = Command::new(common::bin())
+        .args(["unpack", "--dest"])
+        .arg(&sb.root)
+        .args(common::FULL)
+        .arg("/dev/stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut t = TarW::new();
+    t.file("first", b"1", 0o644);
+    // One entry, then nothing: the reader blocks in read(2).
+    stdin.write_all(&t.buf).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(5), "still blocked 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let waited = sent.elapsed();
+    drop(stdin);
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(143), "{status}: {err}");
+    assert!(waited < Duration::from_secs(1), "stopped after {waited:?}");
+    sb.check("signal stall");
 }
 
 // --------------------------------------------------------------- L11 -----

@@ -325,6 +325,11 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
             };
             Err(match f {
                 Fail::Rule(rej) => match rej.io {
+                    Some(e)
+                        if e.kind() == std::io::ErrorKind::Interrupted && crate::ops::signals::pending().is_some() =>
+                    {
+                        crate::ops::signals::interrupted_error().context(format!("layer {layer}: {entry}"))
+                    }
                     Some(e) => Error::io(format!("layer {layer}: reading the layer"), e),
                     None => Error::bad_data(format!("layer {layer}: {entry}: {rej}{consequence}")),
                 },
@@ -339,14 +344,16 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
 
 /// A directory's mode and times, applied when the layer is done (and a
 /// default ACL, which would otherwise be inherited by the entries created
-/// in it). Owner and other xattrs are applied at once, so nothing large is
-/// kept per directory.
+/// in it; and the owner when the entry has no xattrs). Other xattrs are
+/// applied at once, so nothing large is kept per directory.
 struct DirMeta {
     path: Box<[u8]>,
     /// The directory this entry made or met: the deferred metadata goes to
     /// that inode only, never to whatever the path names at the end.
     dev: u64,
     ino: u64,
+    /// Still to apply (`None`: applied with the xattrs).
+    owner: Option<(u32, u32)>,
     mode: u32,
     mtime_sec: i64,
     mtime_nsec: u32,
@@ -676,20 +683,32 @@ impl Applier<'_> {
         }
         self.report.dirs += 1;
         self.mark_created(joined)?;
-        // Owner and xattrs now, through the directory itself; mode and times
-        // (and a default ACL, inherited by what is created in it) at the end.
+        // xattrs now (with the owner first: chown would clear a capability),
+        // through the directory itself; mode and times (and a default ACL,
+        // inherited by what is created in it, and the owner when there are
+        // no xattrs) at the end.
         let pfd = self.parent_of(cp)?;
-        let fd = root::open_subdir(pfd, &name).map_err(|e| io_fail(e, "opening the directory".into()))?;
         let (acl, now): (Vec<_>, Vec<_>) =
             meta.xattrs.into_iter().partition(|(n, _)| n.as_bytes() == b"system.posix_acl_default");
         let now = Meta { xattrs: now, ..meta };
-        let what = format!("directory {:?}", stream::display_path(joined));
-        root::apply_owner_xattrs_fd(fd.as_fd(), &now).map_err(|(op, e)| meta_fail(op, e, &what))?;
-        let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+        let (st, owner) = if now.xattrs.is_empty() {
+            let st = root::lstat_at(pfd, &name).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+            match st {
+                Some(st) if root::is_dir(&st) => (st, Some((now.uid, now.gid))),
+                _ => return Err(replaced("directory")),
+            }
+        } else {
+            let fd = root::open_subdir(pfd, &name).map_err(|e| io_fail(e, "opening the directory".into()))?;
+            let what = format!("directory {:?}", stream::display_path(joined));
+            root::apply_owner_xattrs_fd(fd.as_fd(), &now).map_err(|(op, e)| meta_fail(op, e, &what))?;
+            let st = nix::sys::stat::fstat(fd.as_fd()).map_err(|e| io_fail(e, "inspecting the directory".into()))?;
+            (st, None)
+        };
         let d = DirMeta {
             path: joined.into(),
             dev: st.st_dev,
             ino: st.st_ino,
+            owner,
             mode: now.mode,
             mtime_sec: now.mtime_sec,
             mtime_nsec: now.mtime_nsec,
@@ -726,7 +745,7 @@ impl Applier<'_> {
         let segments: Vec<(u64, u64)> = match &m.sparse {
             Some(s) => {
                 self.report.sparse_files += 1;
-                file.set_len(s.real_size).map_err(|e| Fail::Err(Error::io("sizing the sparse file", e)))?;
+                file.set_len(s.real_size).map_err(|e| Fail::Err(target_error("sizing the sparse file".into(), e)))?;
                 s.map.clone()
             }
             None if m.data_size <= INLINE_MAX => return self.small_file(file, meta, m, stream),
@@ -995,6 +1014,14 @@ fn apply_dir_meta(root: &Root, dirs: &[DirMeta]) -> Result<(), Fail> {
             continue;
         }
         let what = format!("directory {:?}", stream::display_path(&d.path));
+        if let Some((uid, gid)) = d.owner {
+            nix::unistd::fchown(
+                fd.as_fd(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| meta_fail("fchown", e, &what))?;
+        }
         if let Some(acl) = &d.acl_default {
             let name = CString::from(c"system.posix_acl_default");
             root::set_xattrs_fd(fd.as_fd(), &[(name, acl.clone())]).map_err(|(op, e)| meta_fail(op, e, &what))?;
@@ -1076,6 +1103,27 @@ mod tests {
                 Err(r) => return Err(r.rule),
             }
         }
+    }
+
+    #[test]
+    fn path_set_marks_paths_and_their_parents() {
+        let mut p = PathSet::new();
+        assert_eq!(p.mark(b"a/b/c"), 3);
+        assert_eq!(p.flags(b"a/b/c"), CREATED);
+        assert_eq!(p.flags(b"a/b"), ANCESTOR);
+        assert_eq!(p.flags(b"a"), ANCESTOR);
+        assert_eq!(p.flags(b"a/bc"), 0, "components, not bytes");
+        assert_eq!(p.flags(b"ab/c"), 0);
+        // A sibling adds one key: the walk up stops at the first known parent.
+        assert_eq!(p.mark(b"a/b/d"), 1);
+        assert_eq!(p.mark(b"a/b"), 0);
+        assert_eq!(p.flags(b"a/b"), ANCESTOR | CREATED);
+        // Same key however the path was written; a different set keys differently.
+        assert_eq!(p.key(b"a/b/c"), p.key(b"a//b/c/"));
+        assert_ne!(PathSet::new().key(b"a/b/c"), p.key(b"a/b/c"));
+        // Memory per key is fixed, whatever the path length.
+        let long = vec![b'n'; 4000];
+        assert_eq!(p.mark(&long), 1);
     }
 
     #[test]

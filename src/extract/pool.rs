@@ -2,8 +2,8 @@
 //!
 //! The tar stream is read once, by one thread; file bytes are written by a
 //! fixed number of workers. In-flight memory is bounded: chunks are at most
-//! [`CHUNK`] bytes, the queue holds at most `2 × jobs` of them, and buffers
-//! are recycled. Each chunk is written at its offset (`pwrite`) into a file
+//! [`CHUNK`] bytes, at most [`MAX_BUFFERS`] of them exist whatever `--jobs`
+//! says (the reader waits for a free one), and buffers are recycled. Each chunk is written at its offset (`pwrite`) into a file
 //! already created and opened by the reader, so a later entry that replaces
 //! or removes the path cannot redirect a pending write: it goes to the inode
 //! the entry created. A file's metadata (owner, xattrs, mode, times) is
@@ -17,13 +17,16 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use super::root::{apply_meta_fd, Meta};
 use crate::error::{Error, Result};
 
 pub const CHUNK: usize = 256 * 1024;
+
+/// Chunk buffers in existence at most (16 MiB of file data in flight).
+pub const MAX_BUFFERS: usize = 64;
 
 /// A file whose data is being written.
 pub struct PendingFile {
@@ -52,7 +55,9 @@ struct Chunk {
 struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
-    free: Mutex<Vec<Vec<u8>>>,
+    /// Recycled buffers, and how many exist in all.
+    free: Mutex<(Vec<Vec<u8>>, usize)>,
+    freed: Condvar,
     bytes: AtomicUsize,
 }
 
@@ -106,7 +111,8 @@ fn worker(rx: Arc<Mutex<Receiver<Chunk>>>, shared: Arc<Shared>) {
         let mut buf = chunk.buf;
         buf.clear();
         if let Ok(mut free) = shared.free.lock() {
-            free.push(buf);
+            free.0.push(buf);
+            shared.freed.notify_one();
         }
     }
 }
@@ -119,7 +125,8 @@ impl Pool {
         let shared = Arc::new(Shared {
             failed: AtomicBool::new(false),
             error: Mutex::new(None),
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new((Vec::new(), 0)),
+            freed: Condvar::new(),
             bytes: AtomicUsize::new(0),
         });
         let mut workers = Vec::with_capacity(jobs);
@@ -134,10 +141,25 @@ impl Pool {
         Ok(Pool { tx: Some(tx), workers, shared })
     }
 
-    /// An empty buffer with capacity [`CHUNK`], recycled when possible.
+    /// An empty buffer with capacity [`CHUNK`]: a recycled one, a new one
+    /// while fewer than [`MAX_BUFFERS`] exist, else the next one a worker
+    /// frees (every queued chunk is written and its buffer returned, so the
+    /// wait ends).
     pub fn buffer(&self) -> Vec<u8> {
-        let recycled = self.shared.free.lock().ok().and_then(|mut f| f.pop());
-        recycled.unwrap_or_else(|| Vec::with_capacity(CHUNK))
+        let Ok(mut free) = self.shared.free.lock() else { return Vec::with_capacity(CHUNK) };
+        loop {
+            if let Some(b) = free.0.pop() {
+                return b;
+            }
+            if free.1 < MAX_BUFFERS {
+                free.1 += 1;
+                return Vec::with_capacity(CHUNK);
+            }
+            free = match self.shared.freed.wait(free) {
+                Ok(f) => f,
+                Err(_) => return Vec::with_capacity(CHUNK),
+            };
+        }
     }
 
     /// The first error a worker hit, if any (the reader stops on it).
@@ -192,5 +214,37 @@ impl Drop for Pool {
         for h in self.workers.drain(..) {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_bounded_whatever_the_job_count() {
+        let pool = Pool::new(256).unwrap();
+        let held: Vec<Vec<u8>> = (0..MAX_BUFFERS).map(|_| pool.buffer()).collect();
+        let path = std::env::temp_dir().join(format!("thinimg-pool-test-{}", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let meta = Meta { uid, gid, mode: 0o600, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() };
+        let pf = PendingFile::new(file, meta, "t".into());
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| pool.buffer());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(!waiter.is_finished(), "a buffer beyond MAX_BUFFERS was handed out");
+            // Writing one chunk returns its buffer, which the waiter gets.
+            let mut it = held.into_iter();
+            let mut b = it.next().unwrap();
+            b.extend_from_slice(b"x");
+            pool.write(&pf, 0, b).unwrap();
+            let got = waiter.join().unwrap();
+            assert!(got.capacity() >= CHUNK);
+            assert_eq!(pool.shared.free.lock().unwrap().1, MAX_BUFFERS);
+        });
+        pool.done(&pf);
+        pool.finish().unwrap();
+        let _ = std::fs::remove_file(&path);
     }
 }

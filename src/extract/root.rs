@@ -122,23 +122,42 @@ impl Root {
         }
     }
 
+    /// Walk `rel` from the root, creating missing directories. A plain
+    /// directory is entered in one step from the previous one (O_NOFOLLOW:
+    /// never through a symlink); a symlink, or anything not a directory, is
+    /// resolved from the root with openat2 as the kernel would for the whole
+    /// path. So a path costs its length, not its length squared, however
+    /// deep the tree it leads into.
     fn make_dirs(&self, rel: &[u8], made: &mut Vec<Vec<u8>>) -> Result<OwnedFd, Errno> {
         let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
         let mut cur = self.dir(b"")?;
+        let step = |dir: BorrowedFd<'_>, c: &[u8]| {
+            nix::fcntl::openat(
+                dir,
+                os(c),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+        };
         for i in 0..comps.len() {
-            let prefix = comps[..=i].join(&b'/');
-            cur = match self.dir(&prefix) {
+            let prefix = || comps[..=i].join(&b'/');
+            cur = match step(cur.as_fd(), comps[i]) {
                 Ok(fd) => fd,
                 Err(Errno::ENOENT) => {
                     match nix::sys::stat::mkdirat(cur.as_fd(), os(comps[i]), Mode::from_bits_truncate(0o755)) {
-                        Ok(()) => made.push(prefix.clone()),
+                        Ok(()) => made.push(prefix()),
                         // A dangling symlink (or a racing creator) sits there:
                         // resolve again and let that answer stand.
                         Err(Errno::EEXIST) => {}
                         Err(e) => return Err(e),
                     }
-                    self.dir(&prefix)?
+                    match step(cur.as_fd(), comps[i]) {
+                        Ok(fd) => fd,
+                        Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => self.dir(&prefix())?,
+                        Err(e) => return Err(e),
+                    }
                 }
+                Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => self.dir(&prefix())?,
                 Err(e) => return Err(e),
             };
         }

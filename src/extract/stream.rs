@@ -147,6 +147,13 @@ pub struct TarStream<'a> {
     ended: bool,
 }
 
+/// A read interrupted by SIGINT/SIGTERM is not retried: the unpack stops
+/// (the caller maps the interruption to exit 130/143), even while the
+/// source has nothing to give.
+fn signalled() -> bool {
+    crate::ops::signals::pending().is_some()
+}
+
 fn rej(rule: &'static str, detail: impl Into<String>) -> Reject {
     Reject::new(rule, detail)
 }
@@ -179,7 +186,7 @@ impl<'a> TarStream<'a> {
             match self.src.read(&mut buf[got..]) {
                 Ok(0) => break,
                 Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !signalled() => continue,
                 Err(e) => return Err(Reject::io(e)),
             }
         }
@@ -203,7 +210,7 @@ impl<'a> TarStream<'a> {
                     return Err(rej("truncated", format!("archive ends {n} bytes before the end of {what}")));
                 }
                 Ok(k) => k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !signalled() => continue,
                 Err(e) => return Err(Reject::io(e)),
             };
             self.offset += got as u64;
@@ -225,7 +232,7 @@ impl<'a> TarStream<'a> {
                     ))
                 }
                 Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !signalled() => continue,
                 Err(e) => return Err(Reject::io(e)),
             }
         }
@@ -253,7 +260,7 @@ impl<'a> TarStream<'a> {
                     self.data_left -= n as u64;
                     return Ok(n);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && !signalled() => continue,
                 Err(e) => return Err(Reject::io(e)),
             }
         }
