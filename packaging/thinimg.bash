@@ -17,6 +17,8 @@ _thinimg_value_kind() {
         *" --log-format") echo "words:text json" ;;
         "fetch --download-jobs") echo "none" ;;
         "fetch --max-blob-size") echo "none" ;;
+        "fetch --min-free") echo "none" ;;
+        "blobs --clear-rejection") echo "none" ;;
         "unpack --dest"|"unpack -C") echo "dir" ;;
         "unpack --jobs"|"unpack -j") echo "none" ;;
         "unpack --max-entries") echo "none" ;;
@@ -32,6 +34,7 @@ _thinimg_value_kind() {
         "pool create --device-size") echo "none" ;;
         "pull --download-jobs") echo "none" ;;
         "pull --max-blob-size") echo "none" ;;
+        "pull --min-free") echo "none" ;;
         "pull --jobs"|"pull -j") echo "none" ;;
         "pull --max-entries") echo "none" ;;
         "pull --max-file-size") echo "none" ;;
@@ -47,6 +50,7 @@ _thinimg_value_kind() {
         "activate --name"|"activate -n") echo "none" ;;
         "activate --download-jobs") echo "none" ;;
         "activate --max-blob-size") echo "none" ;;
+        "activate --min-free") echo "none" ;;
         "activate --jobs"|"activate -j") echo "none" ;;
         "activate --max-entries") echo "none" ;;
         "activate --max-file-size") echo "none" ;;
@@ -63,6 +67,7 @@ _thinimg_value_kind() {
         "sync --unpack-jobs") echo "none" ;;
         "sync --download-jobs") echo "none" ;;
         "sync --max-blob-size") echo "none" ;;
+        "sync --min-free") echo "none" ;;
         "sync --jobs"|"sync -j") echo "none" ;;
         "sync --max-entries") echo "none" ;;
         "sync --max-file-size") echo "none" ;;
@@ -75,6 +80,7 @@ _thinimg_value_kind() {
         "sync --data-size") echo "none" ;;
         "sync --block-size") echo "none" ;;
         "sync --device-size") echo "none" ;;
+        "doctor --min-free") echo "none" ;;
     esac
 }
 
@@ -110,17 +116,19 @@ _thinimg() {
 
     opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
-        "fetch") opts="--download-jobs --max-blob-size --verify $opts" ;;
+        "fetch") opts="--download-jobs --max-blob-size --min-free --verify $opts" ;;
+        "blobs") opts="--clear-rejection $opts" ;;
         "runs") opts="--all $opts" ;;
         "unpack") opts="--dest --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
-        "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
-        "activate") opts="--name --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "pull") opts="--download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "activate") opts="--name --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "deactivate") opts="--delete $opts" ;;
         "rm") opts="--force $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
+        "doctor") opts="--min-free $opts" ;;
     esac
     if [[ $cur == -* ]]; then
         mapfile -t COMPREPLY < <(compgen -W "$opts" -- "$cur")

@@ -5,6 +5,7 @@
 use super::Invocation;
 use crate::error::{Error, Result};
 use crate::fetch::s3::S3Config;
+use crate::fetch::FetchOptions;
 
 /// How to reach the bucket: `--bucket`, `--prefix`, `--region`,
 /// `--endpoint`, `--anonymous`, `--timeout`, `--retries`.
@@ -26,6 +27,27 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
         timeout: std::time::Duration::from_secs(bounded(inv, "timeout", 1, 3600)?),
         retries: bounded(inv, "retries", 0, 20)? as u32,
     })
+}
+
+/// How to fetch: `--download-jobs`, `--max-blob-size`, `--min-free`,
+/// `--verify` (where the command has it), progress unless `--quiet`/`--json`.
+pub fn fetch_options(inv: &Invocation) -> Result<FetchOptions> {
+    let size =
+        |long: &str| -> Result<u64> { inv.u64_opt(long)?.ok_or_else(|| Error::usage(format!("--{long} is required"))) };
+    Ok(FetchOptions {
+        jobs: size("download-jobs")?.clamp(1, 64) as usize,
+        max_blob_size: size("max-blob-size")?,
+        min_free: min_free(inv)?,
+        verify: inv.flag("verify"),
+        progress: !inv.flag("quiet") && !inv.json(),
+        // `fetch` pre-stages: its blobs survive gc for the retention period.
+        retain: inv.command.name == "fetch",
+    })
+}
+
+/// `--min-free`: the free-space reserve on the state filesystem.
+pub fn min_free(inv: &Invocation) -> Result<u64> {
+    inv.u64_opt("min-free")?.ok_or_else(|| Error::usage("--min-free is required"))
 }
 
 /// A plain decimal count from the table (its default included), in `lo..=hi`.

@@ -195,6 +195,29 @@ pub static DOWNLOAD: &[Flag] = &[
     },
 ];
 
+pub static BLOBS: &[Flag] = &[Flag {
+    long: "clear-rejection",
+    short: None,
+    value: Some("DIGEST"),
+    env: None,
+    config: false,
+    default: None,
+    help: "Forget that blob DIGEST was rejected (takes the state lock): the next fetch of a key holding it downloads and checks it again. A rejection is otherwise cleared only by a change of the object.",
+}];
+
+/// The free-space reserve: read by the commands that download and by doctor.
+pub static SPACE: &[Flag] = &[
+    Flag {
+        long: "min-free",
+        short: None,
+        value: Some("BYTES"),
+        env: Some("THINIMG_MIN_FREE"),
+        config: true,
+        default: Some("256M"),
+        help: "Keep at least this much free on the state filesystem: downloads that would leave less are refused before they start (suffixes K, M, G, T); doctor warns below it.",
+    },
+];
+
 pub static VERIFY: &[Flag] = &[sw(
     "verify",
     None,
@@ -390,7 +413,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Download an image's layer blobs into the content-addressed store.",
         description: "REF is a family (golang: all its layers) or one layer, written as the key images/golang/3.tar, as golang/3.tar or as golang/3, meaning the family's layers 1 to 3. Layers are the objects <N>.tar in the family folder, N a decimal without leading zeros, applied in numeric order. Downloads stream with SHA-256 verification, resume after interruption with a Range request, and identical content is stored once. Non-tar and compressed objects are refused (exit 65).",
-        flags: &[DOWNLOAD, VERIFY],
+        flags: &[DOWNLOAD, SPACE, VERIFY],
         writes: true,
     },
     Command {
@@ -399,8 +422,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "List the blobs in the local store.",
-        description: "Lists each stored blob with its digest, size and the S3 keys known to hold it.",
-        flags: &[],
+        description: "Lists each stored blob with its digest, size, state, the S3 keys known to hold it and, for a rejected blob, why. A rejected blob stays rejected: fetch refuses a key that held it (without downloading) and any download whose bytes are it, and gc keeps the rejection. --clear-rejection DIGEST forgets it.",
+        flags: &[BLOBS],
         writes: false,
     },
     Command {
@@ -460,7 +483,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Fetch an image and build its layer chain of thin devices.",
         description: "Fetches the blobs, then builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Chains shared with other images are reused.",
-        flags: &[DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -470,7 +493,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(1),
         summary: "Pull if needed, then create a writable snapshot of the image and print its device.",
         description: "Idempotent by --name: a second call with the same name does no device-mapper work and prints the same answer.",
-        flags: &[NAME, DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[NAME, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -519,7 +542,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Reconcile the database with the kernel and remove what is ours and unused.",
-        description: "Compares recorded devices with the kernel's in both directions, and removes unused chains, unreferenced blobs, stray mounts and partial downloads. Never removes anything the database does not know for sure is ours.",
+        description: "Compares recorded devices with the kernel's in both directions, and removes unused chains, unreferenced blobs, stray mounts and partial downloads. Never removes anything the database does not know for sure is ours. Retention: a blob no image uses is removed only when thinimg fetch has not stored or used it for 7 days, so blobs pre-staged with fetch survive (blobs only pulled are freed as soon as no image uses them); a rejected blob's file is removed but its rejection kept; partial downloads are removed unless a run is in flight.",
         flags: &[DRY_RUN],
         writes: true,
     },
@@ -530,7 +553,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Bring the host to the wanted set of images (for cron and timers).",
         description: "Pulls every wanted image on bounded queues; one bad image does not stop the others. The exit code is that of the most severe failure (e.g. 65 for a hostile layer, 66 for a missing image) and the summary names each.",
-        flags: &[SYNC, DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[SYNC, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -549,8 +572,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Health checks before device-mapper work; exit code reflects the worst.",
-        description: "Checks pool mode, needs_check and space, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice.",
-        flags: &[],
+        description: "Checks pool mode, needs_check and space, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice. Warns when the state filesystem has less free than --min-free, and shows the bytes held by partial downloads.",
+        flags: &[SPACE],
         writes: false,
     },
 ];
