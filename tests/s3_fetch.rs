@@ -1000,3 +1000,92 @@ fn disk_space_is_checked_and_partials_are_collected() {
     assert_eq!(j["images"][0]["layers"][0]["resumed_from"], 0);
     assert_eq!(j["images"][0]["layers"][0]["digest"].as_str().unwrap(), sha256_hex(&big));
 }
+
+/// A server that trickles an object (a byte at a time, each read within
+/// the per-read timeout) cannot hold a download, and so the state lock:
+/// the whole download has a budget, and the bytes received are kept.
+#[test]
+fn a_trickled_download_is_abandoned_in_bounded_time() {
+    let data = tar_layer(95, 200_000);
+    let etag = common::md5_hex(&data);
+    let (d2, e2) = (data.clone(), etag.clone());
+    let srv = ScriptedServer::start(move |head, conn| {
+        if head.contains("list-type=2") {
+            let x = format!(
+                "<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>images/slow/1.tar</Key><ETag>\"{e2}\"</ETag><Size>{}</Size></Contents></ListBucketResult>",
+                d2.len()
+            );
+            reply(conn, "200 OK", x.as_bytes());
+            return;
+        }
+        let start = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim_end_matches('-').to_string())
+            })
+            .and_then(|r| r.parse::<usize>().ok())
+            .unwrap_or(0);
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {}\r\nETag: \"{e2}\"\r\nContent-Length: {}\r\n",
+            if start > 0 { "206 Partial Content" } else { "200 OK" },
+            d2.len() - start
+        );
+        if start > 0 {
+            let _ = write!(conn, "Content-Range: bytes {start}-{}/{}\r\n", d2.len() - 1, d2.len());
+        }
+        let _ = write!(conn, "Connection: close\r\n\r\n");
+        for chunk in d2[start..].chunks(700) {
+            if conn.write_all(chunk).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let t = against(&srv.endpoint);
+    let t0 = Instant::now();
+    let r = t.run(&["fetch", "--timeout", "1", "--retries", "1", "slow"], &[]);
+    let took = t0.elapsed();
+    assert_eq!(r.code, 69, "{}", r.stderr);
+    assert!(took < Duration::from_secs(12), "took {took:?}: {}", r.stderr);
+    assert!(r.stderr.contains("too slow") && r.stderr.contains(&srv.endpoint), "{}", r.stderr);
+    assert!(t.blob_files().is_empty());
+}
+
+/// `images` shows an image's rejected layer with its reason (the image
+/// rows are written here as a pull would; a pull needs device-mapper).
+#[test]
+fn images_show_a_rejected_layer_with_its_reason() {
+    let data = tar_layer(96, 50_000);
+    let s = common::TinyS3::start("b");
+    s.put(
+        "images/im/1.tar",
+        common::Served {
+            first: data.clone(),
+            ranged: data.clone(),
+            etag: common::md5_hex(&data),
+            ..Default::default()
+        },
+    );
+    let t = against(&s.server.endpoint);
+    t.ok(&["fetch", "im"]);
+    let digest = sha256_hex(&data);
+    reject_in_db(&t, &digest, "rule owner-range: uid 4294967295");
+    let c = rusqlite::Connection::open(t.state.join("state.db")).unwrap();
+    c.execute(
+        "INSERT INTO images (name, family, top_layer, state, updated_at) VALUES ('im', 'im', 1, 'pulling', 0)",
+        [],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO image_layers (image, position, key, digest) VALUES ('im', 1, 'images/im/1.tar', ?1)",
+        [&digest],
+    )
+    .unwrap();
+    let j = t.ok(&["images", "--json"]).json();
+    let r = &j["images"][0]["rejected_layers"][0];
+    assert_eq!(r["reason"], "rule owner-range: uid 4294967295", "{j:#}");
+    assert_eq!(r["position"], 1);
+    let text = t.ok(&["images"]).stdout;
+    assert!(text.contains("layer 1 rejected: rule owner-range"), "{text}");
+}

@@ -108,11 +108,15 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The longest sleep before retry number `attempt` (1-based).
+    pub fn max_sleep(&self, attempt: u32) -> Duration {
+        self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.cap)
+    }
+
     /// Sleep before retry number `attempt` (1-based): "equal jitter" over
     /// base·2^(attempt-1), capped. Wakes early with an error on SIGINT/SIGTERM.
     pub fn sleep(&self, attempt: u32) -> Result<()> {
-        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let max = exp.min(self.cap).as_millis().max(1) as u64;
+        let max = self.max_sleep(attempt).as_millis().max(1) as u64;
         crate::ops::signals::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)))
     }
 }
@@ -268,9 +272,10 @@ impl S3Client {
     /// How long a whole download of `bytes` may take, retries included,
     /// before it is abandoned (its durable part is kept for the next run).
     pub fn transfer_budget(&self, bytes: u64) -> Duration {
+        let backoff: Duration = (1..self.retry.attempts.max(1)).map(|a| self.retry.max_sleep(a)).sum();
         self.config.timeout.saturating_mul(self.retry.attempts.max(1))
             + Duration::from_secs(bytes / MIN_BODY_RATE)
-            + self.retry.cap.saturating_mul(self.retry.attempts)
+            + backoff
     }
 
     fn is_https(&self) -> bool {
