@@ -59,6 +59,16 @@ fn sigv4_and_anonymous_buckets_and_auth_errors() {
     let r = t.run(&["fetch", "--anonymous", "alpine"], &[]);
     assert_eq!(r.code, 77, "{}", r.stderr);
     assert!(r.stderr.contains("access denied"), "{}", r.stderr);
+    assert!(!r.stderr.contains("or --anonymous"), "no advice to do what was done: {}", r.stderr);
+    assert!(r.stderr.contains("not public"), "{}", r.stderr);
+    // An empty listing says where it looked.
+    let r = Thinimg::new(srv, "priv", "nothing-here/").run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no objects under s3://priv/nothing-here/") && r.stderr.contains("--prefix"),
+        "{}",
+        r.stderr
+    );
     // A profile from the shared credentials file.
     let creds = t.home.join("creds");
     std::fs::write(
@@ -1088,4 +1098,24 @@ fn images_show_a_rejected_layer_with_its_reason() {
     assert_eq!(r["position"], 1);
     let text = t.ok(&["images"]).stdout;
     assert!(text.contains("layer 1 rejected: rule owner-range"), "{text}");
+}
+
+/// A listing with empty ETags (a read-through cache that has not read the
+/// object yet) identifies nothing: the key is not taken as cached, and
+/// nothing is deduplicated by it.
+#[test]
+fn empty_listing_etags_are_never_trusted() {
+    let v1 = tar_layer(97, 60_000);
+    let v2 = tar_layer(98, 60_000);
+    let s = common::TinyS3::start("b");
+    let served =
+        |d: &Vec<u8>| common::Served { first: d.clone(), ranged: d.clone(), etag: String::new(), ..Default::default() };
+    s.put("images/e/1.tar", served(&v1));
+    s.put("images/f/1.tar", served(&v1));
+    let t = against(&s.server.endpoint);
+    let j = t.ok(&["fetch", "--json", "e", "f"]).json();
+    assert_eq!(j["downloaded"], 2, "no dedupe on an empty ETag: {j:#}");
+    s.put("images/e/1.tar", served(&v2));
+    let j = t.ok(&["fetch", "--json", "e"]).json();
+    assert_eq!(j["images"][0]["layers"][0]["digest"].as_str().unwrap(), sha256_hex(&v2), "{j:#}");
 }

@@ -448,8 +448,9 @@ fn already_stored(
     };
     // Same key, same version: S3 changes an object's ETag whenever its
     // content changes, so any ETag form identifies this key's content.
+    // (An empty ETag, as a read-through cache may list, identifies nothing.)
     if let Some(o) = q::object_get(conn, endpoint, bucket, &l.key)? {
-        if o.etag == l.etag && o.size == l.size {
+        if !l.etag.is_empty() && o.etag == l.etag && o.size == l.size {
             if let Some(d) = o.digest.as_deref() {
                 if let Some(digest) = usable(conn, d)? {
                     return Ok(Some(done(digest, Source::Cached)));

@@ -551,7 +551,21 @@ impl S3Client {
     }
 
     fn status_failure(&self, what: &str, status: u16, body: &str, key: Option<&str>) -> Failure {
-        status_failure(what, status, body, &self.config.bucket, key, &self.endpoint)
+        let f = status_failure(what, status, body, &self.config.bucket, key, &self.endpoint);
+        if status == 403 && self.anonymous && f.err.message().contains("access denied") {
+            // Unsigned requests: the advice about --anonymous does not apply.
+            let obj = key.map(|k| self.url_of(k)).unwrap_or_else(|| format!("bucket {}", self.config.bucket));
+            return Failure {
+                err: Error::new(
+                    Kind::NoPerm,
+                    format!(
+                        "{what}: access denied to {obj} for unsigned (anonymous) requests; the bucket is not public: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and drop --anonymous"
+                    ),
+                ),
+                retryable: false,
+            };
+        }
+        f
     }
 }
 
