@@ -330,7 +330,7 @@ fn hostile_keys_and_bad_objects() {
         bucket: "priv".into(),
         prefix: p.into(),
         region: "us-east-1".into(),
-        endpoint: Some(srv.endpoint.clone()),
+        endpoints: vec![srv.endpoint.clone()],
         anonymous: false,
         timeout: std::time::Duration::from_secs(10),
         retries: 2,
@@ -463,7 +463,7 @@ fn precondition_failed_restarts_from_zero() {
         bucket: "priv".into(),
         prefix: "precond/images/".into(),
         region: "us-east-1".into(),
-        endpoint: Some(srv.endpoint.clone()),
+        endpoints: vec![srv.endpoint.clone()],
         anonymous: false,
         timeout: std::time::Duration::from_secs(10),
         retries: 2,
@@ -1118,4 +1118,49 @@ fn empty_listing_etags_are_never_trusted() {
     s.put("images/e/1.tar", served(&v2));
     let j = t.ok(&["fetch", "--json", "e"]).json();
     assert_eq!(j["images"][0]["layers"][0]["digest"].as_str().unwrap(), sha256_hex(&v2), "{j:#}");
+}
+
+/// `--endpoint URL1,URL2`: an unreachable or failing endpoint passes the
+/// request to the next (logged once); an auth error or a missing object
+/// never falls through. Two real SeaweedFS servers: the second plays the
+/// origin behind a cache that lacks the object.
+#[test]
+fn endpoint_fallback_skips_only_unreachable_or_failing_endpoints() {
+    let srv = S3Server::shared();
+    let data = tar_layer(99, 80_000);
+    srv.put("priv", "fallback/images/fb/1.tar", &data);
+    let with = |eps: &str| Thinimg { endpoint: eps.to_string(), ..Thinimg::new(srv, "priv", "fallback/images/") };
+    // Unreachable first: the listing and the GET both go to the second,
+    // and the switch is logged once.
+    let r = with(&format!("http://127.0.0.1:1,{}", srv.endpoint)).run(&["fetch", "--json", "fb"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["images"][0]["layers"][0]["digest"].as_str().unwrap(), sha256_hex(&data));
+    assert_eq!(r.stderr.matches("falling back to").count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("http://127.0.0.1:1"), "{}", r.stderr);
+    // 5xx first: same.
+    let failing = ScriptedServer::start(|_, conn| {
+        reply(conn, "503 Service Unavailable", b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>")
+    });
+    let r = with(&format!("{},{}", failing.endpoint, srv.endpoint)).run(&["ls-remote", "--json"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["families"]["fb"]["layers"].as_array().unwrap().len(), 1);
+    // An auth error is final: the next endpoint is never asked.
+    let denied = ScriptedServer::start(|_, conn| {
+        reply(conn, "403 Forbidden", b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>")
+    });
+    let counting = ScriptedServer::start(|_, conn| reply(conn, "500 Internal Server Error", b""));
+    let r = with(&format!("{},{}", denied.endpoint, counting.endpoint)).run(&["ls-remote"], &[]);
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(!r.stderr.contains("falling back"), "{}", r.stderr);
+    assert_eq!(counting.count(), 0);
+    // A second real SeaweedFS that lacks the object (a cold cache that
+    // does not read through): its answer stands, exit 66, no fallback.
+    let other = S3Server::start();
+    other.put("priv", "fallback/images/other/1.tar", &tar_layer(100, 1000));
+    let r = with(&format!("{},{}", other.endpoint, srv.endpoint)).run(&["fetch", "fb"], &[]);
+    assert_eq!(r.code, 66, "{}", r.stderr);
+    assert!(!r.stderr.contains("falling back"), "{}", r.stderr);
+    // The origin stops: the other endpoint serves what it has.
+    let r = with(&format!("http://127.0.0.1:1,{}", other.endpoint)).run(&["fetch", "other"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

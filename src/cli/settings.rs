@@ -22,7 +22,14 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
         bucket,
         prefix,
         region: inv.get("region").unwrap_or("us-east-1").to_string(),
-        endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
+        endpoints: inv
+            .get("endpoint")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
         anonymous: inv.flag("anonymous"),
         timeout: std::time::Duration::from_secs(bounded(inv, "timeout", 1, 3600)?),
         retries: bounded(inv, "retries", 0, 20)? as u32,

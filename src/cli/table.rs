@@ -103,7 +103,7 @@ pub static GLOBAL: &[Flag] = &[
         env: Some("AWS_ENDPOINT_URL"),
         config: true,
         default: None,
-        help: "S3-compatible endpoint URL (path-style addressing). Default: AWS for --region.",
+        help: "S3-compatible endpoint URL (path-style addressing); several, comma-separated, are tried in order: one that is unreachable or answers 5xx passes the request to the next (logged once), an auth error or a 404 never does. Default: AWS for --region.",
     },
     Flag {
         long: "anonymous",

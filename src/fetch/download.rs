@@ -208,7 +208,7 @@ impl BlobStore {
                     Kind::Unavailable,
                     format!(
                         "{url}: too slow from {}: {offset} of {size} bytes after {} s (the least waited for is 64 KiB/s, --timeout per attempt); the received part is kept for the next run",
-                        s3.endpoint(),
+                        s3.active_endpoint(),
                         started.elapsed().as_secs()
                     ),
                 ));
