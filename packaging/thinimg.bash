@@ -64,6 +64,7 @@ _thinimg_value_kind() {
         "activate --block-size") echo "none" ;;
         "activate --device-size") echo "none" ;;
         "sync --from") echo "file" ;;
+        "sync --jitter") echo "none" ;;
         "sync --unpack-jobs") echo "none" ;;
         "sync --download-jobs") echo "none" ;;
         "sync --max-blob-size") echo "none" ;;
@@ -126,7 +127,7 @@ _thinimg() {
         "deactivate") opts="--delete $opts" ;;
         "rm") opts="--force $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --jitter --unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
         "doctor") opts="--min-free $opts" ;;
     esac

@@ -1164,3 +1164,24 @@ fn endpoint_fallback_skips_only_unreachable_or_failing_endpoints() {
     let r = with(&format!("http://127.0.0.1:1,{}", other.endpoint)).run(&["fetch", "other"], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+/// `sync --jitter DURATION`: a random sleep below DURATION before the first
+/// request; durations are checked at parse time.
+#[test]
+fn sync_jitter_sleeps_before_the_first_request() {
+    let s = common::TinyS3::start("b");
+    let t = against(&s.server.endpoint);
+    let t0 = Instant::now();
+    let r = t.run(&["sync", "--all", "-v", "--jitter", "2s"], &[]);
+    let took = t0.elapsed();
+    assert!(r.stderr.contains("--jitter 2 s"), "{}", r.stderr);
+    let waited: f64 = r.stderr.split("waiting ").nth(1).and_then(|x| x.split(' ').next()).unwrap().parse().unwrap();
+    assert!(waited < 2.0, "{waited}");
+    assert!(took.as_secs_f64() >= waited - 0.05, "{took:?} {waited}");
+    let asked = s.server.count();
+    for bad in ["5x", "25h", "-1", "1.5m"] {
+        let r = t.run(&["sync", "--all", "--jitter", bad], &[]);
+        assert_eq!(r.code, 64, "{bad}: {}", r.stderr);
+        assert_eq!(s.server.count(), asked, "nothing asked before the usage error");
+    }
+}

@@ -57,6 +57,30 @@ pub fn min_free(inv: &Invocation) -> Result<u64> {
     inv.u64_opt("min-free")?.ok_or_else(|| Error::usage("--min-free is required"))
 }
 
+/// `sync --jitter DURATION`: the longest random sleep before the first
+/// request, if set. A duration is whole seconds with an optional unit
+/// (`s`, `m`, `h`), at most 24 hours.
+pub fn jitter(inv: &Invocation) -> Result<Option<std::time::Duration>> {
+    let Some(v) = inv.get("jitter") else { return Ok(None) };
+    let t = v.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    match num.parse::<u64>().ok().map(|n| n.saturating_mul(mult)) {
+        Some(secs) if mult > 0 && secs <= 86_400 => Ok(Some(std::time::Duration::from_secs(secs))),
+        _ => Err(Error::usage(format!(
+            "--jitter {v:?}: expected a duration of whole seconds with an optional unit s, m or h (e.g. 600, 30s, 10m), at most 24h"
+        ))),
+    }
+}
+
 /// A plain decimal count from the table (its default included), in `lo..=hi`.
 fn bounded(inv: &Invocation, long: &str, lo: u64, hi: u64) -> Result<u64> {
     let v = inv.req(long)?;

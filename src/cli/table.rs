@@ -385,6 +385,15 @@ pub static SYNC: &[Flag] = &[
     },
     sw("prune", None, "Remove images that are no longer wanted (never ones with activations)."),
     Flag {
+        long: "jitter",
+        short: None,
+        value: Some("DURATION"),
+        env: Some("THINIMG_JITTER"),
+        config: true,
+        default: None,
+        help: "Before the first request (and before taking the state lock), sleep a random time below DURATION (600, 30s, 10m, 1h; at most 24h), so a fleet started together spreads itself. Off by default.",
+    },
+    Flag {
         long: "unpack-jobs",
         short: None,
         value: Some("N"),

@@ -18,6 +18,12 @@ pub fn sync(inv: &Invocation) -> Result<u8> {
         return Err(Error::usage("sync needs --all, --from FILE or at least one REF"));
     }
     let unpack_jobs = inv.u64_or("unpack-jobs", 2)?.clamp(1, 64) as usize;
+    // Herd control: sleep before the first request and before the lock.
+    if let Some(max) = crate::cli::settings::jitter(inv)? {
+        let d = crate::fetch::s3::random_delay(max);
+        log::info!("sync: waiting {:.1} s (--jitter {} s) before the first request", d.as_secs_f64(), max.as_secs());
+        crate::ops::signals::sleep(d)?;
+    }
     let mut env = Env::open(inv)?;
     if all {
         for f in sync::all_families(&env.ctx)? {

@@ -123,6 +123,15 @@ impl RetryPolicy {
     }
 }
 
+/// A random delay in [0, max): herd control (`sync --jitter`).
+pub fn random_delay(max: Duration) -> Duration {
+    let ms = max.as_millis().min(u128::from(u64::MAX)) as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(jitter() % ms)
+}
+
 /// A random-enough number for jitter without a rand dependency: std's
 /// per-process random SipHash keys over the time.
 fn jitter() -> u64 {
