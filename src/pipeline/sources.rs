@@ -110,10 +110,9 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
 pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {
     let store = BlobStore::open(&ctx.state_dir)?;
     let d = BlobDigest::parse(digest)?;
-    let size: Option<i64> =
-        conn.query_row("SELECT size FROM blobs WHERE digest = ?1 AND state = 'present'", [digest], |r| r.get(0)).ok();
-    if let Some(size) = size {
-        if store.size_ok(&d, size as u64)? {
+    // A database error here is an error, never "absent" (which would fetch again).
+    if let Some(b) = q::blob_get(conn, digest)?.filter(|b| b.state == "present") {
+        if store.size_ok(&d, b.size)? {
             return Ok(store.blob_path(&d));
         }
     }
