@@ -18,6 +18,8 @@ _thinimg_value_kind() {
         *" --log-format") echo "words:text json" ;;
         "fetch --download-jobs") echo "none" ;;
         "fetch --max-blob-size") echo "none" ;;
+        "fetch --min-free") echo "none" ;;
+        "blobs --clear-rejection") echo "none" ;;
         "unpack --dest"|"unpack -C") echo "dir" ;;
         "unpack --jobs"|"unpack -j") echo "none" ;;
         "unpack --max-entries") echo "none" ;;
@@ -33,6 +35,7 @@ _thinimg_value_kind() {
         "pool create --device-size") echo "none" ;;
         "pull --download-jobs") echo "none" ;;
         "pull --max-blob-size") echo "none" ;;
+        "pull --min-free") echo "none" ;;
         "pull --jobs"|"pull -j") echo "none" ;;
         "pull --max-entries") echo "none" ;;
         "pull --max-file-size") echo "none" ;;
@@ -48,6 +51,7 @@ _thinimg_value_kind() {
         "activate --name"|"activate -n") echo "none" ;;
         "activate --download-jobs") echo "none" ;;
         "activate --max-blob-size") echo "none" ;;
+        "activate --min-free") echo "none" ;;
         "activate --jobs"|"activate -j") echo "none" ;;
         "activate --max-entries") echo "none" ;;
         "activate --max-file-size") echo "none" ;;
@@ -61,9 +65,11 @@ _thinimg_value_kind() {
         "activate --block-size") echo "none" ;;
         "activate --device-size") echo "none" ;;
         "sync --from") echo "file" ;;
+        "sync --jitter") echo "none" ;;
         "sync --unpack-jobs") echo "none" ;;
         "sync --download-jobs") echo "none" ;;
         "sync --max-blob-size") echo "none" ;;
+        "sync --min-free") echo "none" ;;
         "sync --jobs"|"sync -j") echo "none" ;;
         "sync --max-entries") echo "none" ;;
         "sync --max-file-size") echo "none" ;;
@@ -76,6 +82,7 @@ _thinimg_value_kind() {
         "sync --data-size") echo "none" ;;
         "sync --block-size") echo "none" ;;
         "sync --device-size") echo "none" ;;
+        "doctor --min-free") echo "none" ;;
     esac
 }
 
@@ -116,22 +123,23 @@ _thinimg() {
     opts="--state-dir --run-dir --config --bucket --prefix --region --endpoint --anonymous --timeout --retries --wait --metrics-file --runs-retention --json --quiet --verbose --log-format --help --version"
     case "$cmd" in
         "ls-remote") opts="--no-headings $opts" ;;
-        "fetch") opts="--download-jobs --max-blob-size --verify --no-headings $opts" ;;
-        "blobs") opts="--no-headings $opts" ;;
+        "fetch") opts="--download-jobs --max-blob-size --min-free --verify --no-headings $opts" ;;
+        "blobs") opts="--clear-rejection --no-headings $opts" ;;
         "runs") opts="--all --no-headings $opts" ;;
         "cancel") opts="--failed $opts" ;;
         "unpack") opts="--dest --apply-on-top --keep-privileges --devices --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pool destroy") opts="--force --dry-run $opts" ;;
-        "pull") opts="--download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
-        "activate") opts="--name --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "pull") opts="--download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "activate") opts="--name --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "deactivate") opts="--delete --dry-run $opts" ;;
         "rm") opts="--force --dry-run $opts" ;;
         "images") opts="--no-headings $opts" ;;
         "activations") opts="--no-headings $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --force --dry-run --unpack-jobs --download-jobs --max-blob-size --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --force --dry-run --jitter --unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
+        "doctor") opts="--min-free $opts" ;;
         "config show") opts="--no-headings $opts" ;;
     esac
     if [[ $cur == -* ]]; then

@@ -222,7 +222,14 @@ impl From<rusqlite::Error> for Error {
             {
                 Kind::TempFail
             }
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => Kind::TempFail,
+            // A full state filesystem needs space freed, not a retry (not 75).
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+                return Error::new(
+                    Kind::Io,
+                    "database: the state filesystem is full (free space: 'thinimg gc' removes unused blobs and partial downloads)",
+                )
+                .with_source(e)
+            }
             rusqlite::Error::SqliteFailure(f, _)
                 if matches!(f.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen) =>
             {
@@ -304,5 +311,13 @@ mod tests {
         let e = Error::io("read x", std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(e.kind(), Kind::Io);
         assert!(e.full_message().starts_with("read x: "));
+    }
+
+    #[test]
+    fn a_full_state_filesystem_is_not_retry_later() {
+        let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+        let e = Error::from(full);
+        assert_eq!(e.kind(), Kind::Io);
+        assert!(e.message().contains("state filesystem is full"), "{}", e.message());
     }
 }

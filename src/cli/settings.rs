@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::Invocation;
 use crate::error::{Error, Result};
 use crate::fetch::s3::S3Config;
+use crate::fetch::FetchOptions;
 
 /// `--wait`: how long to queue behind another instance (`None`: not at all).
 pub fn wait(inv: &Invocation) -> Result<Option<Duration>> {
@@ -114,7 +115,14 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
         bucket,
         prefix,
         region: inv.get("region").unwrap_or("us-east-1").to_string(),
-        endpoint: inv.get("endpoint").filter(|s| !s.is_empty()).map(str::to_string),
+        endpoints: inv
+            .get("endpoint")
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
         anonymous: inv.flag("anonymous"),
         timeout: match inv.number("timeout")? {
             0 => return Err(Error::usage("--timeout must be at least 1 second")),
@@ -122,6 +130,33 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
         },
         retries: u32::try_from(inv.number("retries")?).map_err(|_| Error::usage("--retries is too large"))?,
     })
+}
+
+/// How to fetch: `--download-jobs`, `--max-blob-size`, `--min-free`,
+/// `--verify` (where the command has it), progress unless `--quiet`/`--json`.
+pub fn fetch_options(inv: &Invocation) -> Result<FetchOptions> {
+    let size =
+        |long: &str| -> Result<u64> { inv.u64_opt(long)?.ok_or_else(|| Error::usage(format!("--{long} is required"))) };
+    Ok(FetchOptions {
+        jobs: size("download-jobs")?.clamp(1, 64) as usize,
+        max_blob_size: size("max-blob-size")?,
+        min_free: min_free(inv)?,
+        verify: inv.flag("verify"),
+        progress: !inv.flag("quiet") && !inv.json(),
+        // `fetch` pre-stages: its blobs survive gc for the retention period.
+        retain: inv.command.name == "fetch",
+    })
+}
+
+/// `--min-free`: the free-space reserve on the state filesystem.
+pub fn min_free(inv: &Invocation) -> Result<u64> {
+    inv.u64_opt("min-free")?.ok_or_else(|| Error::usage("--min-free is required"))
+}
+
+/// `sync --jitter DURATION`: the longest random sleep before the first
+/// request, if set (the table's duration kind: 600, 30s, 10m; at most 24h).
+pub fn jitter(inv: &Invocation) -> Result<Option<Duration>> {
+    Ok(inv.u64_opt("jitter")?.filter(|&s| s > 0).map(Duration::from_secs))
 }
 
 #[cfg(test)]

@@ -102,12 +102,16 @@ impl ValueKind {
                     Err("is not a bucket name (3 to 255 letters, digits, '.', '-' or '_'; a '#' comment must be on its own line)".into())
                 }
             }
+            // One URL, or several separated by commas (tried in order).
             ValueKind::Url => {
-                let rest = v.strip_prefix("http://").or_else(|| v.strip_prefix("https://"));
-                match rest {
-                    Some(r) if !r.is_empty() && !r.contains(char::is_whitespace) => Ok(None),
-                    _ => Err("is not an http:// or https:// URL".into()),
+                for u in v.split(',').map(str::trim) {
+                    let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+                    match rest {
+                        Some(r) if !r.is_empty() && !r.contains(char::is_whitespace) => {}
+                        _ => return Err(format!("{u:?} is not an http:// or https:// URL")),
+                    }
                 }
+                Ok(None)
             }
         }
     }
@@ -226,7 +230,7 @@ pub static GLOBAL: &[Flag] = &[
         env: Some("AWS_ENDPOINT_URL"),
         config: true,
         default: None,
-        help: "S3-compatible endpoint URL (path-style addressing). Default: AWS for --region.",
+        help: "S3-compatible endpoint URL (path-style addressing); several, comma-separated, are tried in order: one that is unreachable or answers 5xx passes the request to the next (logged once), an auth error or a 404 never does. Default: AWS for --region.",
         kind: ValueKind::Url,
     },
     Flag {
@@ -335,6 +339,31 @@ pub static DOWNLOAD: &[Flag] = &[
         default: Some("16G"),
         help: "Refuse S3 objects larger than this (suffixes K, M, G, T).",
         kind: ValueKind::Size { min: 1, max: 1 << 44 },
+    },
+];
+
+pub static BLOBS: &[Flag] = &[Flag {
+    long: "clear-rejection",
+    short: None,
+    value: Some("DIGEST"),
+    env: None,
+    config: false,
+    default: None,
+    help: "Forget that blob DIGEST was rejected (takes the state lock): the next fetch of a key holding it downloads and checks it again. A rejection is otherwise cleared only by a change of the object.",
+    kind: ValueKind::Text,
+}];
+
+/// The free-space reserve: read by the commands that download and by doctor.
+pub static SPACE: &[Flag] = &[
+    Flag {
+        long: "min-free",
+        short: None,
+        value: Some("BYTES"),
+        env: Some("THINIMG_MIN_FREE"),
+        config: true,
+        default: Some("256M"),
+        help: "Keep at least this much free on the state filesystem: downloads that would leave less are refused before they start (suffixes K, M, G, T); doctor warns below it.",
+        kind: ValueKind::Size { min: 0, max: 1 << 50 },
     },
 ];
 
@@ -542,6 +571,16 @@ pub static SYNC: &[Flag] = &[
     sw("force", None, "With --prune: prune even when the wanted set is empty or most local images would be removed."),
     sw("dry-run", Some('n'), "With --prune: report what would be pruned; pull and prune nothing."),
     Flag {
+        long: "jitter",
+        short: None,
+        value: Some("DURATION"),
+        env: Some("THINIMG_JITTER"),
+        config: true,
+        default: None,
+        help: "Before the first request (and before taking the state lock), sleep a random time below DURATION (600, 30s, 10m, 1h; at most 24h), so a fleet started together spreads itself. Off by default.",
+        kind: ValueKind::Duration { max: 86_400 },
+    },
+    Flag {
         long: "unpack-jobs",
         short: None,
         value: Some("N"),
@@ -571,7 +610,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Download an image's layer blobs into the content-addressed store.",
         description: "REF is a family (golang: all its layers) or one layer, written as the key images/golang/3.tar, as golang/3.tar or as golang/3, meaning the family's layers 1 to 3. Layers are the objects <N>.tar in the family folder, N a decimal without leading zeros, applied in numeric order. Downloads stream with SHA-256 verification, resume after interruption with a Range request, and identical content is stored once. Non-tar and compressed objects are refused (exit 65).",
-        flags: &[DOWNLOAD, VERIFY, NO_HEADINGS],
+        flags: &[DOWNLOAD, SPACE, VERIFY, NO_HEADINGS],
         writes: true,
     },
     Command {
@@ -580,8 +619,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "List the blobs in the local store.",
-        description: "Lists each stored blob with its digest, size and the S3 keys known to hold it.",
-        flags: &[NO_HEADINGS],
+        description: "Lists each stored blob with its digest, size, state, the S3 keys known to hold it and, for a rejected blob, why. A rejected blob stays rejected: fetch refuses a key that held it (without downloading) and any download whose bytes are it, and gc keeps the rejection. --clear-rejection DIGEST forgets it.",
+        flags: &[BLOBS, NO_HEADINGS],
         writes: false,
     },
     Command {
@@ -671,7 +710,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Fetch an image and build its layer chain of thin devices.",
         description: "Fetches the blobs, then builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Chains shared with other images are reused.",
-        flags: &[DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -681,7 +720,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: Some(1),
         summary: "Pull if needed, then create a writable snapshot of the image and print its device.",
         description: "Idempotent by --name: a second call with the same name does no device-mapper work and prints the same answer.",
-        flags: &[NAME, DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[NAME, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -730,7 +769,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Reconcile the database with the kernel and remove what is ours and unused.",
-        description: "Compares recorded devices with the kernel's in both directions, and removes unused chains, unreferenced blobs, stray mounts and partial downloads. Never removes anything the database does not know for sure is ours.",
+        description: "Compares recorded devices with the kernel's in both directions, and removes unused chains, unreferenced blobs, stray mounts and partial downloads. Never removes anything the database does not know for sure is ours. Retention: a blob no image uses is removed only when thinimg fetch has not stored or used it for 7 days, so blobs pre-staged with fetch survive (blobs only pulled are freed as soon as no image uses them); a rejected blob's file is removed but its rejection kept; partial downloads are removed unless a run is in flight.",
         flags: &[DRY_RUN],
         writes: true,
     },
@@ -741,7 +780,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Bring the host to the wanted set of images (for cron and timers).",
         description: "Pulls every wanted image on bounded queues; one bad image does not stop the others. The exit code is that of the most severe failure (e.g. 65 for a hostile layer, 66 for a missing image) and the summary names each.",
-        flags: &[SYNC, DOWNLOAD, EXTRACT, POOL_SIZE],
+        flags: &[SYNC, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -760,8 +799,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 0,
         max_args: Some(0),
         summary: "Health checks before device-mapper work; exit code reflects the worst.",
-        description: "Checks the config file, pool mode, needs_check and space, unresolved failed runs, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice.",
-        flags: &[],
+        description: "Checks the config file, pool mode, needs_check and space, unresolved failed runs, processes stuck on dm devices, kernel log errors, memory pressure and I/O wait, each with advice. Warns when the state filesystem has less free than --min-free, and shows the bytes held by partial downloads.",
+        flags: &[SPACE],
         writes: false,
     },
     Command {

@@ -4,17 +4,12 @@ use crate::cli::Invocation;
 use crate::error::Result;
 use crate::fetch::blobstore::BlobStore;
 use crate::fetch::s3::S3Client;
-use crate::fetch::{fetch_refs, FetchOptions, Source};
+use crate::fetch::{fetch_refs, Source};
 use crate::ops::output;
 use crate::pipeline::Env;
 
 pub fn run(inv: &Invocation) -> Result<u8> {
-    let opts = FetchOptions {
-        jobs: inv.u64_or("download-jobs", 4)?.clamp(1, 64) as usize,
-        max_blob_size: inv.u64_or("max-blob-size", 16 << 30)?,
-        verify: inv.flag("verify"),
-        progress: !inv.flag("quiet") && !inv.json(),
-    };
+    let opts = crate::cli::settings::fetch_options(inv)?;
     // Takes the state lock (--wait) and resumes interrupted runs first.
     let env = Env::open(inv)?;
     let s3 = S3Client::new(crate::cli::settings::s3_config(inv)?)?;

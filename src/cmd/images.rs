@@ -39,7 +39,17 @@ fn image_json(conn: &rusqlite::Connection, name: &str) -> Result<serde_json::Val
     let img = q::image(conn, name)?.ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no image {name}")))?;
     let layers = q::layers(conn, name)?;
     let acts: Vec<String> = q::activations_of(conn, name)?.into_iter().map(|a| a.name).collect();
+    // Layers whose blob was rejected, with why (it stays rejected).
+    let mut rejected = Vec::new();
+    for l in &layers {
+        if let Some(d) = &l.digest {
+            if let Some(why) = crate::store::blobs::blob_rejection(conn, d)? {
+                rejected.push(json!({ "position": l.position, "key": l.key, "digest": d, "reason": why }));
+            }
+        }
+    }
     Ok(json!({
+        "rejected_layers": rejected,
         "name": img.name,
         "family": img.family,
         "state": img.state,
@@ -197,7 +207,15 @@ pub fn images(inv: &Invocation) -> Result<u8> {
         .map(|i| {
             vec![
                 i["name"].as_str().unwrap_or("").to_string(),
-                i["state"].as_str().unwrap_or("").to_string(),
+                match i["rejected_layers"].as_array().and_then(|a| a.first()) {
+                    Some(r) => format!(
+                        "{} (layer {} rejected: {})",
+                        i["state"].as_str().unwrap_or(""),
+                        r["position"],
+                        crate::fetch::s3::printable(r["reason"].as_str().unwrap_or(""), 120)
+                    ),
+                    None => i["state"].as_str().unwrap_or("").to_string(),
+                },
                 i["top_layer"].as_i64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 i["top_chain"].as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into()),
                 i["activations"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),

@@ -9,6 +9,15 @@ use crate::ops::output;
 pub fn run(inv: &Invocation) -> Result<u8> {
     let s3 = S3Client::new(crate::cli::settings::s3_config(inv)?)?;
     let objects = s3.list(s3.prefix())?;
+    if objects.is_empty() {
+        // An empty answer is more often a wrong --bucket/--prefix than an empty bucket.
+        log::warn!(
+            "no objects under s3://{}/{} at {}; check --bucket and --prefix",
+            s3.bucket(),
+            s3.prefix(),
+            s3.endpoint()
+        );
+    }
     let mut cat = Catalog::build(s3.bucket(), s3.prefix(), objects);
     if let Some(f) = inv.args.first() {
         if !cat.families.contains_key(f) {

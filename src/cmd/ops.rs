@@ -17,6 +17,12 @@ pub fn sync(inv: &Invocation) -> Result<u8> {
     if refs.is_empty() && !set.all {
         return Err(Error::usage("sync needs --all, --from FILE or at least one REF"));
     }
+    // Herd control: sleep before the first request and before the lock.
+    if let Some(max) = crate::cli::settings::jitter(inv)? {
+        let d = crate::fetch::s3::random_delay(max);
+        log::info!("sync: waiting {:.1} s (--jitter {} s) before the first request", d.as_secs_f64(), max.as_secs());
+        crate::ops::signals::sleep(d)?;
+    }
     let mut env = Env::open(inv)?;
     if set.all {
         for f in sync::all_families(&env.ctx)? {
@@ -258,8 +264,36 @@ pub fn status(inv: &Invocation) -> Result<u8> {
     }
 }
 
+/// Free space on the state filesystem against --min-free (owned by fetch).
+fn space_check(inv: &Invocation) -> health::Check {
+    let store = crate::fetch::blobstore::BlobStore::at(&inv.state_dir());
+    let (status, detail, advice) = match (store.space(), crate::cli::settings::min_free(inv)) {
+        (Ok(s), Ok(min)) => {
+            let detail = format!(
+                "{} free, reserve --min-free {}; {} partial download(s) ({})",
+                output::bytes(s.free),
+                output::bytes(min),
+                s.partial_files,
+                output::bytes(s.partial_bytes)
+            );
+            if s.free < min {
+                (
+                    health::Level::Warn,
+                    detail,
+                    Some("free space: 'thinimg gc' removes unused blobs and partial downloads".to_string()),
+                )
+            } else {
+                (health::Level::Ok, detail, None)
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => (health::Level::Warn, e.full_message(), None),
+    };
+    health::Check { name: "state filesystem", status, detail, advice }
+}
+
 pub fn doctor(inv: &Invocation) -> Result<u8> {
-    let checks = health::doctor(&inv.state_dir(), &inv.run_dir(), &inv.config_errors);
+    let mut checks = health::doctor(&inv.state_dir(), &inv.run_dir(), &inv.config_errors);
+    checks.push(space_check(inv));
     let worst = checks.iter().map(|c| c.status).max().unwrap_or(health::Level::Ok);
     if inv.json() {
         output::json(&json!({ "worst": worst, "checks": checks }))?;

@@ -43,6 +43,17 @@ impl std::fmt::Display for BlobDigest {
     }
 }
 
+/// Space on the state filesystem, for `fetch` (checked before downloading)
+/// and for `status`/`doctor`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Space {
+    /// Bytes an unprivileged writer may still use on the filesystem.
+    pub free: u64,
+    /// Bytes held by partial downloads.
+    pub partial_bytes: u64,
+    pub partial_files: u64,
+}
+
 pub struct BlobStore {
     root: PathBuf,
 }
@@ -64,6 +75,41 @@ impl BlobStore {
     /// The store as it is, for read-only callers; nothing is created.
     pub fn at(state_dir: &Path) -> BlobStore {
         BlobStore { root: state_dir.join("blobs") }
+    }
+
+    /// `<state-dir>/blobs`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Free space on the store's filesystem and the partial downloads in it.
+    /// Works on a store that does not exist yet (measures the nearest
+    /// existing parent).
+    pub fn space(&self) -> Result<Space> {
+        let mut probe: &Path = &self.root;
+        while !probe.exists() {
+            match probe.parent() {
+                Some(p) => probe = p,
+                None => break,
+            }
+        }
+        let st = nix::sys::statvfs::statvfs(probe)
+            .map_err(|e| Error::io(format!("statvfs {}", probe.display()), std::io::Error::from(e)))?;
+        // fsblkcnt_t and c_ulong are narrower than u64 on some targets.
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+        let mut space = Space { free, ..Space::default() };
+        if let Ok(rd) = std::fs::read_dir(self.root.join("partial")) {
+            for e in rd.flatten() {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() {
+                        space.partial_files += 1;
+                        space.partial_bytes += m.len();
+                    }
+                }
+            }
+        }
+        Ok(space)
     }
 
     pub fn blob_path(&self, d: &BlobDigest) -> PathBuf {
@@ -112,6 +158,11 @@ impl BlobStore {
     /// Remove a blob file (corrupt or unwanted). Missing is fine.
     pub fn remove_blob(&self, d: &BlobDigest) -> Result<()> {
         remove_if_exists(&self.blob_path(d))
+    }
+
+    /// Bytes in a partial download (0 if it is gone or misnamed).
+    pub fn partial_len(&self, name: &str) -> u64 {
+        self.partial_path(name).ok().and_then(|p| std::fs::symlink_metadata(p).ok()).map(|m| m.len()).unwrap_or(0)
     }
 
     pub fn remove_partial(&self, name: &str) -> Result<()> {

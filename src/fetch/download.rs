@@ -4,16 +4,28 @@
 //! the durable offset to its caller), verifies size and type, and hands the
 //! finished partial to [`BlobStore::install`]. It never opens the database:
 //! the caller persists checkpoints through a callback.
+//!
+//! Nothing is stored on an unverified claim: MD5 is computed next to
+//! SHA-256 over every byte of the blob (a resumed download re-reads its
+//! durable prefix), and a download whose bytes do not match a plain-MD5
+//! ETag is refused and dropped, so a server that changes bytes between
+//! ranges cannot splice a blob. A multipart ETag (`<hex>-<parts>`) is an
+//! MD5 of part MD5s and cannot be checked from the bytes; such a blob is
+//! identified by the SHA-256 of what was received only. When the server
+//! sends `x-amz-checksum-sha256` with a whole-object reply, the blob's
+//! SHA-256 must match it too. A full disk (ENOSPC, EDQUOT) drops the
+//! partial: it is not kept for a resume that would fill the disk again.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use md5::Md5;
 use sha2::{Digest, Sha256};
 
-use super::blobstore::{hash_reader, remove_if_exists, BlobDigest, BlobStore};
-use super::s3::{Got, S3Client};
+use super::blobstore::{remove_if_exists, BlobDigest, BlobStore};
+use super::s3::{etag_is_plain_md5, Got, S3Client};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::magic::{classify, Magic};
 use crate::ops::fault;
@@ -95,8 +107,8 @@ impl BlobStore {
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
         file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (mut hasher, n) =
-            hash_reader(&mut file, offset, Some(&mut head)).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (mut hasher, md5, n) =
+            reread(&mut file, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -110,36 +122,46 @@ impl BlobStore {
         let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         let outcome = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || write_loop(file, offset, writer_rx, writer_tx));
+            let writer = scope.spawn(move || write_loop(file, offset, md5, writer_rx, writer_tx));
             let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
             let r = self.receive(s3, job, &url, &mut w, &mut hasher, &mut head, offset, progress);
             drop(w);
-            let (file, werr) = match writer.join() {
+            let (file, werr, md5) = match writer.join() {
                 Ok(v) => v,
                 Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
             };
-            let r = r?;
             if let Some(e) = werr {
-                return Err(Error::io(format!("writing {}", pp.display()), e));
+                return Err(write_error(&pp, e));
             }
-            Ok((r, file, hasher))
+            let r = r?;
+            Ok((r, file, hasher, md5))
         });
-        let ((etag, size, transferred, restarted), file, hasher) = match outcome {
+        let ((etag, size, transferred, restarted, checksum), file, hasher, md5) = match outcome {
             Ok(v) => v,
             Err(e) => {
-                if e.kind() == Kind::BadData {
+                if e.kind() == Kind::BadData || is_disk_full(&e) {
                     remove_if_exists(&pp)?;
                 }
                 return Err(e);
             }
         };
-        file.sync_all().ctx(|| format!("fsync {}", pp.display()))?;
+        if let Err(e) = file.sync_all() {
+            let e = write_error(&pp, e);
+            if is_disk_full(&e) {
+                remove_if_exists(&pp)?;
+            }
+            return Err(e);
+        }
         let len = file.metadata().ctx(|| format!("stat {}", pp.display()))?.len();
         drop(file);
         if len != size {
             return Err(Error::new(Kind::Io, format!("{}: wrote {len} bytes, expected {size}", pp.display())));
         }
         let digest = BlobDigest::from_hasher(hasher);
+        if let Err(e) = check_claims(&url, &etag, md5, checksum.as_deref(), &digest) {
+            remove_if_exists(&pp)?;
+            return Err(e);
+        }
         progress(Progress::Verified { digest: &digest, size })?;
         self.install(&pp, &digest)?;
         fault::point("download:renamed");
@@ -149,7 +171,8 @@ impl BlobStore {
 
     /// The network side of [`BlobStore::download`]: requests, retries,
     /// type check, checkpoints. Returns (etag, size, bytes transferred,
-    /// whether it restarted from byte 0 because the object changed).
+    /// whether it restarted from byte 0 because the object changed, the
+    /// object's `x-amz-checksum-sha256` if the server sent it).
     #[allow(clippy::too_many_arguments)]
     fn receive(
         &self,
@@ -161,7 +184,7 @@ impl BlobStore {
         head: &mut Vec<u8>,
         mut offset: u64,
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
-    ) -> Result<(String, u64, u64, bool)> {
+    ) -> Result<(String, u64, u64, bool, Option<String>)> {
         let mut checked_type = false;
         if offset > 0 {
             log::info!("resuming {url} at byte {offset} of {}", job.size);
@@ -173,6 +196,7 @@ impl BlobStore {
         let mut since_checkpoint = 0u64;
         let mut failures = 0u32;
         let mut restarts = 0u32;
+        let mut checksum: Option<String> = None;
         let retry = s3.retry_policy();
         // A server that trickles, or keeps failing after some progress,
         // cannot hold this download (and the caller's lock) for ever.
@@ -184,7 +208,7 @@ impl BlobStore {
                     Kind::Unavailable,
                     format!(
                         "{url}: too slow from {}: {offset} of {size} bytes after {} s (the least waited for is 64 KiB/s, --timeout per attempt); the received part is kept for the next run",
-                        s3.endpoint(),
+                        s3.active_endpoint(),
                         started.elapsed().as_secs()
                     ),
                 ));
@@ -202,6 +226,7 @@ impl BlobStore {
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
                     w.reset()?;
                     *hasher = Sha256::new();
+                    checksum = None;
                     offset = 0;
                     head.clear();
                     checked_type = false;
@@ -217,6 +242,7 @@ impl BlobStore {
                 if !body.etag.is_empty() {
                     etag = body.etag.clone();
                 }
+                checksum = body.checksum_sha256.clone();
                 size = body.total_size;
                 check_size(url, size, job.max_size)?;
                 if size == 0 {
@@ -312,7 +338,7 @@ impl BlobStore {
                 }
             }
         }
-        Ok((etag, size, transferred, restarts > 0))
+        Ok((etag, size, transferred, restarts > 0, checksum))
     }
 }
 
@@ -328,7 +354,7 @@ enum FromWriter {
     /// A written buffer, for reuse.
     Buf(Vec<u8>),
     /// Bytes up to this offset are durable (or the error that prevented it).
-    Synced(std::result::Result<u64, String>),
+    Synced(std::result::Result<u64, std::io::Error>),
 }
 
 /// The network side's handle on the writer thread.
@@ -350,8 +376,8 @@ impl WriterLink<'_> {
         Error::new(Kind::Io, format!("writing {}: the writer thread stopped", self.path.display()))
     }
 
-    fn failed(&self, e: String) -> Error {
-        Error::new(Kind::Io, format!("writing {}: {e}", self.path.display()))
+    fn failed(&self, e: std::io::Error) -> Error {
+        write_error(self.path, e)
     }
 
     fn write(&mut self, buf: Vec<u8>) -> Result<()> {
@@ -430,20 +456,24 @@ impl WriterLink<'_> {
     }
 }
 
-/// The writer thread: write, start writeback, fsync on request.
-/// Returns the file and the first write error.
+/// The writer thread: write, start writeback, fsync on request, and keep
+/// the MD5 of the whole file (started from the re-read prefix's `md5`), so
+/// it costs the receiving thread nothing. Returns the file, the first write
+/// error and the MD5.
 fn write_loop(
     mut file: File,
     mut pos: u64,
+    mut md5: Md5,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     tx: std::sync::mpsc::Sender<FromWriter>,
-) -> (File, Option<std::io::Error>) {
+) -> (File, Option<std::io::Error>, Md5) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
     for m in rx {
         match m {
             ToWriter::Data(buf) => {
                 if err.is_none() {
+                    md5.update(&buf);
                     match file.write_all(&buf) {
                         Ok(()) => {
                             pos += buf.len() as u64;
@@ -459,28 +489,36 @@ fn write_loop(
             }
             ToWriter::Sync(offset) => {
                 let r = match &err {
-                    Some(e) => Err(e.to_string()),
-                    None => file.sync_data().map(|()| offset).map_err(|e| e.to_string()),
+                    Some(e) => Err(copy_io_error(e)),
+                    None => file.sync_data().map(|()| offset),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
             ToWriter::Reset => {
                 pos = 0;
                 written_back = 0;
+                md5 = Md5::new();
                 let r = match &err {
-                    Some(e) => Err(e.to_string()),
+                    Some(e) => Err(copy_io_error(e)),
                     None => file
                         .set_len(0)
                         .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
                         .and_then(|()| file.sync_data())
-                        .map(|()| 0)
-                        .map_err(|e| e.to_string()),
+                        .map(|()| 0),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
         }
     }
-    (file, err)
+    (file, err, md5)
+}
+
+/// The same error again (errno kept), for a second report of it.
+fn copy_io_error(e: &std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
 }
 
 /// Ask the kernel to start writing [start, start+len) to disk now, without
@@ -492,6 +530,105 @@ fn start_writeback(f: &File, start: u64, len: u64) {
     if r != 0 {
         log::trace!("sync_file_range: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Re-read the durable prefix of a partial: its SHA-256 and MD5 (so the
+/// final digests cover every byte of the blob, old and new), and its first
+/// 512 bytes into `head`.
+fn reread(mut r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sha256, Md5, u64)> {
+    let (mut sha, mut md5) = (Sha256::new(), Md5::new());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    while n < limit {
+        let want = (limit - n).min(buf.len() as u64) as usize;
+        let got = match r.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let take = (512 - head.len().min(512)).min(got);
+        head.extend_from_slice(&buf[..take]);
+        sha.update(&buf[..got]);
+        md5.update(&buf[..got]);
+        n += got as u64;
+    }
+    Ok((sha, md5, n))
+}
+
+/// The object's claims about its content, checked against the bytes
+/// received: a plain-MD5 ETag, and `x-amz-checksum-sha256` if sent.
+fn check_claims(url: &str, etag: &str, md5: Md5, checksum: Option<&str>, digest: &BlobDigest) -> Result<()> {
+    if etag_is_plain_md5(etag) {
+        let got: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        if !got.eq_ignore_ascii_case(etag) {
+            return Err(Error::bad_data(format!(
+                "{url}: the bytes received do not match the object's ETag (MD5 {etag}, received bytes hash to {got}); not stored (the server changed the bytes between ranges, or they were corrupted in transit)"
+            )));
+        }
+    } else {
+        log::debug!("{url}: ETag {etag:?} is not a plain MD5 (multipart?); the blob is identified by its SHA-256 only");
+    }
+    if let Some(c) = checksum {
+        let want = base64_of_hex(digest.as_str());
+        if c.trim() != want {
+            return Err(Error::bad_data(format!(
+                "{url}: the bytes received do not match the object's x-amz-checksum-sha256 ({}, received {want}); not stored",
+                super::s3::printable(c, 60)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Standard base64 (with padding) of the bytes a hex string spells.
+fn base64_of_hex(hex: &str) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> =
+        (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for ch in bytes.chunks(3) {
+        let n =
+            (u32::from(ch[0]) << 16) | (u32::from(*ch.get(1).unwrap_or(&0)) << 8) | u32::from(*ch.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].iter().enumerate() {
+            if i <= ch.len() {
+                out.push(A[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Whether an error is the state filesystem running out of space.
+pub fn is_disk_full(e: &Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = cur {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+                return true;
+            }
+        }
+        cur = s.source();
+    }
+    false
+}
+
+/// A write or fsync of a partial failed. A full disk is not "retry later"
+/// (75) and not worth keeping: it says so, and the caller drops the partial.
+fn write_error(path: &Path, e: std::io::Error) -> Error {
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        return Error::new(
+            Kind::Io,
+            format!(
+                "writing {}: the state filesystem is full; the partial download is dropped (free space, or see --min-free)",
+                path.display()
+            ),
+        )
+        .with_source(e);
+    }
+    Error::io(format!("writing {}", path.display()), e)
 }
 
 fn check_size(url: &str, size: u64, max: u64) -> Result<()> {
@@ -524,6 +661,26 @@ fn check_head(url: &str, head: &[u8], have: u64, size: u64) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_are_checked_against_the_bytes() {
+        let data = b"hello world";
+        let sha = BlobDigest::from_hasher(Sha256::new_with_prefix(data));
+        let md5 = || Md5::new_with_prefix(data);
+        let right = "5eb63bbbe01eeed093cb22bb8f5acdc3";
+        check_claims("u", right, md5(), None, &sha).unwrap();
+        let e = check_claims("u", "5eb63bbbe01eeed093cb22bb8f5acdc4", md5(), None, &sha).unwrap_err();
+        assert_eq!(e.kind(), Kind::BadData);
+        assert!(e.message().contains("do not match the object's ETag"), "{}", e.message());
+        // A multipart ETag says nothing about the bytes.
+        assert!(check_claims("u", "5eb63bbbe01eeed093cb22bb8f5acdc4-3", md5(), None, &sha).is_ok());
+        let b64 = "uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek=";
+        assert_eq!(base64_of_hex(sha.as_str()), b64);
+        assert!(check_claims("u", right, md5(), Some(b64), &sha).is_ok());
+        assert!(check_claims("u", right, md5(), Some("AAAA"), &sha).is_err());
+        assert_eq!(base64_of_hex("6162"), "YWI=");
+        assert_eq!(base64_of_hex("61"), "YQ==");
+    }
 
     #[test]
     fn head_check_names_the_object_and_the_rule() {

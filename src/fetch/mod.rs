@@ -9,9 +9,14 @@
 //! open the database.
 //!
 //! One listing resolves every ref; layers are deduplicated by key and by
-//! plain-MD5 ETag + size (content already stored under another key is not
-//! downloaded again, and two keys with the same content are downloaded once
-//! per run); the rest are downloaded by a bounded pool of threads, each
+//! plain-MD5 ETag + size within the same endpoint and bucket (content
+//! already stored under another key of that bucket, downloaded and checked
+//! against its ETag, is not downloaded again, and two keys with the same
+//! content are downloaded once per run); nothing is reused across buckets
+//! or endpoints. A layer whose object (key, ETag, size) or content was
+//! rejected before fails at once, without a download, and stays rejected
+//! until `thinimg blobs --clear-rejection DIGEST` or the object changes.
+//! The rest are downloaded by a bounded pool of threads, each
 //! with its own database connection. Every download is idempotent through
 //! the `downloads`/`objects`/`blobs` rows: a crash anywhere leaves them
 //! consistent, and a rerun resumes from the last checkpoint or adopts a
@@ -43,15 +48,28 @@ pub struct FetchOptions {
     /// Download threads (at least 1).
     pub jobs: usize,
     pub max_blob_size: u64,
+    /// Bytes to keep free on the state filesystem: downloads that would
+    /// leave less are refused before they start.
+    pub min_free: u64,
     /// Re-hash blobs already stored before counting them as cached.
     pub verify: bool,
     /// Draw a progress line on stderr (only if it is a terminal).
     pub progress: bool,
+    /// Pre-staging (`thinimg fetch`): gc keeps these blobs for the
+    /// retention period even when no image uses them.
+    pub retain: bool,
 }
 
 impl Default for FetchOptions {
     fn default() -> FetchOptions {
-        FetchOptions { jobs: 4, max_blob_size: 16 << 30, verify: false, progress: true }
+        FetchOptions {
+            jobs: 4,
+            max_blob_size: 16 << 30,
+            min_free: 256 << 20,
+            verify: false,
+            progress: true,
+            retain: false,
+        }
     }
 }
 
@@ -144,6 +162,11 @@ pub fn fetch_refs(
             Err(e) => failures.push(e),
         }
     }
+    if opts.retain {
+        for key in by_key.keys() {
+            q::object_mark_fetched(conn, s3.bucket(), key)?;
+        }
+    }
     if let Some(first) = failures.into_iter().next() {
         return Err(first);
     }
@@ -195,6 +218,7 @@ pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bo
 /// What to do for one layer, decided on the calling thread.
 enum Plan {
     Done(LayerFetch),
+    Refused(Error),
     /// Download; the other layer indexes share its plain-MD5 ETag and size.
     Download {
         followers: Vec<usize>,
@@ -217,6 +241,7 @@ pub fn fetch_layers(
     opts: &FetchOptions,
 ) -> Result<Vec<Result<LayerFetch>>> {
     let bucket = s3.bucket();
+    let endpoint = s3.endpoint();
     // Partials that no download row names are leftovers of a crash.
     let keep: HashSet<String> = q::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
     let stale = store.remove_stale_partials(&keep)?;
@@ -226,7 +251,12 @@ pub fn fetch_layers(
     let mut plans: Vec<Plan> = Vec::with_capacity(layers.len());
     let mut leader_of: HashMap<(String, u64), usize> = HashMap::new();
     for (i, l) in layers.iter().enumerate() {
-        if let Some(done) = already_stored(conn, store, bucket, l, opts.verify)? {
+        // A rejected object is not downloaded (nor unpacked) again.
+        if let Some((digest, why)) = q::object_rejection(conn, bucket, &l.key, &l.etag, l.size)? {
+            plans.push(Plan::Refused(rejected_error(bucket, &l.key, &digest, &why)));
+            continue;
+        }
+        if let Some(done) = already_stored(conn, store, endpoint, bucket, l, opts.verify)? {
             plans.push(Plan::Done(done));
             continue;
         }
@@ -251,10 +281,37 @@ pub fn fetch_layers(
         })
         .collect();
     let total_bytes: u64 = work.iter().map(|(i, _)| layers[*i].size).sum();
+    if !work.is_empty() {
+        // Refuse up front what would fill the disk (a full state filesystem
+        // also stops the database and everything else on it).
+        let resumable: u64 = work
+            .iter()
+            .filter_map(|(i, _)| q::download_get(conn, bucket, &layers[*i].key).ok().flatten())
+            .filter(|d| d.endpoint == endpoint && d.digest.is_none())
+            .map(|d| d.offset)
+            .sum();
+        let need = total_bytes.saturating_sub(resumable);
+        let space = store.space()?;
+        if space.free < need.saturating_add(opts.min_free) {
+            use crate::ops::output::bytes;
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "not enough free space in {} for {} layer(s): {} to download, {} free, keeping --min-free {}; free space (gc removes unused blobs and partial downloads) or lower --min-free",
+                    store.root().display(),
+                    work.len(),
+                    bytes(need),
+                    bytes(space.free),
+                    bytes(opts.min_free)
+                ),
+            ));
+        }
+    }
     let mut results: Vec<Option<Result<LayerFetch>>> = plans
         .into_iter()
         .map(|p| match p {
             Plan::Done(f) => Some(Ok(f)),
+            Plan::Refused(e) => Some(Err(e)),
             _ => None,
         })
         .collect();
@@ -326,11 +383,37 @@ pub fn fetch_layers(
         .collect())
 }
 
+/// The error for a layer whose content was rejected before.
+fn rejected_error(bucket: &str, key: &str, digest: &str, why: &str) -> Error {
+    Error::bad_data(format!(
+        "s3://{bucket}/{}: rejected earlier (blob {digest}): {why}; not downloaded or unpacked again until the object changes or `thinimg blobs --clear-rejection {digest}`",
+        catalog::show_key(key)
+    ))
+}
+
+/// After a download: the bytes are a blob rejected before (by digest).
+fn refuse_if_rejected(
+    conn: &rusqlite::Connection,
+    store: &BlobStore,
+    bucket: &str,
+    key: &str,
+    d: &BlobDigest,
+) -> Result<()> {
+    if let Some(why) = q::blob_rejection(conn, d.as_str())? {
+        // Its bytes are not needed: the rejection is what is kept.
+        store.remove_blob(d)?;
+        return Err(rejected_error(bucket, key, d.as_str(), &why));
+    }
+    Ok(())
+}
+
 /// The layer's blob, if this key is already stored with the same ETag and
-/// size, or its plain-MD5 ETag and size match another stored key.
+/// size, or its plain-MD5 ETag and size match another key of the same
+/// endpoint and bucket whose bytes were downloaded and verified.
 fn already_stored(
     conn: &rusqlite::Connection,
     store: &BlobStore,
+    endpoint: &str,
     bucket: &str,
     l: &Layer,
     verify: bool,
@@ -365,8 +448,9 @@ fn already_stored(
     };
     // Same key, same version: S3 changes an object's ETag whenever its
     // content changes, so any ETag form identifies this key's content.
-    if let Some(o) = q::object_get(conn, bucket, &l.key)? {
-        if o.etag == l.etag && o.size == l.size {
+    // (An empty ETag, as a read-through cache may list, identifies nothing.)
+    if let Some(o) = q::object_get(conn, endpoint, bucket, &l.key)? {
+        if !l.etag.is_empty() && o.etag == l.etag && o.size == l.size {
             if let Some(d) = o.digest.as_deref() {
                 if let Some(digest) = usable(conn, d)? {
                     return Ok(Some(done(digest, Source::Cached)));
@@ -374,11 +458,12 @@ fn already_stored(
             }
         }
     }
-    // Another key: only a plain MD5 says anything about the bytes.
+    // Another key of the same endpoint and bucket: only a plain MD5 says
+    // anything about the bytes, and only one checked against downloaded bytes.
     if etag_is_plain_md5(&l.etag) {
-        if let Some(d) = q::digest_by_etag(conn, &l.etag, l.size)? {
+        if let Some(d) = q::digest_by_etag(conn, endpoint, bucket, &l.etag, l.size)? {
             if let Some(digest) = usable(conn, &d)? {
-                q::object_record(conn, bucket, &l.key, &l.etag, l.size, &l.last_modified, d.as_str())?;
+                q::object_record(conn, endpoint, bucket, &l.key, &l.etag, l.size, &l.last_modified, d.as_str(), false)?;
                 return Ok(Some(done(digest, Source::Deduped)));
             }
         }
@@ -405,16 +490,21 @@ fn download_group(
             for &i in followers {
                 let fl = &layers[i];
                 let r = if f.size == fl.size
-                    && q::object_get(&db.conn, s3.bucket(), &l.key).ok().flatten().is_some_and(|o| o.etag == fl.etag)
+                    && q::object_get(&db.conn, s3.endpoint(), s3.bucket(), &l.key)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|o| o.etag == fl.etag && o.downloaded)
                 {
                     q::object_record(
                         &db.conn,
+                        s3.endpoint(),
                         s3.bucket(),
                         &fl.key,
                         &fl.etag,
                         fl.size,
                         &fl.last_modified,
                         f.digest.as_str(),
+                        false,
                     )
                     .map(|()| LayerFetch {
                         family: fl.family.clone(),
@@ -465,14 +555,26 @@ fn download_one(
     received: &AtomicU64,
 ) -> Result<LayerFetch> {
     let bucket = s3.bucket();
+    let endpoint = s3.endpoint();
     let mut row = q::download_get(&db.conn, bucket, &l.key)?;
     // A download that a crash cut off after verifying it: finish it.
-    if let Some(r) = &row {
+    if let Some(r) = row.as_ref().filter(|r| r.endpoint == endpoint) {
         if let Some(d) = r.digest.as_deref() {
             let digest = BlobDigest::parse(d)?;
             if store.adopt_verified(&r.partial, &digest, r.size)? {
                 log::info!("adopting the finished download of s3://{bucket}/{}", l.key);
-                q::download_commit(&mut db.conn, Some(r.id), bucket, &l.key, &r.etag, r.size, &l.last_modified, d)?;
+                q::download_commit(
+                    &mut db.conn,
+                    Some(r.id),
+                    endpoint,
+                    bucket,
+                    &l.key,
+                    &r.etag,
+                    r.size,
+                    &l.last_modified,
+                    d,
+                )?;
+                refuse_if_rejected(&db.conn, store, bucket, &l.key, &digest)?;
                 if r.etag == l.etag && r.size == l.size {
                     return Ok(LayerFetch {
                         family: l.family.clone(),
@@ -490,12 +592,12 @@ fn download_one(
         }
     }
     let row = match row {
-        Some(r) if r.digest.is_none() && r.etag == l.etag && r.size == l.size => r,
+        Some(r) if r.digest.is_none() && r.etag == l.etag && r.size == l.size && r.endpoint == endpoint => r,
         other => {
             if let Some(old) = other {
                 store.remove_partial(&old.partial)?;
             }
-            q::download_begin(&mut db.conn, bucket, &l.key, &l.etag, l.size)?
+            q::download_begin(&mut db.conn, endpoint, bucket, &l.key, &l.etag, l.size)?
         }
     };
     let job = DownloadJob {
@@ -516,8 +618,8 @@ fn download_one(
     let d = match res {
         Ok(d) => d,
         Err(e) => {
-            if e.kind() == Kind::BadData {
-                // Permanent: nothing of it is worth keeping.
+            if e.kind() == Kind::BadData || download::is_disk_full(&e) {
+                // Permanent, or filling the disk: nothing of it is worth keeping.
                 store.remove_partial(&row.partial)?;
                 q::download_forget(&db.conn, row.id)?;
             }
@@ -527,6 +629,7 @@ fn download_one(
     q::download_commit(
         &mut db.conn,
         Some(row.id),
+        endpoint,
         bucket,
         &l.key,
         &d.etag,
@@ -534,6 +637,7 @@ fn download_one(
         &l.last_modified,
         d.digest.as_str(),
     )?;
+    refuse_if_rejected(&db.conn, store, bucket, &l.key, &d.digest)?;
     Ok(LayerFetch {
         family: l.family.clone(),
         n: l.n,

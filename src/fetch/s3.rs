@@ -19,6 +19,7 @@
 
 use std::collections::HashSet;
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use s3::creds::Credentials;
@@ -34,8 +35,9 @@ pub struct S3Config {
     /// Key prefix of the image folders, e.g. `images/` (may be empty).
     pub prefix: String,
     pub region: String,
-    /// S3-compatible endpoint; implies path-style addressing.
-    pub endpoint: Option<String>,
+    /// S3-compatible endpoints, tried in order (empty: AWS for the region);
+    /// any implies path-style addressing.
+    pub endpoints: Vec<String>,
     /// Never sign requests.
     pub anonymous: bool,
     /// Overall deadline of one request: connecting, the reply's head and a
@@ -108,13 +110,26 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The longest sleep before retry number `attempt` (1-based).
+    pub fn max_sleep(&self, attempt: u32) -> Duration {
+        self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.cap)
+    }
+
     /// Sleep before retry number `attempt` (1-based): "equal jitter" over
     /// base·2^(attempt-1), capped. Wakes early with an error on SIGINT/SIGTERM.
     pub fn sleep(&self, attempt: u32) -> Result<()> {
-        let exp = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let max = exp.min(self.cap).as_millis().max(1) as u64;
+        let max = self.max_sleep(attempt).as_millis().max(1) as u64;
         crate::ops::signals::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)))
     }
+}
+
+/// A random delay in [0, max): herd control (`sync --jitter`).
+pub fn random_delay(max: Duration) -> Duration {
+    let ms = max.as_millis().min(u128::from(u64::MAX)) as u64;
+    if ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(jitter() % ms)
 }
 
 /// A random-enough number for jitter without a rand dependency: std's
@@ -130,6 +145,23 @@ fn jitter() -> u64 {
 struct Failure {
     err: Error,
     retryable: bool,
+}
+
+impl Failure {
+    /// Whether the next endpoint may answer instead: this one is
+    /// unreachable, timed out or failing (5xx, throttling). An answer about
+    /// the request itself (auth, 404, a bad reply) never falls through: a
+    /// cache must not hide a missing object or a bad credential.
+    fn falls_through(&self) -> bool {
+        self.retryable
+    }
+}
+
+/// One endpoint the bucket is reached through.
+struct Target {
+    bucket: Box<Bucket>,
+    /// The endpoint URL, for messages (no credentials in it).
+    url: String,
 }
 
 /// The body of a successful GET: a reader over the raw bytes from `offset`.
@@ -161,12 +193,18 @@ pub enum Got {
 
 /// A client for one bucket. `Sync`: download threads share one.
 pub struct S3Client {
-    bucket: Box<Bucket>,
+    /// The endpoints in the configured order.
+    targets: Vec<Target>,
+    /// The target that answered last: requests start there.
+    active: AtomicUsize,
+    /// A fallback to another endpoint was logged (once per client).
+    fell_back: AtomicBool,
     config: S3Config,
     anonymous: bool,
     agent: ureq::Agent,
     retry: RetryPolicy,
-    /// The endpoint as shown in messages (no credentials in it).
+    /// The configured endpoints, joined: where objects come from, as the
+    /// scope of deduplication (and in messages about the whole set).
     endpoint: String,
 }
 
@@ -214,30 +252,37 @@ fn load_credentials(cfg: &S3Config) -> Result<Option<Credentials>> {
 impl S3Client {
     pub fn new(config: S3Config) -> Result<S3Client> {
         let creds = load_credentials(&config)?;
-        let region = match &config.endpoint {
-            Some(ep) => {
-                let ep = ep.trim_end_matches('/');
-                if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                    return Err(Error::usage(format!("--endpoint {ep:?}: must start with http:// or https://")));
-                }
-                Region::Custom { region: config.region.clone(), endpoint: ep.to_string() }
-            }
-            None => config
-                .region
-                .parse::<Region>()
-                .map_err(|e| Error::usage(format!("--region {:?}", config.region)).with_source(e))?,
-        };
         let anonymous = creds.is_none();
         let creds = match creds {
             Some(c) => c,
             None => Credentials::anonymous().map_err(|e| Error::software("anonymous credentials").with_source(e))?,
         };
-        let mut bucket = Bucket::new(&config.bucket, region, creds)
-            .map_err(|e| Error::usage(format!("bucket {:?}", config.bucket)).with_source(e))?;
-        // Custom endpoints (SeaweedFS, MinIO, ...) and dotted bucket names
-        // need path-style; AWS itself accepts both.
-        if config.endpoint.is_some() || config.bucket.contains('.') {
-            bucket = bucket.with_path_style();
+        let mut targets = Vec::new();
+        for ep in &config.endpoints {
+            let ep = ep.trim().trim_end_matches('/');
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return Err(Error::usage(format!("--endpoint {ep:?}: must start with http:// or https://")));
+            }
+            let region = Region::Custom { region: config.region.clone(), endpoint: ep.to_string() };
+            // Custom endpoints (SeaweedFS, MinIO, ...) need path-style.
+            let bucket = Bucket::new(&config.bucket, region, creds.clone())
+                .map_err(|e| Error::usage(format!("bucket {:?}", config.bucket)).with_source(e))?
+                .with_path_style();
+            targets.push(Target { bucket, url: without_userinfo(ep) });
+        }
+        if targets.is_empty() {
+            let region = config
+                .region
+                .parse::<Region>()
+                .map_err(|e| Error::usage(format!("--region {:?}", config.region)).with_source(e))?;
+            let mut bucket = Bucket::new(&config.bucket, region, creds)
+                .map_err(|e| Error::usage(format!("bucket {:?}", config.bucket)).with_source(e))?;
+            // Dotted bucket names need path-style; AWS accepts both.
+            if config.bucket.contains('.') {
+                bucket = bucket.with_path_style();
+            }
+            let url = without_userinfo(bucket.url().trim_end_matches('/'));
+            targets.push(Target { bucket, url });
         }
         let t = config.timeout.max(Duration::from_millis(100));
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -252,29 +297,38 @@ impl S3Client {
             .user_agent(concat!("thinimg/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        let endpoint = match &config.endpoint {
-            Some(ep) => without_userinfo(ep.trim_end_matches('/')),
-            None => without_userinfo(bucket.url().trim_end_matches('/')),
-        };
+        let endpoint = targets.iter().map(|t| t.url.as_str()).collect::<Vec<_>>().join(",");
         let retry = RetryPolicy { attempts: config.retries.saturating_add(1), ..RetryPolicy::default() };
-        Ok(S3Client { bucket, config, anonymous, agent, retry, endpoint })
+        Ok(S3Client {
+            targets,
+            active: AtomicUsize::new(0),
+            fell_back: AtomicBool::new(false),
+            config,
+            anonymous,
+            agent,
+            retry,
+            endpoint,
+        })
     }
 
-    /// The endpoint URL, for messages.
+    /// The configured endpoint URLs, comma-joined: the scope within which
+    /// content is deduplicated.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The endpoint requests go to now (the one that answered last).
+    pub fn active_endpoint(&self) -> &str {
+        &self.targets[self.active.load(Ordering::Relaxed) % self.targets.len()].url
     }
 
     /// How long a whole download of `bytes` may take, retries included,
     /// before it is abandoned (its durable part is kept for the next run).
     pub fn transfer_budget(&self, bytes: u64) -> Duration {
+        let backoff: Duration = (1..self.retry.attempts.max(1)).map(|a| self.retry.max_sleep(a)).sum();
         self.config.timeout.saturating_mul(self.retry.attempts.max(1))
             + Duration::from_secs(bytes / MIN_BODY_RATE)
-            + self.retry.cap.saturating_mul(self.retry.attempts)
-    }
-
-    fn is_https(&self) -> bool {
-        self.endpoint.starts_with("https://")
+            + backoff
     }
 
     pub fn bucket(&self) -> &str {
@@ -301,9 +355,9 @@ impl S3Client {
 
     /// The URL for `key` (`""`: the bucket itself) with `query`, presigned
     /// unless anonymous.
-    fn url(&self, key: &str, query: &[(&str, String)]) -> Result<String> {
+    fn url(&self, t: &Target, key: &str, query: &[(&str, String)]) -> Result<String> {
         if self.anonymous {
-            let mut u = format!("{}/{}", self.bucket.url(), s3::signing::uri_encode(key, false));
+            let mut u = format!("{}/{}", t.bucket.url(), s3::signing::uri_encode(key, false));
             for (i, (k, v)) in query.iter().enumerate() {
                 u.push(if i == 0 { '?' } else { '&' });
                 u.push_str(&s3::signing::uri_encode(k, true));
@@ -315,7 +369,7 @@ impl S3Client {
         let q: std::collections::HashMap<String, String> =
             query.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         let path = format!("/{key}");
-        self.bucket
+        t.bucket
             .presign_get(&path, 3600, if q.is_empty() { None } else { Some(q) })
             .map_err(|e| Error::new(Kind::NoPerm, format!("signing a request for {}", self.url_of(key))).with_source(e))
     }
@@ -336,29 +390,31 @@ impl S3Client {
             if let Some(t) = &token {
                 q.push(("continuation-token", t.clone()));
             }
-            let what = format!("listing s3://{}/{prefix} at {}", self.config.bucket, self.endpoint);
-            let body = self.with_retries(&what, || {
-                let url = self.url("", &q).map_err(|err| Failure { err, retryable: false })?;
-                let mut resp = self.agent.get(&url).call().map_err(|e| self.transport_failure(&what, e))?;
+            let listing = format!("listing s3://{}/{prefix}", self.config.bucket);
+            let body = self.with_retries(&listing, |t| {
+                let what = format!("{listing} at {}", t.url);
+                let url = self.url(t, "", &q).map_err(|err| Failure { err, retryable: false })?;
+                let mut resp = self.agent.get(&url).call().map_err(|e| self.transport_failure(t, &what, e))?;
                 let status = resp.status().as_u16();
                 let body = resp
                     .body_mut()
                     .with_config()
                     .limit(MAX_XML_BODY)
                     .read_to_string()
-                    .map_err(|e| self.transport_failure(&what, e))?;
+                    .map_err(|e| self.transport_failure(t, &what, e))?;
                 if status != 200 {
-                    return Err(self.status_failure(&what, status, &body, None));
+                    return Err(self.status_failure(t, &what, status, &body, None));
                 }
                 Ok(body)
             })?;
+            let what = format!("{listing} at {}", self.active_endpoint());
             let page = parse_list_page(&body).map_err(|m| {
                 Error::new(
                     Kind::Unavailable,
                     format!(
                         "{what}: not a ListObjectsV2 reply ({}); is {} an S3 endpoint?",
                         printable(&m, 200),
-                        self.endpoint
+                        self.active_endpoint()
                     ),
                 )
             })?;
@@ -417,10 +473,11 @@ impl S3Client {
     /// [`MIN_BODY_RATE`]. Retries connection failures and 5xx/429;
     /// `Got::Changed` on 412.
     pub fn get(&self, key: &str, offset: u64, if_match: Option<&str>, expect: u64) -> Result<Got> {
-        let what = format!("downloading {} from {}", self.url_of(key), self.endpoint);
+        let downloading = format!("downloading {}", self.url_of(key));
         let deadline = self.config.timeout + Duration::from_secs(expect / MIN_BODY_RATE);
-        self.with_retries(&what, || {
-            let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
+        self.with_retries(&downloading, |t| {
+            let what = format!("{downloading} from {}", t.url);
+            let url = self.url(t, key, &[]).map_err(|err| Failure { err, retryable: false })?;
             let mut req = self.agent.get(&url).config().timeout_global(Some(deadline)).build();
             if offset > 0 {
                 req = req.header("Range", &format!("bytes={offset}-"));
@@ -428,7 +485,7 @@ impl S3Client {
             if let Some(e) = if_match {
                 req = req.header("If-Match", &format!("\"{e}\""));
             }
-            let resp = req.call().map_err(|e| self.transport_failure(&what, e))?;
+            let resp = req.call().map_err(|e| self.transport_failure(t, &what, e))?;
             let status = resp.status().as_u16();
             let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
@@ -439,7 +496,7 @@ impl S3Client {
                 _ => {
                     let mut body = String::new();
                     let _ = resp.into_body().into_reader().take(64 << 10).read_to_string(&mut body);
-                    return Err(self.status_failure(&what, status, &body, Some(key)));
+                    return Err(self.status_failure(t, &what, status, &body, Some(key)));
                 }
             }
             let len: Option<u64> = header("content-length").and_then(|v| v.trim().parse().ok());
@@ -484,15 +541,16 @@ impl S3Client {
     /// of the first byte (`Range: bytes=0-0`), which S3 answers with the
     /// whole object's size in Content-Range, like a HEAD would.
     pub fn stat(&self, key: &str) -> Result<ObjectInfo> {
-        let what = format!("checking {} at {}", self.url_of(key), self.endpoint);
-        self.with_retries(&what, || {
-            let url = self.url(key, &[]).map_err(|err| Failure { err, retryable: false })?;
+        let checking = format!("checking {}", self.url_of(key));
+        self.with_retries(&checking, |t| {
+            let what = format!("{checking} at {}", t.url);
+            let url = self.url(t, key, &[]).map_err(|err| Failure { err, retryable: false })?;
             let mut resp = self
                 .agent
                 .get(&url)
                 .header("Range", "bytes=0-0")
                 .call()
-                .map_err(|e| self.transport_failure(&what, e))?;
+                .map_err(|e| self.transport_failure(t, &what, e))?;
             let status = resp.status().as_u16();
             let header = |n: &str| resp.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
             let etag = header("etag").unwrap_or_default().trim_matches('"').to_string();
@@ -504,7 +562,7 @@ impl S3Client {
                 416 => Some(0),
                 _ => {
                     let body = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
-                    return Err(self.status_failure(&what, status, &body, Some(key)));
+                    return Err(self.status_failure(t, &what, status, &body, Some(key)));
                 }
             };
             let size = size.ok_or_else(|| Failure {
@@ -515,17 +573,42 @@ impl S3Client {
         })
     }
 
-    fn with_retries<T>(&self, what: &str, mut f: impl FnMut() -> std::result::Result<T, Failure>) -> Result<T> {
+    /// Run one request with retries. Each attempt starts at the endpoint
+    /// that answered last and falls through to the next one while the
+    /// failure says the endpoint is unreachable or failing (logged once per
+    /// client); an answer about the request itself is final.
+    fn with_retries<T>(&self, what: &str, mut f: impl FnMut(&Target) -> std::result::Result<T, Failure>) -> Result<T> {
+        let n = self.targets.len();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match f() {
-                Ok(v) => return Ok(v),
-                Err(Failure { err, retryable: true }) if attempt < self.retry.attempts => {
+            let start = self.active.load(Ordering::Relaxed) % n;
+            let mut k = 0;
+            let failure = loop {
+                let i = (start + k) % n;
+                match f(&self.targets[i]) {
+                    Ok(v) => {
+                        self.active.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(fl) if fl.falls_through() && k + 1 < n => {
+                        let next = &self.targets[(i + 1) % n].url;
+                        if !self.fell_back.swap(true, Ordering::Relaxed) {
+                            log::warn!("{}; falling back to {next}", fl.err.full_message());
+                        } else {
+                            log::debug!("{}; falling back to {next}", fl.err.full_message());
+                        }
+                        k += 1;
+                    }
+                    Err(fl) => break fl,
+                }
+            };
+            match failure {
+                Failure { err, retryable: true } if attempt < self.retry.attempts => {
                     log::warn!("{} (attempt {attempt} of {}; retrying)", err.full_message(), self.retry.attempts);
                     self.retry.sleep(attempt)?;
                 }
-                Err(Failure { err, retryable }) => {
+                Failure { err, retryable } => {
                     return Err(if retryable {
                         err.context(format!("{what}: giving up after {attempt} attempts"))
                     } else {
@@ -541,12 +624,26 @@ impl S3Client {
     /// Classify a failure before (or while) reading a reply: a TLS or HTTP
     /// mismatch is named and not retried; an oversized body is refused, not
     /// retried; the rest (refused, reset, timed out) may pass.
-    fn transport_failure(&self, what: &str, e: ureq::Error) -> Failure {
-        classify_transport(what, &self.endpoint, self.is_https(), self.config.timeout, e)
+    fn transport_failure(&self, t: &Target, what: &str, e: ureq::Error) -> Failure {
+        classify_transport(what, &t.url, t.url.starts_with("https://"), self.config.timeout, e)
     }
 
-    fn status_failure(&self, what: &str, status: u16, body: &str, key: Option<&str>) -> Failure {
-        status_failure(what, status, body, &self.config.bucket, key, &self.endpoint)
+    fn status_failure(&self, t: &Target, what: &str, status: u16, body: &str, key: Option<&str>) -> Failure {
+        let f = status_failure(what, status, body, &self.config.bucket, key, &t.url);
+        if status == 403 && self.anonymous && f.err.message().contains("access denied") {
+            // Unsigned requests: the advice about --anonymous does not apply.
+            let obj = key.map(|k| self.url_of(k)).unwrap_or_else(|| format!("bucket {}", self.config.bucket));
+            return Failure {
+                err: Error::new(
+                    Kind::NoPerm,
+                    format!(
+                        "{what}: access denied to {obj} for unsigned (anonymous) requests; the bucket is not public: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and drop --anonymous"
+                    ),
+                ),
+                retryable: false,
+            };
+        }
+        f
     }
 }
 

@@ -213,30 +213,8 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_err
             ),
         ));
     }
-    // Free space where blobs and loop-pool files live.
-    let probe = std::iter::successors(Some(state_dir), |p| p.parent()).find(|p| p.exists());
-    match probe.and_then(fs_space) {
-        Some((free, total)) => {
-            let low = free < (512 << 20) || free.saturating_mul(20) < total;
-            let detail = format!(
-                "{} free of {} on the filesystem of {}",
-                crate::ops::output::bytes(free),
-                crate::ops::output::bytes(total),
-                state_dir.display()
-            );
-            if low {
-                out.push(check(
-                    "state filesystem space",
-                    Level::Warn,
-                    detail,
-                    Some("free space: 'thinimg gc', remove images, or grow the filesystem"),
-                ));
-            } else {
-                out.push(check("state filesystem space", Level::Ok, detail, None));
-            }
-        }
-        None => out.push(check("state filesystem space", Level::Warn, "cannot read the free space", None)),
-    }
+    // Free space of the state filesystem is checked by the caller against
+    // --min-free (cmd::ops::doctor), with the partial downloads it holds.
     // Kernel support.
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {

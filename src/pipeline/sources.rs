@@ -12,6 +12,7 @@ use crate::error::{Error, Kind, Result};
 use crate::fetch::blobstore::{BlobDigest, BlobStore};
 use crate::fetch::s3::S3Client;
 use crate::fetch::{self, FetchOptions};
+use crate::store::blobs as q;
 
 /// The local image name of a ref: `golang` for a whole family, `golang/3`
 /// for a family up to layer 3 (given as `golang/3`, `golang/3.tar` or the
@@ -57,20 +58,19 @@ fn s3(ctx: &Ctx) -> Result<S3Client> {
     S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)
 }
 
-fn fetch_opts(ctx: &Ctx) -> FetchOptions {
-    FetchOptions {
-        jobs: ctx.opts.download_jobs,
-        max_blob_size: ctx.opts.max_blob_size,
+fn fetch_opts(ctx: &Ctx) -> Result<FetchOptions> {
+    Ok(FetchOptions {
         verify: false,
         progress: !ctx.inv.flag("quiet"),
-    }
+        ..crate::cli::settings::fetch_options(&ctx.inv)?
+    })
 }
 
 /// Resolve `reference` with one listing and make every layer's blob present.
 pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Result<Fetched> {
     let client = s3(ctx)?;
     let store = BlobStore::open(&ctx.state_dir)?;
-    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[reference.to_string()], &fetch_opts(ctx))?;
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[reference.to_string()], &fetch_opts(ctx)?)?;
     let img = report
         .images
         .into_iter()
@@ -102,7 +102,7 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
     if keys.is_empty() {
         return Ok(());
     }
-    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &fetch_opts(ctx)).map(|_| ())
+    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &fetch_opts(ctx)?).map(|_| ())
 }
 
 /// The blob's path, fetching it again if it went missing or changed size.
@@ -110,17 +110,16 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
 pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {
     let store = BlobStore::open(&ctx.state_dir)?;
     let d = BlobDigest::parse(digest)?;
-    let size: Option<i64> =
-        conn.query_row("SELECT size FROM blobs WHERE digest = ?1 AND state = 'present'", [digest], |r| r.get(0)).ok();
-    if let Some(size) = size {
-        if store.size_ok(&d, size as u64)? {
+    // A database error here is an error, never "absent" (which would fetch again).
+    if let Some(b) = q::blob_get(conn, digest)?.filter(|b| b.state == "present") {
+        if store.size_ok(&d, b.size)? {
             return Ok(store.blob_path(&d));
         }
     }
     log::warn!("blob {digest} of {key} is missing from the store; fetching it again");
     let client = s3(ctx)?;
     // The key as listed now must still hold the same content.
-    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &fetch_opts(ctx))?;
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &fetch_opts(ctx)?)?;
     let got = report
         .images
         .first()
@@ -136,31 +135,59 @@ pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str
     }
 }
 
-/// Remove blobs no image layer references, and store files nothing knows.
-/// Returns (digests removed, bytes freed, stray files).
+/// How long a blob that `thinimg fetch` stored or used stays when no image
+/// uses it: gc collects it only after no fetch has touched it for this
+/// long, so `fetch` (pre-staging) and `gc` do not undo each other. Blobs
+/// only pulled are collected as soon as no image uses them.
+pub const FETCH_RETENTION_SECS: i64 = 7 * 24 * 3600;
+
+/// Remove blobs no image layer references and no `thinimg fetch` used
+/// within [`FETCH_RETENTION_SECS`], partial downloads no unfinished run owns, and
+/// store files nothing knows. A rejected blob's file is removed but its row
+/// (the rejection) is kept. Returns (digests removed, bytes freed, strays).
 pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(Vec<String>, u64, Vec<String>)> {
     let store = BlobStore::open(&ctx.state_dir)?;
-    let mut st = conn.prepare(
-        "SELECT digest, size FROM blobs b WHERE NOT EXISTS (SELECT 1 FROM image_layers l WHERE l.digest = b.digest)
-           AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.blob = b.digest)",
-    )?;
-    let rows: Vec<(String, i64)> =
-        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?;
-    drop(st);
+    let rows = q::unused_blobs(conn, crate::ops::output::now() - FETCH_RETENTION_SECS)?;
     let mut removed = Vec::new();
     let mut bytes = 0u64;
-    for (d, size) in rows {
+    for (d, size, state) in rows {
+        let digest = BlobDigest::parse(&d)?;
+        if state == "rejected" {
+            if !dry_run {
+                store.remove_blob(&digest)?;
+            }
+            continue;
+        }
         removed.push(d.clone());
-        bytes += size.max(0) as u64;
+        bytes += size;
         if !dry_run {
-            let digest = BlobDigest::parse(&d)?;
             store.remove_blob(&digest)?;
-            conn.execute("DELETE FROM blobs WHERE digest = ?1", [&d])?;
+            q::blob_delete(conn, &d)?;
         }
     }
-    let keep: std::collections::HashSet<String> =
-        crate::store::blobs::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
-    let strays =
-        if dry_run { Vec::new() } else { vec![format!("{} partial file(s)", store.remove_stale_partials(&keep)?)] };
-    Ok((removed, bytes, strays.into_iter().filter(|s| !s.starts_with("0 ")).collect()))
+    // gc holds the state lock, so no fetch is running: a partial download
+    // that no unfinished run owns would only be resumed by chance, and may
+    // be what filled the disk.
+    let mut strays = Vec::new();
+    let orphans = q::downloads_unowned(conn)?;
+    if !orphans.is_empty() {
+        let n = orphans.len();
+        let partial_bytes: u64 = orphans.iter().map(|d| store.partial_len(&d.partial)).sum();
+        if !dry_run {
+            for d in &orphans {
+                store.remove_partial(&d.partial)?;
+                q::download_forget(conn, d.id)?;
+            }
+        }
+        strays.push(format!("{n} partial download(s) ({})", crate::ops::output::bytes(partial_bytes)));
+        bytes += partial_bytes;
+    }
+    let keep: std::collections::HashSet<String> = q::downloads_all(conn)?.into_iter().map(|d| d.partial).collect();
+    if !dry_run {
+        let n = store.remove_stale_partials(&keep)?;
+        if n > 0 {
+            strays.push(format!("{n} partial file(s)"));
+        }
+    }
+    Ok((removed, bytes, strays))
 }

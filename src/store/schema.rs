@@ -160,6 +160,22 @@ pub const MIGRATIONS: &[&str] = &[
         UNIQUE (run_id, name)
     ) STRICT;
     "#,
+    // 2 (fetch): no content trusted on an unverified claim. Which endpoint
+    // an object (or a download) belongs to, and whether the object's digest
+    // comes from bytes downloaded from that very key (1) or from an ETag
+    // match within the same endpoint and bucket (0). Rows from before this
+    // migration have no endpoint, so nothing is reused from them. And the
+    // retention of blobs pre-staged with `fetch`.
+    r#"
+    ALTER TABLE objects ADD COLUMN endpoint TEXT NOT NULL DEFAULT '';
+    ALTER TABLE objects ADD COLUMN downloaded INTEGER NOT NULL DEFAULT 0 CHECK (downloaded IN (0, 1));
+    ALTER TABLE downloads ADD COLUMN endpoint TEXT NOT NULL DEFAULT '';
+    -- When `thinimg fetch` last stored or used the object: gc keeps its
+    -- blob, even unused by any image, for a retention period after that.
+    ALTER TABLE objects ADD COLUMN fetched_at INTEGER;
+    DROP INDEX objects_by_etag;
+    CREATE INDEX objects_by_etag ON objects (endpoint, bucket, etag, size);
+    "#,
 ];
 
 /// A database written by a newer thinimg is a configuration problem of this

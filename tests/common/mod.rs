@@ -528,8 +528,9 @@ fn proxy_conn(mut client: std::net::TcpStream, up: &str, budget: Option<u64>, fa
 /// A small real HTTP/1.1 server on loopback whose answers a test scripts:
 /// the hostile or broken S3 endpoint (looping listings, huge or trickled
 /// replies, silence, escape sequences). The client under test talks to it
-/// over TCP exactly as to any server. `answer` gets the request line and
-/// the connection, and writes whatever it likes.
+/// over TCP exactly as to any server. `answer` gets the request head
+/// (request line and headers) and the connection, and writes whatever it
+/// likes.
 pub struct ScriptedServer {
     pub endpoint: String,
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -559,9 +560,8 @@ impl ScriptedServer {
                         }
                     }
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let text = String::from_utf8_lossy(&head);
-                    let line = text.lines().next().unwrap_or("").to_string();
-                    answer(&line, &mut conn);
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    answer(&text, &mut conn);
                 });
             }
         });
@@ -607,4 +607,100 @@ pub fn query_param(line: &str, name: &str) -> Option<String> {
     let target = line.split_whitespace().nth(1)?;
     let q = target.split_once('?')?.1;
     q.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_string))
+}
+
+/// What a [`TinyS3`] serves for one key: the bytes of a GET from byte 0,
+/// the bytes a ranged GET is served from (a hostile server may change them
+/// between ranges), the ETag it claims, and extra reply headers.
+#[derive(Clone, Default)]
+pub struct Served {
+    pub first: Vec<u8>,
+    pub ranged: Vec<u8>,
+    pub etag: String,
+    /// Cut the body of a GET from byte 0 after this many bytes (forces a resume).
+    pub cut_first_at: Option<usize>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A small real S3-speaking peer for hostile cases SeaweedFS cannot
+/// produce (an ETag that lies, bytes that change between ranges): it
+/// answers ListObjectsV2 for every key it holds and GET with `Range`, and
+/// counts the object GETs per key.
+pub struct TinyS3 {
+    pub server: ScriptedServer,
+    pub objects: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Served>>>,
+    pub gets: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>,
+}
+
+impl TinyS3 {
+    pub fn start(bucket: &'static str) -> TinyS3 {
+        let objects: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Served>>> = Default::default();
+        let gets: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>> = Default::default();
+        let (o2, g2) = (objects.clone(), gets.clone());
+        let server = ScriptedServer::start(move |head, conn| {
+            let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let path = target.split('?').next().unwrap_or("/").to_string();
+            let objs = o2.lock().unwrap().clone();
+            if target.contains("list-type=2") {
+                let mut x = String::from("<?xml version=\"1.0\"?><ListBucketResult><IsTruncated>false</IsTruncated>");
+                for (k, s) in &objs {
+                    x.push_str(&format!(
+                        "<Contents><Key>{k}</Key><ETag>&#34;{}&#34;</ETag><Size>{}</Size></Contents>",
+                        s.etag,
+                        s.first.len()
+                    ));
+                }
+                x.push_str("</ListBucketResult>");
+                reply(conn, "200 OK", x.as_bytes());
+                return;
+            }
+            let key =
+                path.trim_start_matches('/').strip_prefix(bucket).unwrap_or("").trim_start_matches('/').to_string();
+            let Some(s) = objs.get(&key) else {
+                reply(conn, "404 Not Found", b"<Error><Code>NoSuchKey</Code><Message>no</Message></Error>");
+                return;
+            };
+            *g2.lock().unwrap().entry(key.clone()).or_insert(0) += 1;
+            let range = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim().to_string()))
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+            let extra: String = s.headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let total = s.first.len();
+            let (status, body, cr) = match range {
+                Some(start) if start > 0 => (
+                    "206 Partial Content",
+                    &s.ranged[start..],
+                    format!("Content-Range: bytes {start}-{}/{total}\r\n", total - 1),
+                ),
+                _ => ("200 OK", &s.first[..], String::new()),
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\nETag: \"{}\"\r\nContent-Length: {}\r\n{cr}{extra}Connection: close\r\n\r\n",
+                s.etag,
+                body.len()
+            );
+            let send = match (range, s.cut_first_at) {
+                (None | Some(0), Some(cut)) => &body[..cut.min(body.len())],
+                _ => body,
+            };
+            let _ = conn.write_all(send);
+            let _ = conn.flush();
+        });
+        TinyS3 { server, objects, gets }
+    }
+
+    pub fn put(&self, key: &str, served: Served) {
+        self.objects.lock().unwrap().insert(key.to_string(), served);
+    }
+
+    pub fn gets_of(&self, key: &str) -> u32 {
+        self.gets.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::Digest;
+    md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
