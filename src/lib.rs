@@ -9,7 +9,6 @@
 pub mod cli;
 pub mod cmd;
 pub mod dm;
-pub mod docs;
 pub mod error;
 pub mod extract;
 pub mod fetch;

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         Parsed::Version => return print_ok(&thinimg::cmd::version_text(cli::wants_json(&args))),
         Parsed::Run(inv) => inv,
     };
-    thinimg::ops::log::init(&inv);
+    thinimg::ops::log::init(cli::settings::log_config(&inv));
     match thinimg::cmd::dispatch(&inv) {
         Ok(code) => ExitCode::from(code),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

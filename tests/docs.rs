@@ -38,7 +38,7 @@ fn tool(name: &str, package: &str) -> Command {
 
 #[test]
 fn checked_in_documents_are_the_binarys_output() {
-    for (what, rel) in thinimg::docs::GENERATED {
+    for (what, rel) in thinimg::cli::docs::GENERATED {
         let generated = run(&["generate", what]);
         let file = read(rel);
         if generated != file {
@@ -221,7 +221,7 @@ fn every_exit_code_and_config_key_is_in_the_man_pages() {
     for (code, _) in thinimg::cli::table::EXIT_CODES {
         assert!(man8.contains(&format!(".TP\n{code}\n")), "exit code {code} missing from thinimg.8");
     }
-    for (f, _) in thinimg::docs::config_keys() {
+    for (f, _) in thinimg::cli::docs::config_keys() {
         let item = format!(".TP\n{} = ", f.long);
         assert!(man8.contains(&item), "config key {} missing from thinimg.8", f.long);
         assert!(man5.contains(&item), "config key {} missing from thinimg.conf.5", f.long);
@@ -244,7 +244,7 @@ fn packaged_config_parses_and_its_defaults_are_the_tables() {
     assert!(matches!(parsed, Ok(Parsed::Run(_))), "shipped config rejected: {parsed:?}");
 
     // Uncommenting every `# key = default` line must change nothing.
-    let keys = thinimg::docs::config_keys();
+    let keys = thinimg::cli::docs::config_keys();
     let mut uncommented = String::new();
     let mut n = 0;
     for line in text.lines() {

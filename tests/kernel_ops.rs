@@ -132,3 +132,41 @@ fn json_logs_of_a_parallel_sync_carry_each_threads_own_run_and_image() {
     }
     assert!(checked > fams.len(), "only {checked} lines checked:\n{}", r.stderr);
 }
+
+#[test]
+fn sync_prune_refuses_a_wanted_set_that_does_not_exist_and_forced_it_prunes() {
+    need_dm();
+    let srv = S3Server::shared();
+    let t = Thinimg::new(srv, "pub", "prune-none/");
+    let (conf, run) = small_pool(&t);
+    let env = [("THINIMG_CONFIG", conf.as_str()), ("THINIMG_RUN_DIR", run.as_str())];
+    // Local images as recorded by earlier pulls.
+    assert_eq!(t.run(&["gc", "--dry-run"], &env).code, 0);
+    let conn = rusqlite::Connection::open(t.state.join("state.db")).unwrap();
+    for n in ["a", "b", "c"] {
+        conn.execute(
+            "INSERT INTO images (name, family, top_layer, top_chain, state, updated_at) VALUES (?1, ?1, 1, NULL, 'ready', 0)",
+            [n],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    let names = |t: &Thinimg| -> Vec<String> {
+        t.ok(&["images", "--json"]).json()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // Wanting only images the bucket does not have: refused (78), nothing pruned.
+    let r = t.run(&["sync", "--prune", "ghost"], &env);
+    assert_eq!(r.code, 78, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("none of it exists"), "{}", r.stderr);
+    assert_eq!(names(&t).len(), 3);
+    // Forced, it prunes for real (the absent "a" fails on its own, 66).
+    let r = t.run(&["sync", "--prune", "--force", "a"], &env);
+    assert_eq!(r.code, 66, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("pruned  b") || r.stdout.contains("pruned b"), "{}", r.stdout);
+    assert_eq!(names(&t), vec!["a".to_string()]);
+}

@@ -90,8 +90,8 @@ pub fn render_group(prefix: &str) -> String {
 
 /// `thinimg generate WHAT`: a document rendered from the table (see `docs::GENERATED`).
 pub fn generate(what: &str) -> Result<String> {
-    crate::docs::generate(what).ok_or_else(|| {
-        let names: Vec<&str> = crate::docs::GENERATED.iter().map(|(n, _)| *n).collect();
+    crate::cli::docs::generate(what).ok_or_else(|| {
+        let names: Vec<&str> = crate::cli::docs::GENERATED.iter().map(|(n, _)| *n).collect();
         Error::usage(format!("generate takes one of {}, not {what:?}", names.join(", ")))
     })
 }

@@ -4,6 +4,7 @@
 //! and rendering `--help`. It never touches the state dir, a device or the
 //! network: `-h` and `-V` return before anything else happens.
 
+pub mod docs;
 pub mod help;
 pub mod settings;
 pub mod table;

@@ -15,6 +15,53 @@ use crate::error::{Error, Result};
 use crate::fetch::s3::S3Config;
 use crate::fetch::FetchOptions;
 
+/// `-q`, `-v` and `--log-format`: how the process logs.
+pub fn log_config(inv: &Invocation) -> crate::ops::log::LogConfig {
+    crate::ops::log::LogConfig {
+        quiet: inv.flag("quiet"),
+        verbose: inv.count("verbose"),
+        json: inv.get("log-format") == Some("json"),
+    }
+}
+
+/// The extraction limits (`--max-entries` ...), read through the table.
+pub fn extract_limits(inv: &Invocation) -> Result<crate::extract::Limits> {
+    Ok(crate::extract::Limits {
+        max_entries: number_or_default(inv, "max-entries")?,
+        max_file_size: number_or_default(inv, "max-file-size")?,
+        max_total_size: number_or_default(inv, "max-total-size")?,
+        max_path_len: number_or_default(inv, "max-path-len")?,
+        max_depth: number_or_default(inv, "max-depth")?,
+        max_header_size: number_or_default(inv, "max-header-size")?,
+    })
+}
+
+/// A number flag's value, or its table default for a command that does not
+/// take the flag.
+fn number_or_default(inv: &Invocation, long: &str) -> Result<u64> {
+    if crate::cli::table::flags_of(Some(inv.command)).any(|f| f.long == long) {
+        inv.number(long)
+    } else {
+        default_u64(long)
+    }
+}
+
+/// `--jobs`: file-writer threads, one range everywhere (1..=256, checked at
+/// parse time); the number of CPUs when unset.
+fn extract_jobs(inv: &Invocation) -> Result<usize> {
+    Ok(match inv.u64_opt("jobs")? {
+        Some(n) => usize::try_from(n).map_err(|_| Error::usage("--jobs is too large"))?,
+        None => crate::extract::default_jobs(),
+    })
+}
+
+/// The options of `thinimg unpack`: the safe policy unless
+/// --keep-privileges / --devices ask for more.
+pub fn unpack_options(inv: &Invocation) -> Result<crate::extract::Options> {
+    let policy = crate::extract::Policy { privileges: inv.flag("keep-privileges"), devices: inv.flag("devices") };
+    Ok(crate::extract::Options { limits: extract_limits(inv)?, jobs: extract_jobs(inv)?, policy })
+}
+
 /// `--wait`: how long to queue behind another instance (`None`: not at all).
 pub fn wait(inv: &Invocation) -> Result<Option<Duration>> {
     Ok(inv.u64_opt("wait")?.map(Duration::from_secs))
@@ -41,11 +88,8 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
         }
     }
     let extract = crate::extract::Options {
-        limits: crate::extract::Limits::from_invocation(inv)?,
-        jobs: match inv.u64_opt("jobs")? {
-            Some(n) => usize::try_from(n).map_err(|_| Error::usage("--jobs is too large"))?,
-            None => crate::extract::default_jobs(),
-        },
+        limits: extract_limits(inv)?,
+        jobs: extract_jobs(inv)?,
         // Full fidelity: build mounts are nosuid,nodev.
         policy: crate::extract::Policy::FULL,
     };
@@ -191,5 +235,37 @@ mod tests {
         );
         let bad = Invocation::for_test("pull", &["golang"], &[("block-size", "200")]);
         assert!(pipeline_opts(&bad).is_err());
+    }
+
+    #[test]
+    fn default_limits_are_the_flag_table_defaults() {
+        let d = crate::extract::Limits::default();
+        let want = |long: &str| -> u64 {
+            let f = crate::cli::table::EXTRACT.iter().find(|f| f.long == long).expect("flag in table");
+            crate::cli::parse_size(f.default.expect("a default")).expect("parses")
+        };
+        assert_eq!(d.max_entries, want("max-entries"));
+        assert_eq!(d.max_file_size, want("max-file-size"));
+        assert_eq!(d.max_total_size, want("max-total-size"));
+        assert_eq!(d.max_path_len, want("max-path-len"));
+        assert_eq!(d.max_depth, want("max-depth"));
+        assert_eq!(d.max_header_size, want("max-header-size"));
+    }
+
+    #[test]
+    fn limits_from_flags() {
+        let inv = Invocation::for_test(
+            "unpack",
+            &[],
+            &[("max-entries", "10"), ("max-file-size", "1K"), ("max-header-size", "2M"), ("jobs", "3")],
+        );
+        let o = unpack_options(&inv).unwrap();
+        assert_eq!((o.limits.max_entries, o.limits.max_file_size, o.limits.max_header_size), (10, 1024, 2 << 20));
+        assert_eq!(o.jobs, 3);
+        assert_eq!(o.limits.max_depth, crate::extract::Limits::default().max_depth);
+        let bad = Invocation::for_test("unpack", &[], &[("max-entries", "lots")]);
+        assert_eq!(extract_limits(&bad).unwrap_err().kind(), crate::error::Kind::Usage);
+        let zero = Invocation::for_test("unpack", &[], &[("jobs", "0")]);
+        assert_eq!(unpack_options(&zero).unwrap_err().kind(), crate::error::Kind::Usage);
     }
 }

@@ -44,7 +44,7 @@ pub fn show(inv: &Invocation) -> Result<u8> {
         inv.source("config").unwrap_or("default").to_string(),
     ]];
     let mut items = Vec::new();
-    for (f, _) in crate::docs::config_keys() {
+    for (f, _) in crate::cli::docs::config_keys() {
         let value =
             if f.value.is_none() { Some(inv.flag(f.long).to_string()) } else { inv.get(f.long).map(String::from) };
         let source = inv.source(f.long).unwrap_or("unset").to_string();

@@ -3,11 +3,11 @@
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
-use crate::extract::{apply_layer, Options, Report};
+use crate::extract::{apply_layer, Report};
 
 pub fn run(inv: &Invocation) -> Result<u8> {
     let dest = inv.path("dest").ok_or_else(|| Error::usage("unpack needs --dest DIR"))?;
-    let opts = Options::from_invocation(inv)?;
+    let opts = crate::cli::settings::unpack_options(inv)?;
     prepare_dest(&dest, inv.flag("apply-on-top"))?;
     crate::ops::signals::install();
     let mut reports: Vec<Report> = Vec::new();

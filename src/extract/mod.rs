@@ -63,20 +63,6 @@ impl Default for Limits {
     }
 }
 
-impl Limits {
-    pub fn from_invocation(inv: &crate::cli::Invocation) -> Result<Limits> {
-        let d = Limits::default();
-        Ok(Limits {
-            max_entries: inv.u64_opt("max-entries")?.unwrap_or(d.max_entries),
-            max_file_size: inv.u64_opt("max-file-size")?.unwrap_or(d.max_file_size),
-            max_total_size: inv.u64_opt("max-total-size")?.unwrap_or(d.max_total_size),
-            max_path_len: inv.u64_opt("max-path-len")?.unwrap_or(d.max_path_len),
-            max_depth: inv.u64_opt("max-depth")?.unwrap_or(d.max_depth),
-            max_header_size: inv.u64_opt("max-header-size")?.unwrap_or(d.max_header_size),
-        })
-    }
-}
-
 /// What a layer may materialize besides plain files, directories, links
 /// and FIFOs. The pipeline keeps everything (its build mounts are
 /// nosuid,nodev); `thinimg unpack` onto a host directory keeps neither
@@ -112,21 +98,6 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Options {
         Options { limits: Limits::default(), jobs: default_jobs(), policy: Policy::FULL }
-    }
-}
-
-impl Options {
-    /// The options of `thinimg unpack`: the safe policy unless
-    /// --keep-privileges / --devices ask for more.
-    pub fn from_invocation(inv: &crate::cli::Invocation) -> Result<Options> {
-        // One range everywhere (unpack and the pipeline): 1..=256.
-        let jobs = match inv.u64_opt("jobs")? {
-            Some(n @ 1..=256) => n as usize,
-            Some(n) => return Err(Error::usage(format!("--jobs {n}: must be between 1 and 256"))),
-            None => default_jobs(),
-        };
-        let policy = Policy { privileges: inv.flag("keep-privileges"), devices: inv.flag("devices") };
-        Ok(Options { limits: Limits::from_invocation(inv)?, jobs, policy })
     }
 }
 
@@ -1040,38 +1011,6 @@ pub fn is_rejection(e: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_limits_are_the_flag_table_defaults() {
-        let d = Limits::default();
-        let want = |long: &str| -> u64 {
-            let f = crate::cli::table::EXTRACT.iter().find(|f| f.long == long).expect("flag in table");
-            crate::cli::parse_size(f.default.expect("a default")).expect("parses")
-        };
-        assert_eq!(d.max_entries, want("max-entries"));
-        assert_eq!(d.max_file_size, want("max-file-size"));
-        assert_eq!(d.max_total_size, want("max-total-size"));
-        assert_eq!(d.max_path_len, want("max-path-len"));
-        assert_eq!(d.max_depth, want("max-depth"));
-        assert_eq!(d.max_header_size, want("max-header-size"));
-    }
-
-    #[test]
-    fn limits_from_flags() {
-        let inv = crate::cli::Invocation::for_test(
-            "unpack",
-            &[],
-            &[("max-entries", "10"), ("max-file-size", "1K"), ("max-header-size", "2M"), ("jobs", "3")],
-        );
-        let o = Options::from_invocation(&inv).unwrap();
-        assert_eq!((o.limits.max_entries, o.limits.max_file_size, o.limits.max_header_size), (10, 1024, 2 << 20));
-        assert_eq!(o.jobs, 3);
-        assert_eq!(o.limits.max_depth, Limits::default().max_depth);
-        let bad = crate::cli::Invocation::for_test("unpack", &[], &[("max-entries", "lots")]);
-        assert_eq!(Limits::from_invocation(&bad).unwrap_err().kind(), Kind::Usage);
-        let zero = crate::cli::Invocation::for_test("unpack", &[], &[("jobs", "0")]);
-        assert_eq!(Options::from_invocation(&zero).unwrap_err().kind(), Kind::Usage);
-    }
 
     fn tar_of(n: usize, pax_comment: usize) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());

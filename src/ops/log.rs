@@ -10,8 +10,6 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::time::Instant;
 
-use crate::cli::Invocation;
-
 thread_local! {
     static CONTEXT: RefCell<Vec<(&'static str, String)>> = const { RefCell::new(Vec::new()) };
 }
@@ -33,18 +31,29 @@ pub fn context() -> Vec<(&'static str, String)> {
     CONTEXT.with(|c| c.borrow().clone())
 }
 
-pub fn init(inv: &Invocation) {
+/// How to log, from the command line (built by the command layer).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogConfig {
+    /// `-q`: errors only.
+    pub quiet: bool,
+    /// `-v` count: 1 debug, 2 or more trace.
+    pub verbose: u32,
+    /// `--log-format json`.
+    pub json: bool,
+}
+
+pub fn init(cfg: LogConfig) {
     let _ = START.set(Instant::now());
-    let level = if inv.flag("quiet") {
+    let level = if cfg.quiet {
         "error"
     } else {
-        match inv.count("verbose") {
+        match cfg.verbose {
             0 => "info",
             1 => "debug",
             _ => "trace",
         }
     };
-    let json = inv.get("log-format") == Some("json");
+    let json = cfg.json;
     let mut b = env_logger::Builder::new();
     b.parse_filters(&format!("{level},ureq=warn,rustls=warn,attohttpc=warn"));
     if let Ok(f) = std::env::var("RUST_LOG") {

@@ -183,6 +183,11 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
         return Ok(SyncReport { images: items, pruned, kept_with_activations: kept, dry_run: true, ok, failed });
     }
 
+    // The host first: without device-mapper nothing below can work, and the
+    // sync fails once, fast, for all its images (exit 71), touching no S3.
+    if !todo.is_empty() {
+        super::require_kernel()?;
+    }
     // One listing answers for every wanted ref before any work: a ref the
     // bucket does not have (or has with a gap) is that ref's failure, with
     // no run; an unreadable bucket fails every ref at once.
@@ -214,11 +219,6 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
     // before anything is pulled (and again after, when pulls failed).
     if mode.prune {
         prune_plan(env, &items, mode)?;
-    }
-    // Only now the host: without device-mapper nothing below can work, and
-    // it fails once, fast, for the whole sync.
-    if !todo.is_empty() {
-        super::require_kernel()?;
     }
     // Prefetch everything together: parallel, deduplicated downloads. A
     // failure here is only logged; each image's own pull reports it.

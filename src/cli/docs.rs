@@ -11,7 +11,7 @@
 
 use std::fmt::Write;
 
-use crate::cli::table::{self, Command, Flag};
+use super::table::{self, Command, Flag};
 
 /// The documents `thinimg generate` knows, with the path each is checked in at.
 pub const GENERATED: &[(&str, &str)] = &[
