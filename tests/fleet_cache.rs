@@ -140,8 +140,12 @@ fn bucket() -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// A cache remote-mounting the origin's bucket `priv` under the same name,
+/// so one `--endpoint CACHE,ORIGIN` list serves one bucket name.
 fn cache_for(origin_via: &str) -> S3Server {
     let cache = S3Server::start_with(&[
+        // Only `pub` of its own (the later -bucket wins): `priv` is the mount.
+        "-bucket=pub",
         "-s3.allowUntrustedRemoteEndpoints",
         "-filer.allowUntrustedRemoteEndpoints",
         "-volume.allowUntrustedRemoteEndpoints",
@@ -149,21 +153,21 @@ fn cache_for(origin_via: &str) -> S3Server {
     cache.shell(&format!(
         "remote.configure -name=origin -type=s3 -s3.access_key={ACCESS_KEY} -s3.secret_key={SECRET_KEY} \
          -s3.endpoint={origin_via} -s3.region=us-east-1 -s3.force_path_style=true\n\
-         remote.mount -dir=/buckets/imgs -remote=origin/priv\n"
+         remote.mount -dir=/buckets/priv -remote=origin/priv\n"
     ));
     cache
 }
 
+fn host(endpoint: &str, srv: &S3Server) -> Thinimg {
+    let mut t = Thinimg::new(srv, "priv", "images/");
+    t.endpoint = endpoint.to_string();
+    t
+}
+
 /// Start `HOSTS` fetches of every image at once; returns each host and the
 /// wall time until the last one ended.
-fn herd(endpoint: &str, srv: &S3Server, bucket: &str) -> (Vec<Thinimg>, f64) {
-    let hosts: Vec<Thinimg> = (0..HOSTS)
-        .map(|_| {
-            let mut t = Thinimg::new(srv, bucket, "images/");
-            t.endpoint = endpoint.to_string();
-            t
-        })
-        .collect();
+fn herd(endpoint: &str, srv: &S3Server) -> (Vec<Thinimg>, f64) {
+    let hosts: Vec<Thinimg> = (0..HOSTS).map(|_| host(endpoint, srv)).collect();
     let t0 = Instant::now();
     let children: Vec<_> = hosts
         .iter()
@@ -211,7 +215,7 @@ fn sixteen_hosts_through_a_read_through_cache_read_each_object_from_the_origin_o
 
     // The cache lists the remote objects with empty ETags until it has read
     // them: the case the hosts must not take as a content claim.
-    let listing = common::curl(&[&format!("{}/imgs?list-type=2", cache.endpoint)]);
+    let listing = common::curl(&[&format!("{}/priv?list-type=2", cache.endpoint)]);
     let xml = String::from_utf8_lossy(&listing.stdout);
     assert!(xml.contains("images/golang/1.tar"), "cache does not list the origin's keys: {xml}");
     assert!(
@@ -219,7 +223,7 @@ fn sixteen_hosts_through_a_read_through_cache_read_each_object_from_the_origin_o
         "precondition: the cache's listing should have empty ETags for unread objects: {xml}"
     );
 
-    let (hosts, t_cache) = herd(&cache.endpoint, &cache, "imgs");
+    let (hosts, t_cache) = herd(&cache.endpoint, &cache);
     assert_identical(&hosts, &objects);
 
     // At the origin: every object read at most once in bytes (one full GET,
@@ -243,7 +247,7 @@ fn sixteen_hosts_through_a_read_through_cache_read_each_object_from_the_origin_o
         assert!(bytes <= size, "origin served {path} more than once ({bytes} bytes for a {size}-byte object): {rs:?}");
     }
     // Direct, for the README's numbers: the same herd against the origin.
-    let (direct, t_direct) = herd(&origin.endpoint, &origin, "priv");
+    let (direct, t_direct) = herd(&origin.endpoint, &origin);
     assert_identical(&direct, &objects);
     let total: u64 = objects.iter().map(|(_, d)| d.len() as u64).sum();
     eprintln!(
@@ -255,4 +259,22 @@ fn sixteen_hosts_through_a_read_through_cache_read_each_object_from_the_origin_o
         total as usize * HOSTS,
         report.join("\n")
     );
+
+    // Fallback, both ways. A second cache, warmed by one host.
+    let cache2 = cache_for(&proxy.endpoint);
+    host(&cache2.endpoint, &cache2).ok(&["fetch", "golang", "node", "python"]);
+    // The first cache stops: `--endpoint CACHE,ORIGIN` falls through to the
+    // origin for every request, and says so once.
+    cache.stop();
+    let h = host(&format!("{},{}", cache.endpoint, origin.endpoint), &origin);
+    let r = h.ok(&["fetch", "golang", "node", "python"]);
+    assert_eq!(r.stderr.matches("falling back to").count(), 1, "the switch is logged once:\n{}", r.stderr);
+    assert!(r.stderr.contains(&origin.endpoint), "{}", r.stderr);
+    assert_identical(std::slice::from_ref(&h), &objects);
+    // The origin stops: the warm cache keeps serving every object.
+    origin.stop();
+    let h = host(&format!("{},{}", cache2.endpoint, origin.endpoint), &cache2);
+    let r = h.ok(&["fetch", "golang", "node", "python"]);
+    assert!(!r.stderr.contains("falling back"), "{}", r.stderr);
+    assert_identical(std::slice::from_ref(&h), &objects);
 }

@@ -154,7 +154,10 @@ impl S3Server {
         std::mem::forget(child);
         let t0 = Instant::now();
         loop {
-            let ok = ["priv", "pub"].iter().all(|b| {
+            // The buckets it creates: `-bucket=...` (the last one wins).
+            let buckets: Vec<&str> =
+                extra.iter().rev().find_map(|a| a.strip_prefix("-bucket=")).unwrap_or("pub,priv").split(',').collect();
+            let ok = buckets.iter().all(|b| {
                 curl(&["-o", "/dev/null", &format!("{}/{b}?list-type=2&max-keys=1", srv.endpoint)]).status.success()
             });
             if ok {
