@@ -104,7 +104,7 @@ uninstall:
 # binary stripped (packages ship no debug info; Debian policy wants it so)
 # and the copyright file both packages carry.
 stage: all
-	rm -rf $(STAGE)
+	rm -rf --one-file-system $(STAGE)
 	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/$(STAGE) PREFIX=/usr SYSCONFDIR=/etc
 	strip --strip-unneeded --remove-section=.comment --remove-section=.note $(STAGE)/usr/sbin/thinimg
 	scripts/gen-copyright > $(STAGE)/usr/share/doc/thinimg/copyright
@@ -118,6 +118,9 @@ rpm: stage
 test-packaging:
 	scripts/test-packaging
 
+# build/ holds debootstrap targets and VM disks: never walk into a mount.
 clean:
-	rm -rf build
+	@if findmnt -rn -o TARGET | grep -q '^$(CURDIR)/build\(/\|$$\)'; then \
+		echo "make clean: something is mounted under build/; unmount it first" >&2; exit 1; fi
+	rm -rf --one-file-system build
 	$(CARGO) clean
