@@ -777,7 +777,7 @@ fn bytes_that_do_not_match_their_etag_are_never_stored() {
     let srv = S3Server::shared();
     let real = tar_layer(81, 300_000);
     srv.put("priv", "poison/images/golang/1.tar", &real);
-    let evil = common::TinyS3::start("b");
+    let evil = common::TinyS3::start("bkt");
     // Same size, the MD5 of b's real layer as ETag, other bytes.
     let other = tar_layer(82, 300_000);
     assert_eq!(other.len(), real.len());
@@ -808,7 +808,7 @@ fn bytes_that_do_not_match_their_etag_are_never_stored() {
     // bytes under the same ETag. Refused, nothing stored; the same server
     // resuming honestly works (the test server is sound).
     for (ranged, ok) in [(other.clone(), false), (real.clone(), true)] {
-        let s = common::TinyS3::start("b");
+        let s = common::TinyS3::start("bkt");
         let cut = 100_000 + (ranged[0] as usize % 1000);
         s.put(
             "images/sp/1.tar",
@@ -837,7 +837,7 @@ fn bytes_that_do_not_match_their_etag_are_never_stored() {
     // x-amz-checksum-sha256 is checked when the server sends it (here with
     // a multipart-style ETag, which says nothing about the bytes).
     for (sum, ok) in [(base64(&sha256_bytes(&other)), false), (base64(&sha256_bytes(&real)), true)] {
-        let s = common::TinyS3::start("b");
+        let s = common::TinyS3::start("bkt");
         s.put(
             "images/ck/1.tar",
             common::Served {
@@ -893,7 +893,7 @@ fn reject_in_db(t: &Thinimg, digest: &str, why: &str) {
 #[test]
 fn a_rejected_layer_stays_rejected() {
     let data = tar_layer(84, 150_000);
-    let s = common::TinyS3::start("b");
+    let s = common::TinyS3::start("bkt");
     let served = |d: &Vec<u8>| common::Served {
         first: d.clone(),
         ranged: d.clone(),
@@ -922,7 +922,7 @@ fn a_rejected_layer_stays_rejected() {
     assert_eq!(r.code, 65, "{}", r.stderr);
     assert_eq!(s.gets_of("images/y/1.tar"), 1, "known by key now: not downloaded again");
     let b = t.ok(&["blobs", "--json"]).json();
-    let row = b.as_array().unwrap().iter().find(|x| x["digest"] == digest.as_str()).unwrap().clone();
+    let row = b["blobs"].as_array().unwrap().iter().find(|x| x["digest"] == digest.as_str()).unwrap().clone();
     assert_eq!(row["state"], "rejected", "{b:#}");
     assert_eq!(row["reason"], "rule xyz: hostile", "{b:#}");
     assert!(t.ok(&["blobs"]).stdout.contains("rule xyz: hostile"));
@@ -986,13 +986,13 @@ fn disk_space_is_checked_and_partials_are_collected() {
     let big = tar_layer(93, 20 << 20);
     srv.put("priv", "space/images/big/1.tar", &big);
     let t = Thinimg::new(srv, "priv", "space/images/");
-    let r = t.run(&["fetch", "--min-free", "1000000T", "big"], &[]);
+    let r = t.run(&["fetch", "--min-free", "1000T", "big"], &[]);
     assert_eq!(r.code, 74, "{}", r.stderr);
     assert!(r.stderr.contains("not enough free space") && r.stderr.contains("--min-free"), "{}", r.stderr);
     assert!(t.blob_files().is_empty());
     assert_eq!(common::file_count(&t.state.join("blobs/partial")), 0);
     // The reserve is also a config/env setting, read by doctor.
-    let j = t.run(&["doctor", "--json"], &[("THINIMG_MIN_FREE", "1000000T")]).json();
+    let j = t.run(&["doctor", "--json"], &[("THINIMG_MIN_FREE", "1000T")]).json();
     let c = j["checks"].as_array().unwrap().iter().find(|c| c["name"] == "state filesystem").unwrap().clone();
     assert_eq!(c["status"], "warn", "{j:#}");
     // Killed mid-download: a partial stays for a resume...
@@ -1067,7 +1067,7 @@ fn a_trickled_download_is_abandoned_in_bounded_time() {
 #[test]
 fn images_show_a_rejected_layer_with_its_reason() {
     let data = tar_layer(96, 50_000);
-    let s = common::TinyS3::start("b");
+    let s = common::TinyS3::start("bkt");
     s.put(
         "images/im/1.tar",
         common::Served {
@@ -1107,7 +1107,7 @@ fn images_show_a_rejected_layer_with_its_reason() {
 fn empty_listing_etags_are_never_trusted() {
     let v1 = tar_layer(97, 60_000);
     let v2 = tar_layer(98, 60_000);
-    let s = common::TinyS3::start("b");
+    let s = common::TinyS3::start("bkt");
     let served =
         |d: &Vec<u8>| common::Served { first: d.clone(), ranged: d.clone(), etag: String::new(), ..Default::default() };
     s.put("images/e/1.tar", served(&v1));
@@ -1169,7 +1169,7 @@ fn endpoint_fallback_skips_only_unreachable_or_failing_endpoints() {
 /// request; durations are checked at parse time.
 #[test]
 fn sync_jitter_sleeps_before_the_first_request() {
-    let s = common::TinyS3::start("b");
+    let s = common::TinyS3::start("bkt");
     let t = against(&s.server.endpoint);
     let t0 = Instant::now();
     let r = t.run(&["sync", "--all", "-v", "--jitter", "2s"], &[]);
