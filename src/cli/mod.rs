@@ -90,12 +90,6 @@ impl Invocation {
             .ok_or_else(|| Error::software(format!("--{long} has no value and no default in the flag table")))
     }
 
-    /// Kept for callers outside the command layer; `default` only applies to
-    /// a flag without a table default.
-    pub fn u64_or(&self, long: &str, default: u64) -> Result<u64> {
-        Ok(self.u64_opt(long)?.unwrap_or(default))
-    }
-
     pub fn path(&self, long: &str) -> Option<PathBuf> {
         self.get(long).map(PathBuf::from)
     }

@@ -73,6 +73,53 @@ pub fn runs_retention(inv: &Invocation) -> Result<Duration> {
     Ok(Duration::from_secs(inv.number("runs-retention")?))
 }
 
+/// Everything the pipeline takes from the command line, checked before
+/// any lock is taken. The S3 settings are kept with their error, if any:
+/// only the steps that talk to S3 fail for a bad one.
+pub fn pipeline(inv: &Invocation) -> Result<crate::pipeline::Settings> {
+    let opts = pipeline_opts(inv)?;
+    let pool = pool_request(inv)?;
+    Ok(crate::pipeline::Settings {
+        state_dir: inv.state_dir(),
+        run_dir: inv.run_dir(),
+        wait: wait(inv)?,
+        runs_retention: runs_retention(inv)?,
+        opts,
+        prefix: prefix(inv),
+        s3: crate::pipeline::Deferred::new(s3_config(inv)),
+        // Pulls show progress unless --quiet, and trust the store's hashes.
+        fetch: FetchOptions { verify: false, progress: !inv.flag("quiet"), ..fetch_options(inv)? },
+        pool,
+    })
+}
+
+/// The pool `pool create` makes, and the pipeline on first use when none
+/// is recorded: `--data-dev`/`--meta-dev` (both or neither; loop files
+/// otherwise), `--data-size`, `--block-size` (table defaults for a command
+/// without them).
+pub fn pool_request(inv: &Invocation) -> Result<crate::poolctl::CreateRequest> {
+    let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
+        (Some(d), Some(m)) => Some((d, m)),
+        (None, None) => None,
+        _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
+    };
+    let block_sectors = number_or_default(inv, "block-size")?;
+    if block_sectors % 128 != 0 {
+        return Err(Error::usage(format!("--block-size {block_sectors} must be a multiple of 128 sectors (64 KiB)")));
+    }
+    Ok(crate::poolctl::CreateRequest { devices, data_size: number_or_default(inv, "data-size")?, block_sectors })
+}
+
+/// `--prefix` as the S3 listing and the ref names both read it: ending in
+/// `/` unless empty.
+pub fn prefix(inv: &Invocation) -> String {
+    let mut prefix = inv.get("prefix").unwrap_or("").to_string();
+    if !prefix.is_empty() && !prefix.ends_with('/') {
+        prefix.push('/');
+    }
+    prefix
+}
+
 /// What the pipeline's steps need from the command line.
 pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
     let flags: Vec<&str> = crate::cli::table::flags_of(Some(inv.command)).map(|f| f.long).collect();
@@ -80,12 +127,6 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
         if flags.contains(&"device-size") { inv.number("device-size")? } else { default_u64("device-size")? };
     if device_size % 4096 != 0 {
         return Err(Error::usage(format!("--device-size {device_size} must be a multiple of 4K")));
-    }
-    if flags.contains(&"block-size") {
-        let b = inv.number("block-size")?;
-        if b % 128 != 0 {
-            return Err(Error::usage(format!("--block-size {b} must be a multiple of 128 sectors (64 KiB)")));
-        }
     }
     let extract = crate::extract::Options {
         limits: extract_limits(inv)?,
@@ -151,13 +192,9 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
     if bucket.is_empty() || bucket.contains('/') {
         return Err(Error::usage(format!("--bucket {bucket:?}: not a bucket name")));
     }
-    let mut prefix = inv.get("prefix").unwrap_or("").to_string();
-    if !prefix.is_empty() && !prefix.ends_with('/') {
-        prefix.push('/');
-    }
     Ok(S3Config {
         bucket,
-        prefix,
+        prefix: prefix(inv),
         region: inv.get("region").unwrap_or("us-east-1").to_string(),
         endpoints: inv
             .get("endpoint")
@@ -176,15 +213,14 @@ pub fn s3_config(inv: &Invocation) -> Result<S3Config> {
     })
 }
 
-/// How to fetch: `--download-jobs`, `--max-blob-size`, `--min-free`,
+/// How to fetch: `--download-jobs`, `--max-blob-size`, `--min-free` (table
+/// defaults for a command without them, e.g. one that resumes a pull),
 /// `--verify` (where the command has it), progress unless `--quiet`/`--json`.
 pub fn fetch_options(inv: &Invocation) -> Result<FetchOptions> {
-    let size =
-        |long: &str| -> Result<u64> { inv.u64_opt(long)?.ok_or_else(|| Error::usage(format!("--{long} is required"))) };
     Ok(FetchOptions {
-        jobs: size("download-jobs")?.clamp(1, 64) as usize,
-        max_blob_size: size("max-blob-size")?,
-        min_free: min_free(inv)?,
+        jobs: number_or_default(inv, "download-jobs")?.clamp(1, 64) as usize,
+        max_blob_size: number_or_default(inv, "max-blob-size")?,
+        min_free: number_or_default(inv, "min-free")?,
         verify: inv.flag("verify"),
         progress: !inv.flag("quiet") && !inv.json(),
         // `fetch` pre-stages: its blobs survive gc for the retention period.
@@ -234,7 +270,67 @@ mod tests {
             crate::cli::table::find_flag("download-jobs").unwrap().default.unwrap()
         );
         let bad = Invocation::for_test("pull", &["golang"], &[("block-size", "200")]);
-        assert!(pipeline_opts(&bad).is_err());
+        assert!(pipeline(&bad).is_err());
+    }
+
+    #[test]
+    fn pipeline_settings_for_a_command_without_the_fetch_and_pool_flags() {
+        // `rm` (and every writer) may resume a pull that must fetch a blob
+        // again or create the pool: the table's defaults apply, as for
+        // `pull`, instead of an error about a flag the command lacks.
+        let s = pipeline(&Invocation::for_test("rm", &["golang"], &[])).unwrap();
+        let want = |long: &str| default_u64(long).unwrap();
+        assert_eq!(s.fetch.jobs as u64, want("download-jobs"));
+        assert_eq!(s.fetch.max_blob_size, want("max-blob-size"));
+        assert_eq!(s.fetch.min_free, want("min-free"));
+        assert_eq!((s.pool.data_size, s.pool.block_sectors), (want("data-size"), want("block-size")));
+        assert!(s.pool.devices.is_none());
+        let pull = pipeline(&Invocation::for_test("pull", &["golang"], &[("download-jobs", "7")])).unwrap();
+        assert_eq!(pull.fetch.jobs, 7);
+        assert!(!pull.fetch.verify && !pull.fetch.retain);
+    }
+
+    #[test]
+    fn pool_request_rules() {
+        let one = Invocation::for_test("pull", &["golang"], &[("data-dev", "/dev/vdb")]);
+        assert_eq!(pipeline(&one).unwrap_err().kind(), crate::error::Kind::Usage);
+        let both = Invocation::for_test(
+            "pool create",
+            &[],
+            &[("data-dev", "/dev/vdb"), ("meta-dev", "/dev/vdc"), ("data-size", "1G"), ("block-size", "256")],
+        );
+        let r = pool_request(&both).unwrap();
+        assert_eq!(r.devices, Some(("/dev/vdb".into(), "/dev/vdc".into())));
+        assert_eq!((r.data_size, r.block_sectors), (1 << 30, 256));
+    }
+
+    #[test]
+    fn a_bad_s3_setting_fails_only_what_uses_s3() {
+        let inv = Invocation::for_test("rm", &["golang"], &[("timeout", "0")]);
+        let s = pipeline(&inv).unwrap();
+        let e = s.s3.get().unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Usage);
+        assert!(e.message().contains("--timeout"), "{}", e.message());
+        assert_eq!(s.s3.get().unwrap_err().message(), e.message(), "the error is kept, not used up");
+    }
+
+    #[test]
+    fn refs_and_the_listing_read_one_prefix() {
+        // `--prefix foo` lists `foo/...`; a ref given as a full key under it
+        // names the same image as the short form.
+        for given in ["foo", "foo/"] {
+            let inv = Invocation::for_test("pull", &[], &[("prefix", given)]);
+            let p = prefix(&inv);
+            assert_eq!(p, "foo/");
+            assert_eq!(s3_config(&inv).unwrap().prefix, p);
+            let name = |r: &str| crate::pipeline::sources::image_name(&p, r).unwrap();
+            assert_eq!(name("foo/golang/3.tar"), "golang/3");
+            assert_eq!(name("golang/3"), "golang/3");
+            assert_eq!(name("golang"), "golang");
+        }
+        let none = Invocation::for_test("pull", &[], &[("prefix", "")]);
+        assert_eq!(prefix(&none), "");
+        assert_eq!(crate::pipeline::sources::image_name("", "golang/3.tar").unwrap(), "golang/3");
     }
 
     #[test]

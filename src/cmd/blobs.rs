@@ -62,7 +62,7 @@ fn clear_rejection(inv: &Invocation, d: &str) -> Result<u8> {
     let digest = BlobDigest::parse(d).map_err(|_| {
         Error::usage(format!("--clear-rejection {:?}: not a SHA-256 digest (64 lower-case hex digits)", show_key(d)))
     })?;
-    let env = crate::pipeline::Env::open(inv)?;
+    let env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
     if !q::blob_clear_rejection(&env.db.conn, digest.as_str())? {
         return Err(Error::new(Kind::NoSuchImage, format!("blob {digest} is not rejected")));
     }

@@ -11,7 +11,7 @@ use crate::pipeline::Env;
 pub fn run(inv: &Invocation) -> Result<u8> {
     let opts = crate::cli::settings::fetch_options(inv)?;
     // Takes the state lock (--wait) and resumes interrupted runs first.
-    let env = Env::open(inv)?;
+    let env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let s3 = S3Client::new(crate::cli::settings::s3_config(inv)?)?;
     let store = BlobStore::open(&env.ctx.state_dir)?;
     let report = fetch_refs(&env.db.conn, &env.ctx.state_dir, &s3, &store, &inv.args, &opts)?;

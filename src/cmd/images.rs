@@ -13,10 +13,10 @@ fn quiet(inv: &Invocation) -> bool {
 }
 
 pub fn pull(inv: &Invocation) -> Result<u8> {
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let mut done = Vec::new();
     for r in &inv.args {
-        let image = sources::image_name(inv, r)?;
+        let image = sources::image_name(&crate::cli::settings::prefix(inv), r)?;
         env.run(&pull::spec(&image, r))?;
         done.push(image_json(&env.db.conn, &image)?);
     }
@@ -67,7 +67,7 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
         .to_string();
     activate::check_name(&name)?;
     let reference = &inv.args[0];
-    let image = sources::image_name(inv, reference)?;
+    let image = sources::image_name(&crate::cli::settings::prefix(inv), reference)?;
     // The idempotent answer, from a read-only look: when the activation is
     // active with its node in place and no interrupted run waits to be
     // resumed, there is nothing to lock, resume or do.
@@ -80,7 +80,7 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
             }
         }
     }
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     if let Some(a) = q::activation(&env.db.conn, &name)? {
         if a.image != image {
             return Err(Error::new(
@@ -140,7 +140,7 @@ pub fn deactivate(inv: &Invocation) -> Result<u8> {
         }
         return Ok(0);
     }
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     if q::activation(&env.db.conn, name)?.is_none() {
         return Err(Error::new(Kind::NoSuchImage, format!("no activation named {name}")));
     }
@@ -154,7 +154,7 @@ pub fn deactivate(inv: &Invocation) -> Result<u8> {
 }
 
 pub fn rm(inv: &Invocation) -> Result<u8> {
-    let image = sources::image_name(inv, &inv.args[0])?;
+    let image = sources::image_name(&crate::cli::settings::prefix(inv), &inv.args[0])?;
     if inv.flag("dry-run") {
         let db = Db::open_read(&inv.state_dir())?;
         let db = db
@@ -177,7 +177,7 @@ pub fn rm(inv: &Invocation) -> Result<u8> {
         }
         return Ok(0);
     }
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     if q::image(&env.db.conn, &image)?.is_none() {
         return Err(Error::new(Kind::NoSuchImage, format!("no image {image}")));
     }
@@ -268,7 +268,8 @@ pub fn activations(inv: &Invocation) -> Result<u8> {
 pub fn gc(inv: &Invocation) -> Result<u8> {
     let dry = inv.flag("dry-run");
     // A dry run changes nothing: not even interrupted runs are resumed.
-    let mut env = if dry { Env::open_without_resume(inv)? } else { Env::open(inv)? };
+    let settings = crate::cli::settings::pipeline(inv)?;
+    let mut env = if dry { Env::open_without_resume(&settings)? } else { Env::open(&settings)? };
     let Env { db, ctx, .. } = &mut env;
     let rep = gc::run(ctx, &mut db.conn, dry)?;
     if inv.json() {

@@ -23,7 +23,7 @@ pub fn sync(inv: &Invocation) -> Result<u8> {
         log::info!("sync: waiting {:.1} s (--jitter {} s) before the first request", d.as_secs_f64(), max.as_secs());
         crate::ops::signals::sleep(d)?;
     }
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     if set.all {
         for f in sync::all_families(&env.ctx)? {
             if !refs.iter().any(|w| w.reference == f) {

@@ -5,24 +5,13 @@ use crate::cli::Invocation;
 use crate::error::{Error, Result};
 use crate::ops::output;
 use crate::pool::{Pool, PoolStatus};
-use crate::poolctl::{self, CreateRequest};
+use crate::poolctl;
 use crate::store::Db;
 
 pub fn create(inv: &Invocation) -> Result<u8> {
-    let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
-        (Some(d), Some(m)) => Some((d, m)),
-        (None, None) => None,
-        _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
-    };
-    // Defaults come from the flag table; ranges were checked at parse time.
-    let data_size = inv.number("data-size")?;
-    let block_sectors = inv.number("block-size")?;
-    if block_sectors % 128 != 0 {
-        return Err(Error::usage(format!("--block-size {block_sectors} must be a multiple of 128 sectors (64 KiB)")));
-    }
-    let req = CreateRequest { devices, data_size, block_sectors };
+    let req = crate::cli::settings::pool_request(inv)?;
     // The state lock, and interrupted runs resumed first.
-    let env = crate::pipeline::Env::open(inv)?;
+    let env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let (pool, existed) = poolctl::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
     let status = pool.status()?;
     print(inv, &pool, Some(&status), &env.db, if existed { "exists" } else { "created" })?;
@@ -31,7 +20,12 @@ pub fn create(inv: &Invocation) -> Result<u8> {
 
 pub fn destroy(inv: &Invocation) -> Result<u8> {
     let dry = inv.flag("dry-run");
-    let env = if dry { crate::pipeline::Env::open_without_resume(inv)? } else { crate::pipeline::Env::open(inv)? };
+    let settings = crate::cli::settings::pipeline(inv)?;
+    let env = if dry {
+        crate::pipeline::Env::open_without_resume(&settings)?
+    } else {
+        crate::pipeline::Env::open(&settings)?
+    };
     let d = poolctl::destroy(&env.db.conn, &env.ctx.run_dir, inv.flag("force"), dry)?;
     if inv.json() {
         output::json(&d)?;
@@ -70,7 +64,7 @@ pub fn assemble(inv: &Invocation) -> Result<u8> {
         return Ok(0);
     }
     // The state lock, and interrupted runs resumed first.
-    let mut env = crate::pipeline::Env::open(inv)?;
+    let mut env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let (pool, present, missing) = {
         let env = &mut env;
         let dev = env.ctx.devices(&env.db.conn)?;

@@ -152,7 +152,7 @@ pub fn cancel(inv: &Invocation) -> Result<u8> {
             journal::request_cancel(&db.conn, *id)?;
         }
     }
-    let mut env = Env::open(inv)?;
+    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let mut out = Vec::new();
     for id in ids {
         let state = format!("{:?}", env.drive_existing(id)?).to_lowercase();

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cli::Invocation;
 use crate::dm::{DmName, Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
 pub use crate::pool::Created;
@@ -138,38 +137,31 @@ pub fn recorded_prefix(conn: &rusqlite::Connection) -> Result<Option<String>> {
 }
 
 impl Devices {
-    /// Assemble the recorded pool, or create the default loop pool when
-    /// none is recorded yet.
-    pub fn open(inv: &Invocation, conn: &rusqlite::Connection) -> Result<Devices> {
+    /// Assemble the recorded pool, or create the one `req` describes (the
+    /// default loop pool unless --data-dev/--meta-dev) when none is
+    /// recorded yet.
+    pub fn open(
+        state_dir: &Path,
+        run_dir: &Path,
+        req: &crate::poolctl::CreateRequest,
+        conn: &rusqlite::Connection,
+    ) -> Result<Devices> {
         use crate::store::pool::{self as spool, PoolState};
-        let (state_dir, run_dir) = (inv.state_dir(), inv.run_dir());
-        let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
-            (Some(d), Some(m)) => Some((d, m)),
-            (None, None) => None,
-            _ => return Err(Error::usage("--data-dev and --meta-dev go together")),
-        };
         let _g = dm_lock();
         let recorded = spool::load(conn)?;
         if let Some((spec, _)) = &recorded {
-            crate::poolctl::check_configured_devices(spec, devices.as_ref())?;
+            crate::poolctl::check_configured_devices(spec, req.devices.as_ref())?;
         }
         let (pool, was_down) = match recorded {
-            Some((spec, PoolState::Ready)) => match Pool::find(&spec, &run_dir)? {
+            Some((spec, PoolState::Ready)) => match Pool::find(&spec, run_dir)? {
                 Some(p) => (p, false),
                 None => {
                     log::info!("assembling thin-pool {} (not in the kernel: after a reboot?)", spec.dm_name);
-                    (crate::poolctl::assemble_recorded(conn, &spec, &run_dir)?, true)
+                    (crate::poolctl::assemble_recorded(conn, &spec, run_dir)?, true)
                 }
             },
-            _ => {
-                // First use (or an interrupted creation): the default pool.
-                let req = crate::poolctl::CreateRequest {
-                    devices,
-                    data_size: inv.u64_or("data-size", 20 << 30)?,
-                    block_sectors: inv.u64_or("block-size", 128)?,
-                };
-                (crate::poolctl::create(conn, &state_dir, &run_dir, &req)?.0, false)
-            }
+            // First use (or an interrupted creation): the requested pool.
+            _ => (crate::poolctl::create(conn, state_dir, run_dir, req)?.0, false),
         };
         check_transaction_id(conn, &pool)?;
         let prefix = pool.name().as_str().trim_end_matches("pool").to_string();

@@ -3,8 +3,9 @@
 //! idempotent and record intent before any kernel or filesystem action.
 //!
 //! Owns: the order of work and the domain writes that go with each step.
-//! Calls the mechanisms (s3/fetch, extract, dm/pool); never parses argv and
-//! never prints results (that is `cmd`'s job).
+//! Calls the mechanisms (s3/fetch, extract, dm/pool); never parses argv,
+//! never reads flags (it takes [`Settings`], typed once by `cli::settings`)
+//! and never prints results (that is `cmd`'s job).
 
 pub mod activate;
 pub mod devices;
@@ -16,15 +17,18 @@ pub mod sources;
 pub mod sync;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
+use crate::fetch::s3::S3Config;
+use crate::fetch::FetchOptions;
 use crate::journal::{self, Executor, Outcome, RetryPolicy, RunId, RunSpec};
 use crate::ops::lock::StateLock;
+use crate::poolctl::CreateRequest;
 use crate::store::Db;
 
-/// Options the steps need; built from the invocation by
-/// `cli::settings::pipeline_opts` (defaults come from the flag table).
+/// Options the steps need; part of [`Settings`] (defaults come from the
+/// flag table).
 #[derive(Debug, Clone)]
 pub struct Opts {
     /// Virtual size of each image's thin device, bytes.
@@ -34,27 +38,92 @@ pub struct Opts {
     pub max_blob_size: u64,
 }
 
+/// Everything the pipeline takes from the command line, typed once by the
+/// command layer (`cli::settings::pipeline`) before anything is locked or
+/// opened. The pipeline never sees the invocation itself.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// `--wait`: how long to queue behind another instance (`None`: not at all).
+    pub wait: Option<Duration>,
+    /// `--runs-retention`: finished runs older than this are pruned on open.
+    pub runs_retention: Duration,
+    pub opts: Opts,
+    /// The key prefix refs are read against (`--prefix`, ending in `/`).
+    pub prefix: String,
+    /// How to reach the bucket; a bad value fails only what talks to S3.
+    pub s3: Deferred<S3Config>,
+    /// How pulls download blobs.
+    pub fetch: FetchOptions,
+    /// The pool created on first use when none is recorded.
+    pub pool: CreateRequest,
+}
+
+/// A setting only some steps use, kept with its error: a bad value fails
+/// the step that needs it (a bad `--timeout` fails what talks to S3), not
+/// every command that opens the pipeline.
+#[derive(Debug, Clone)]
+pub struct Deferred<T>(std::result::Result<T, (Kind, String)>);
+
+impl<T> Deferred<T> {
+    pub fn new(r: Result<T>) -> Deferred<T> {
+        Deferred(r.map_err(|e| (e.kind(), e.full_message())))
+    }
+
+    pub fn get(&self) -> Result<&T> {
+        self.0.as_ref().map_err(|(kind, msg)| Error::new(*kind, msg.clone()))
+    }
+}
+
 /// Everything steps need besides the database connection. Mechanisms
 /// (the pool, the S3 client) are opened on first use, so commands that
 /// never touch them never fail for their sake.
 pub struct Ctx {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
-    pub inv: Invocation,
     pub opts: Opts,
+    pub prefix: String,
+    pub s3: Deferred<S3Config>,
+    pub fetch: FetchOptions,
+    pool: CreateRequest,
     devices: Option<devices::Devices>,
 }
 
 impl Ctx {
-    pub fn new(inv: &Invocation, opts: Opts) -> Ctx {
-        Ctx { state_dir: inv.state_dir(), run_dir: inv.run_dir(), inv: inv.clone(), opts, devices: None }
+    pub fn new(s: &Settings) -> Ctx {
+        Ctx {
+            state_dir: s.state_dir.clone(),
+            run_dir: s.run_dir.clone(),
+            opts: s.opts.clone(),
+            prefix: s.prefix.clone(),
+            s3: s.s3.clone(),
+            fetch: s.fetch.clone(),
+            pool: s.pool.clone(),
+            devices: None,
+        }
+    }
+
+    /// A context with the same settings and nothing opened yet (for
+    /// another thread).
+    pub fn fresh(&self) -> Ctx {
+        Ctx {
+            state_dir: self.state_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            opts: self.opts.clone(),
+            prefix: self.prefix.clone(),
+            s3: self.s3.clone(),
+            fetch: self.fetch.clone(),
+            pool: self.pool.clone(),
+            devices: None,
+        }
     }
 
     /// The pool and its devices, assembled (or, if none is recorded, created
     /// as a loop pool) on first use.
     pub fn devices(&mut self, conn: &rusqlite::Connection) -> Result<&devices::Devices> {
         if self.devices.is_none() {
-            self.devices = Some(devices::Devices::open(&self.inv, conn)?);
+            self.devices = Some(devices::Devices::open(&self.state_dir, &self.run_dir, &self.pool, conn)?);
         }
         self.devices.as_ref().ok_or_else(|| Error::software("pool vanished"))
     }
@@ -70,11 +139,11 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn open(inv: &Invocation) -> Result<Env> {
-        let mut env = Env::open_without_resume(inv)?;
+    pub fn open(settings: &Settings) -> Result<Env> {
+        let mut env = Env::open_without_resume(settings)?;
         env.resume_all()?;
         // History older than --runs-retention goes; unresolved failures stay.
-        let keep = crate::cli::settings::runs_retention(inv)?;
+        let keep = settings.runs_retention;
         let cutoff = crate::ops::output::now() - i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
         match journal::prune(&env.db.conn, cutoff) {
             Ok(0) => {}
@@ -86,20 +155,17 @@ impl Env {
 
     /// The lock and the database, without resuming interrupted runs: for
     /// commands that must not change anything (`gc --dry-run`).
-    pub fn open_without_resume(inv: &Invocation) -> Result<Env> {
-        let state_dir = inv.state_dir();
-        crate::ops::lock::check_state_dir_modes(&state_dir)?;
-        std::fs::create_dir_all(&state_dir)
+    pub fn open_without_resume(settings: &Settings) -> Result<Env> {
+        let state_dir = &settings.state_dir;
+        crate::ops::lock::check_state_dir_modes(state_dir)?;
+        std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("creating state dir {}", state_dir.display()), e))?;
         // Signals first: a SIGINT while queued behind another instance
         // (--wait) must end with 130, not the default action.
         crate::ops::signals::install();
-        // Settings first: a bad value fails before the lock is waited for.
-        let opts = crate::cli::settings::pipeline_opts(inv)?;
-        let lock = StateLock::acquire(&state_dir, crate::cli::settings::wait(inv)?)?;
-        let db = Db::open(&state_dir)?;
-        let ctx = Ctx { state_dir, run_dir: inv.run_dir(), inv: inv.clone(), opts, devices: None };
-        Ok(Env { db, ctx, policy: RetryPolicy::default(), _lock: lock })
+        let lock = StateLock::acquire(state_dir, settings.wait)?;
+        let db = Db::open(state_dir)?;
+        Ok(Env { db, ctx: Ctx::new(settings), policy: RetryPolicy::default(), _lock: lock })
     }
 
     /// Resume every run an earlier process left unfinished. A run that now

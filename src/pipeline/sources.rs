@@ -7,18 +7,16 @@ use std::path::PathBuf;
 use rusqlite::Connection;
 
 use super::Ctx;
-use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
+use crate::fetch;
 use crate::fetch::blobstore::{BlobDigest, BlobStore};
 use crate::fetch::s3::S3Client;
-use crate::fetch::{self, FetchOptions};
 use crate::store::blobs as q;
 
 /// The local image name of a ref: `golang` for a whole family, `golang/3`
 /// for a family up to layer 3 (given as `golang/3`, `golang/3.tar` or the
-/// full key `images/golang/3.tar`).
-pub fn image_name(inv: &Invocation, r: &str) -> Result<String> {
-    let prefix = inv.get("prefix").unwrap_or("images/");
+/// full key `images/golang/3.tar`, where `images/` is the `prefix`).
+pub fn image_name(prefix: &str, r: &str) -> Result<String> {
     let rel = r.strip_prefix(prefix).filter(|s| s.contains('/')).unwrap_or(r);
     let (family, layer) = match rel.split_once('/') {
         None => (rel, None),
@@ -55,22 +53,14 @@ pub struct Fetched {
 }
 
 fn s3(ctx: &Ctx) -> Result<S3Client> {
-    S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)
-}
-
-fn fetch_opts(ctx: &Ctx) -> Result<FetchOptions> {
-    Ok(FetchOptions {
-        verify: false,
-        progress: !ctx.inv.flag("quiet"),
-        ..crate::cli::settings::fetch_options(&ctx.inv)?
-    })
+    S3Client::new(ctx.s3.get()?.clone())
 }
 
 /// Resolve `reference` with one listing and make every layer's blob present.
 pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Result<Fetched> {
     let client = s3(ctx)?;
     let store = BlobStore::open(&ctx.state_dir)?;
-    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[reference.to_string()], &fetch_opts(ctx)?)?;
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[reference.to_string()], &ctx.fetch)?;
     let img = report
         .images
         .into_iter()
@@ -102,7 +92,7 @@ pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result
     if keys.is_empty() {
         return Ok(());
     }
-    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &fetch_opts(ctx)?).map(|_| ())
+    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &ctx.fetch).map(|_| ())
 }
 
 /// The blob's path, fetching it again if it went missing or changed size.
@@ -119,7 +109,7 @@ pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str
     log::warn!("blob {digest} of {key} is missing from the store; fetching it again");
     let client = s3(ctx)?;
     // The key as listed now must still hold the same content.
-    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &fetch_opts(ctx)?)?;
+    let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &ctx.fetch)?;
     let got = report
         .images
         .first()

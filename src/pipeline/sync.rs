@@ -126,7 +126,7 @@ pub fn read_refs(path: &str) -> Result<Vec<Wanted>> {
 
 /// The bucket's listing read as families and layers (what is ignored is logged).
 fn catalog(ctx: &Ctx) -> Result<crate::fetch::catalog::Catalog> {
-    let client = crate::fetch::s3::S3Client::new(crate::cli::settings::s3_config(&ctx.inv)?)?;
+    let client = crate::fetch::s3::S3Client::new(ctx.s3.get()?.clone())?;
     let objects = client.list(client.prefix())?;
     let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
     for i in &cat.ignored {
@@ -147,7 +147,7 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
     let mut seen = BTreeSet::new();
     for w in refs {
         let r = w.reference;
-        match super::sources::image_name(&env.ctx.inv, &r) {
+        match super::sources::image_name(&env.ctx.prefix, &r) {
             Ok(image) => {
                 if seen.insert(image.clone()) {
                     todo.push((items.len(), r.clone(), image.clone()));
@@ -233,8 +233,7 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
     let results: Mutex<Vec<(usize, Option<Error>)>> = Mutex::new(Vec::new());
     let jobs = unpack_jobs.max(1);
     let state_dir = env.ctx.state_dir.clone();
-    let inv = env.ctx.inv.clone();
-    let opts = env.ctx.opts.clone();
+    let template = env.ctx.fresh();
     let policy = env.policy;
     std::thread::scope(|s| {
         for _ in 0..jobs {
@@ -251,7 +250,7 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
                     let Some((idx, reference, image)) = next else { return };
                     if local.is_none() {
                         match Db::open(&state_dir) {
-                            Ok(db) => local = Some((db, Ctx::new(&inv, opts.clone()))),
+                            Ok(db) => local = Some((db, template.fresh())),
                             Err(e) => {
                                 if let Ok(mut r) = results.lock() {
                                     r.push((idx, Some(e)));
