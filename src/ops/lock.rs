@@ -113,14 +113,12 @@ fn holder_of(file: &mut File) -> String {
 }
 
 /// `dir` made absolute against the current directory, and canonical
-/// (symlinks resolved) when it exists.
+/// (symlinks resolved) when it can be resolved; a path that cannot (it
+/// does not exist yet, or is not a directory) stays absolute, and the
+/// command that uses it reports why.
 pub fn absolute_dir(dir: &Path) -> std::io::Result<PathBuf> {
     let abs = std::path::absolute(dir)?;
-    match std::fs::canonicalize(&abs) {
-        Ok(c) => Ok(c),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(abs),
-        Err(e) => Err(e),
-    }
+    Ok(std::fs::canonicalize(&abs).unwrap_or(abs))
 }
 
 /// Like sshd's StrictModes: a root process trusts a state dir (its
