@@ -1,9 +1,9 @@
 # thinimg: build, test, install and package.
 #
 #   make                 release build (cargo, dependencies from crates.io only)
-#   make test            quick loop: unprivileged host tests, no installs, no root (about a minute)
+#   make test            quick loop: unit, docs and layering tests; no installs, no server, no root (seconds)
 #   make lint            cargo fmt --check and cargo clippy --all-targets -- -D warnings
-#   make check           the whole test suite (scripts/check: lint, host, kernel VM, packaging)
+#   make check           the whole test suite (scripts/check: lint, host, kernel VM, packaging, system VM)
 #   make demo | bench | fuzz
 #   make man             regenerate man/ and packaging/ documents from the binary
 #   make install         DESTDIR= and PREFIX= (default /usr) are honoured
@@ -39,10 +39,11 @@ all:
 $(BIN):
 	$(CARGO) build --release --locked
 
-# The quick loop: unit tests and the test targets that need neither root, nor
-# a server, nor device-mapper. Everything else runs in `make check`.
+# The quick loop: unit tests, the generated documents and the layering rules:
+# nothing that needs root, a server or device-mapper. Everything else runs in
+# `make check`.
 test:
-	$(CARGO) test --locked --lib --bins --test docs
+	$(CARGO) test --locked --lib --bins --test docs --test layering
 
 lint:
 	$(CARGO) fmt --check
