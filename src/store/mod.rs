@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod images;
 pub mod pool;
 pub mod schema;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
