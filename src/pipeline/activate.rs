@@ -15,7 +15,7 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
-use crate::store::images as q;
+use crate::store::images::{self as q, ActivationState, ThinState};
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -74,12 +74,12 @@ impl Executor for Activate<'_> {
             "device" => {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
-                let size = thin_size(cx.conn, act.thin_id)?;
+                let size = q::thin_size(cx.conn, act.thin_id)?;
                 let dev = self.ctx.devices(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
                 cx.complete(move |tx| {
-                    q::set_activation_state(tx, &name, "active")?;
+                    q::set_activation_state(tx, &name, ActivationState::Active)?;
                     Ok(Completion::default())
                 })
             }
@@ -98,33 +98,23 @@ impl Executor for Activate<'_> {
     }
 }
 
-fn thin_size(conn: &rusqlite::Connection, thin_id: u32) -> Result<u64> {
-    q::thin_size(conn, thin_id)
-}
-
 fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
     let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
         return Ok(());
     };
     let name = intent.get("name").and_then(|v| v.as_str()).unwrap_or_default();
-    let state: Option<String> =
-        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0)).ok();
-    if state.as_deref() == Some("ready") || state.is_none() {
-        return Ok(());
+    // A failed read stops here: it must not read as "nothing to undo" or
+    // as "undo it".
+    match crate::store::pool::thin_state(conn, thin_id)? {
+        None | Some(ThinState::Ready) => return Ok(()),
+        Some(ThinState::Creating | ThinState::Deleting) => {}
     }
     log::info!("cleaning up an interrupted snapshot for activation {name} (thin {thin_id})");
     if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
         dev.deactivate(&dev.activation_name(name))?;
         dev.delete_thin(thin_id)?;
     }
-    let tx = conn.unchecked_transaction()?;
-    tx.execute(
-        "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
-        rusqlite::params![name, thin_id],
-    )?;
-    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
-    tx.commit()?;
-    Ok(())
+    q::drop_snapshot_attempt(conn, name, thin_id)
 }
 
 impl Activate<'_> {
@@ -150,7 +140,7 @@ impl Activate<'_> {
                 "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
             )));
         }
-        let size = thin_size(cx.conn, origin)?;
+        let size = q::thin_size(cx.conn, origin)?;
         let dev = self.ctx.devices(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
@@ -178,7 +168,7 @@ impl Activate<'_> {
         }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, "ready")?;
+            q::set_thin_state(tx, thin_id, ThinState::Ready)?;
             Ok(Completion::with_outcome(json!({ "thin_id": thin_id, "origin": origin })))
         })
     }
@@ -200,14 +190,14 @@ impl Executor for Deactivate<'_> {
                 dev.deactivate(&dev.activation_name(&name))?;
                 fault::point("deactivate:removed");
                 cx.complete(move |tx| {
-                    q::set_activation_state(tx, &name, "inactive")?;
+                    q::set_activation_state(tx, &name, ActivationState::Inactive)?;
                     Ok(Completion::default())
                 })
             }
             "delete" => {
                 let thin_id = act.thin_id;
                 cx.record_intent_with(|tx| {
-                    q::set_thin_state(tx, thin_id, "deleting")?;
+                    q::set_thin_state(tx, thin_id, ThinState::Deleting)?;
                     Ok(json!({ "thin_id": thin_id }))
                 })?;
                 dev.delete_thin(thin_id)?;
@@ -270,7 +260,7 @@ pub fn info_for(
         }
         _ => (None, None),
     };
-    let size = thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    let size = q::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
     Ok(Some(ActivationInfo {
         name: a.name,
         image: a.image,

@@ -126,7 +126,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 // chain without a device for a pull to share.
                 let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(&tx, t, "deleting")?;
+                    q::set_thin_state(&tx, t, q::ThinState::Deleting)?;
                 }
                 q::delete_chain(&tx, &c.chain_id)?;
                 tx.commit()?;

@@ -274,7 +274,7 @@ impl Pull<'_> {
         fault::point("chain:built");
         let (img, cid) = (image.clone(), chain_id.clone());
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, "ready")?;
+            q::set_thin_state(tx, thin_id, q::ThinState::Ready)?;
             q::set_chain_ready(tx, &cid, &report)?;
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::output::now;
+pub use crate::store::pool::ThinState;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
@@ -36,6 +37,36 @@ pub struct ChainRow {
     pub thin_id: Option<u32>,
     pub state: String,
     pub report: Option<serde_json::Value>,
+}
+
+/// Where an activation stands, as `activations.state` spells it:
+/// `creating` (intent: its snapshot may not exist yet), `active` (its dm
+/// device is up), `inactive` (snapshot kept, no dm device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationState {
+    Creating,
+    Active,
+    Inactive,
+}
+
+impl ActivationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActivationState::Creating => "creating",
+            ActivationState::Active => "active",
+            ActivationState::Inactive => "inactive",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ActivationState> {
+        match s {
+            "creating" => Ok(ActivationState::Creating),
+            "active" => Ok(ActivationState::Active),
+            "inactive" => Ok(ActivationState::Inactive),
+            _ => Err(Error::software(format!("activation row has an unknown state {s:?}"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,11 +262,25 @@ pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &str, t
     Ok(())
 }
 
-pub fn set_activation_state(c: &Connection, name: &str, state: &str) -> Result<()> {
-    let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state, name])?;
+pub fn set_activation_state(c: &Connection, name: &str, state: ActivationState) -> Result<()> {
+    let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state.as_str(), name])?;
     if n != 1 {
         return Err(Error::new(Kind::Software, format!("activation {name} vanished from the database")));
     }
+    Ok(())
+}
+
+/// Forget an interrupted snapshot attempt, in one transaction: activation
+/// `name`'s row if it is still `creating` on `thin_id`, and `thin_id`'s row
+/// unless it is `ready` (a finished device is never dropped here).
+pub fn drop_snapshot_attempt(c: &Connection, name: &str, thin_id: u32) -> Result<()> {
+    let tx = c.unchecked_transaction()?;
+    tx.execute(
+        "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
+        params![name, thin_id],
+    )?;
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -274,8 +319,8 @@ pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
-    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
+pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
+    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state.as_str(), thin_id])?;
     Ok(())
 }
 
@@ -322,4 +367,51 @@ pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
     })
     .optional()?
     .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::Sectors;
+    use crate::store::pool::{alloc_thin_id, thin_state, ThinRole};
+
+    fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch("PRAGMA foreign_keys=ON").unwrap();
+        crate::store::schema::migrate(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_dropped_snapshot_attempt_keeps_what_finished() {
+        let c = db();
+        let blob = "a".repeat(64);
+        let chain = "c".repeat(64);
+        crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
+        put_image_pulling(&c, "img", "img", &[(1, "img/1".into(), blob.clone())]).unwrap();
+        let origin = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        insert_chain_building(&c, &chain, None, &blob, 1, origin).unwrap();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        insert_activation(&c, "a1", "img", &chain, t).unwrap();
+        // Another activation's id, or a row no longer `creating`, is not this attempt's.
+        drop_snapshot_attempt(&c, "a1", t + 1).unwrap();
+        assert!(activation(&c, "a1").unwrap().is_some());
+        set_activation_state(&c, "a1", ActivationState::Active).unwrap();
+        set_thin_state(&c, t, ThinState::Ready).unwrap();
+        drop_snapshot_attempt(&c, "a1", t).unwrap();
+        assert_eq!(activation(&c, "a1").unwrap().unwrap().state, "active");
+        assert_eq!(thin_state(&c, t).unwrap(), Some(ThinState::Ready));
+        // An interrupted one goes, rows together.
+        delete_activation(&c, "a1").unwrap();
+        delete_thin_row(&c, t).unwrap();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        insert_activation(&c, "a2", "img", &chain, t).unwrap();
+        drop_snapshot_attempt(&c, "a2", t).unwrap();
+        assert!(activation(&c, "a2").unwrap().is_none());
+        assert_eq!(thin_state(&c, t).unwrap(), None);
+        for s in [ActivationState::Creating, ActivationState::Active, ActivationState::Inactive] {
+            assert_eq!(ActivationState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(ActivationState::parse("gone").is_err());
+    }
 }
