@@ -443,13 +443,7 @@ pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent
         dev.deactivate(&dev.build_name(thin_id))?;
         dev.delete_thin(thin_id)?;
     }
-    let tx = conn.unchecked_transaction()?;
-    if let Some(cid) = intent.get("chain_id").and_then(|v| v.as_str()) {
-        tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
-    }
-    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
-    tx.commit()?;
-    Ok(())
+    q::drop_build_attempt(conn, cid, thin_id)
 }
 
 fn finish(cx: &mut StepCx<'_>) -> Result<()> {

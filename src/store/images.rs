@@ -338,6 +338,19 @@ pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str
     )?)
 }
 
+/// Forget a torn-down build attempt, in one transaction: chain `chain_id`'s
+/// row if it is still `building`, and `thin_id`'s row unless it is `ready`
+/// (a finished chain or device is never dropped here).
+pub fn drop_build_attempt(c: &Connection, chain_id: Option<&str>, thin_id: u32) -> Result<()> {
+    let tx = c.unchecked_transaction()?;
+    if let Some(cid) = chain_id {
+        tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
+    }
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Thin ids no chain and no activation owns (e.g. a failed deletion).
 pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
     let mut st = c.prepare(
@@ -413,5 +426,36 @@ mod tests {
             assert_eq!(ActivationState::parse(s.as_str()).unwrap(), s);
         }
         assert!(ActivationState::parse("gone").is_err());
+    }
+
+    #[test]
+    fn a_dropped_build_attempt_keeps_what_finished() {
+        let c = db();
+        let blob = "a".repeat(64);
+        let (c1, c2) = ("1".repeat(64), "2".repeat(64));
+        crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
+        let t1 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        insert_chain_building(&c, &c1, None, &blob, 1, t1).unwrap();
+        set_thin_state(&c, t1, ThinState::Ready).unwrap();
+        set_chain_ready(&c, &c1, &serde_json::json!({})).unwrap();
+        // A ready chain and device stay.
+        drop_build_attempt(&c, Some(&c1), t1).unwrap();
+        assert_eq!(chain(&c, &c1).unwrap().unwrap().state, "ready");
+        assert_eq!(thin_state(&c, t1).unwrap(), Some(ThinState::Ready));
+        // A building one goes with its thin row.
+        let t2 = alloc_thin_id(&c, ThinRole::Chain, Some(crate::dm::ThinId::new(t1.into()).unwrap()), Sectors(8))
+            .unwrap()
+            .get();
+        insert_chain_building(&c, &c2, Some(&c1), &blob, 2, t2).unwrap();
+        assert!(build_attempt_pending(&c, t2, Some(&c2)).unwrap());
+        drop_build_attempt(&c, Some(&c2), t2).unwrap();
+        assert!(chain(&c, &c2).unwrap().is_none());
+        assert_eq!(thin_state(&c, t2).unwrap(), None);
+        assert!(!build_attempt_pending(&c, t2, Some(&c2)).unwrap());
+        // Without a chain id (an intent from before the row): only the thin row.
+        let t3 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        drop_build_attempt(&c, None, t3).unwrap();
+        assert_eq!(thin_state(&c, t3).unwrap(), None);
+        assert!(chain(&c, &c1).unwrap().is_some());
     }
 }
