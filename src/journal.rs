@@ -311,6 +311,24 @@ fn load_run(conn: &Connection, run: RunId) -> Result<(String, String, Value, Run
     Ok((kind, subject, req, RunState::parse(&state)?))
 }
 
+/// A step's intent as the executor's own type. A cleared intent (`null`)
+/// or one that does not name `key` (recorded before anything was
+/// allocated) is `None`; an intent that names it but does not read as `T`
+/// is an error, never "nothing to undo".
+pub fn typed_intent<T: serde::de::DeserializeOwned>(v: &Value, key: &str) -> Result<Option<T>> {
+    if v.get(key).is_none() {
+        return Ok(None);
+    }
+    serde_json::from_value(v.clone())
+        .map(Some)
+        .map_err(|e| Error::software(format!("step intent {v} is not one this version reads")).with_source(e))
+}
+
+/// An executor's typed intent as the JSON the journal stores.
+pub fn intent_value<T: Serialize>(t: &T) -> Result<Value> {
+    serde_json::to_value(t).map_err(|e| Error::software("step intent does not serialize").with_source(e))
+}
+
 fn parse_intent(run: RunId, s: Option<String>) -> Result<Option<Value>> {
     match s {
         None => Ok(None),

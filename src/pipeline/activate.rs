@@ -49,6 +49,25 @@ pub fn deactivate_spec(name: &str, delete: bool) -> RunSpec {
     RunSpec { kind: "deactivate".into(), subject: name.into(), request: json!({ "delete": delete }), steps }
 }
 
+/// What the `snapshot` step records before creating the snapshot: enough
+/// to undo it after a crash. `foreign`: the thin id already existed in the
+/// pool (EEXIST), so nothing of it in the kernel is this attempt's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotIntent {
+    pub thin_id: u32,
+    pub name: String,
+    pub origin: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub foreign: bool,
+}
+
+impl SnapshotIntent {
+    /// The intent the step recorded; `None` if it names no thin id.
+    pub fn read(v: &Value) -> Result<Option<SnapshotIntent>> {
+        crate::journal::typed_intent(v, "thin_id")
+    }
+}
+
 pub struct Activate<'a> {
     pub ctx: &'a mut Ctx,
 }
@@ -99,10 +118,10 @@ impl Executor for Activate<'_> {
 }
 
 fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
-    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+    let Some(intent) = SnapshotIntent::read(intent)? else {
         return Ok(());
     };
-    let name = intent.get("name").and_then(|v| v.as_str()).unwrap_or_default();
+    let (thin_id, name) = (intent.thin_id, intent.name.as_str());
     // A failed read stops here: it must not read as "nothing to undo" or
     // as "undo it".
     match crate::store::pool::thin_state(conn, thin_id)? {
@@ -110,7 +129,7 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
         Some(ThinState::Creating | ThinState::Deleting) => {}
     }
     log::info!("cleaning up an interrupted snapshot for activation {name} (thin {thin_id})");
-    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+    if !intent.foreign {
         dev.deactivate(&dev.activation_name(name))?;
         dev.delete_thin(thin_id)?;
     }
@@ -148,19 +167,22 @@ impl Activate<'_> {
         cx.record_intent_with(|tx| {
             let thin_id = super::devices::alloc_thin_id(tx, true, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
-            Ok(json!({ "thin_id": thin_id, "name": n, "origin": origin }))
+            crate::journal::intent_value(&SnapshotIntent { thin_id, name: n, origin, foreign: false })
         })?;
-        let thin_id = cx
-            .intent()
-            .and_then(|v| v["thin_id"].as_u64())
-            .map(|v| v as u32)
+        let thin_id = SnapshotIntent::read(cx.intent().unwrap_or(&Value::Null))?
+            .map(|i| i.thin_id)
             .ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
         // so no suspend is needed; the pool layer suspends if it finds it active.
         if dev.snapshot(thin_id, origin)? == super::devices::Created::Exists {
             // Not ours (database and pool diverged): never delete it.
-            let foreign = json!({ "thin_id": thin_id, "name": name, "origin": origin, "foreign": true });
+            let foreign = crate::journal::intent_value(&SnapshotIntent {
+                thin_id,
+                name: name.to_string(),
+                origin,
+                foreign: true,
+            })?;
             cx.record_intent(foreign.clone())?;
             undo_snapshot(dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
@@ -275,4 +297,24 @@ pub fn info_for(
         minor,
         size_bytes: size,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_intents_read_back_and_refuse_what_they_cannot_read() {
+        let i = SnapshotIntent { thin_id: 3, name: "vm1".into(), origin: 1, foreign: false };
+        let v = crate::journal::intent_value(&i).unwrap();
+        // The JSON earlier versions wrote, key for key.
+        assert_eq!(v, json!({"thin_id": 3, "name": "vm1", "origin": 1}));
+        assert_eq!(SnapshotIntent::read(&v).unwrap(), Some(i));
+        let f = json!({"thin_id": 3, "name": "vm1", "origin": 1, "foreign": true});
+        assert!(SnapshotIntent::read(&f).unwrap().unwrap().foreign);
+        assert_eq!(SnapshotIntent::read(&Value::Null).unwrap(), None);
+        // Not "nothing to undo", and not another device's id after truncation.
+        assert!(SnapshotIntent::read(&json!({"thin_id": (1u64 << 32) + 3, "name": "vm1", "origin": 1})).is_err());
+        assert!(SnapshotIntent::read(&json!({"thin_id": 3, "origin": 1})).is_err(), "no name: which activation?");
+    }
 }

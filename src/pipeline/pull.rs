@@ -67,6 +67,29 @@ pub fn hex(b: &[u8]) -> String {
     s
 }
 
+/// What a chain build records before any kernel work: enough to undo the
+/// attempt after a crash. `foreign`: the thin id already existed in the
+/// pool (EEXIST), so nothing of it in the kernel is this attempt's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildIntent {
+    pub thin_id: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dm_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub foreign: bool,
+}
+
+impl BuildIntent {
+    /// The intent a step recorded; `None` if it names no thin id.
+    pub fn read(v: &Value) -> Result<Option<BuildIntent>> {
+        crate::journal::typed_intent(v, "thin_id")
+    }
+}
+
 pub struct Pull<'a> {
     pub ctx: &'a mut Ctx,
 }
@@ -227,16 +250,17 @@ impl Pull<'_> {
         cx.record_intent_with(|tx| {
             let thin_id = super::devices::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
             q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
-            Ok(json!({
-                "thin_id": thin_id,
-                "chain_id": cid,
-                "dm_name": dev.build_name(thin_id),
-                "mount": mount::mount_point(&mnt_root, thin_id),
-            }))
+            crate::journal::intent_value(&BuildIntent {
+                thin_id,
+                chain_id: Some(cid),
+                dm_name: Some(dev.build_name(thin_id)),
+                mount: Some(mount::mount_point(&mnt_root, thin_id)),
+                foreign: false,
+            })
         })?;
         let intent = cx.intent().cloned().unwrap_or(Value::Null);
         let thin_id =
-            intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
+            BuildIntent::read(&intent)?.map(|i| i.thin_id).ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("chain:intent");
 
         let created = match parent_thin {
@@ -246,8 +270,9 @@ impl Pull<'_> {
         if let Ok(super::devices::Created::Exists) = created {
             // Not ours: never touched. Mark the attempt so no teardown (now
             // or after a crash) deletes it, drop its rows, and stop.
-            let mut foreign = intent.clone();
-            foreign["foreign"] = json!(true);
+            let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
+            foreign.foreign = true;
+            let foreign = crate::journal::intent_value(&foreign)?;
             cx.record_intent(foreign.clone())?;
             teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
@@ -425,10 +450,10 @@ pub fn mkfs_ext4(node: &Path) -> Result<()> {
 /// delete the thin id from the pool and its rows from the database.
 /// Every part tolerates "already gone".
 pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent: &Value) -> Result<()> {
-    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+    let Some(intent) = BuildIntent::read(intent)? else {
         return Ok(());
     };
-    let cid = intent.get("chain_id").and_then(|v| v.as_str());
+    let (thin_id, cid) = (intent.thin_id, intent.chain_id.as_deref());
     if !q::build_attempt_pending(conn, thin_id, cid)? {
         // Completed and committed, or already torn down (its rows go last;
         // the id may belong to another device by now): nothing to undo.
@@ -438,7 +463,7 @@ pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent
     fault::fail("build:teardown")?;
     // A "foreign" id existed in the pool before this attempt (EEXIST):
     // nothing of it in the kernel is ours, only the rows are.
-    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+    if !intent.foreign {
         mount::unmount(&mount::mount_point(run_dir, thin_id))?;
         dev.deactivate(&dev.build_name(thin_id))?;
         dev.delete_thin(thin_id)?;
@@ -484,5 +509,33 @@ mod tests {
         assert_eq!(ids[1], hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
         assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
+    }
+
+    #[test]
+    fn build_intents_read_back_and_refuse_what_they_cannot_read() {
+        let i = BuildIntent {
+            thin_id: 7,
+            chain_id: Some("c".repeat(64)),
+            dm_name: Some("x-c7".into()),
+            mount: Some("/run/thinimg/mnt/7".into()),
+            foreign: false,
+        };
+        let v = crate::journal::intent_value(&i).unwrap();
+        // The JSON earlier versions wrote, key for key.
+        assert_eq!(
+            v,
+            json!({"thin_id": 7, "chain_id": "c".repeat(64), "dm_name": "x-c7", "mount": "/run/thinimg/mnt/7"})
+        );
+        assert_eq!(BuildIntent::read(&v).unwrap(), Some(i.clone()));
+        let foreign = json!({"thin_id": 7, "chain_id": "c".repeat(64), "foreign": true});
+        assert!(BuildIntent::read(&foreign).unwrap().unwrap().foreign);
+        // Cleared, or recorded before an id was allocated: nothing to undo.
+        assert_eq!(BuildIntent::read(&Value::Null).unwrap(), None);
+        assert_eq!(BuildIntent::read(&json!({"chain_id": "x"})).unwrap(), None);
+        // An id that does not fit (once truncated with `as u32`) or is not a
+        // number is an error, never another device's id or "nothing to undo".
+        assert!(BuildIntent::read(&json!({"thin_id": (1u64 << 32) + 7})).is_err());
+        assert!(BuildIntent::read(&json!({"thin_id": "7"})).is_err());
+        assert!(BuildIntent::read(&json!({"thin_id": 7, "foreign": "yes"})).is_err());
     }
 }
