@@ -15,7 +15,7 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
-use crate::store::images::{self as q, ActivationState, ThinState};
+use crate::store::images::{self as q, ActivationState, ChainState, ImageState, ThinState};
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -79,7 +79,7 @@ impl Executor for Activate<'_> {
         let reference = cx.request["ref"].as_str().unwrap_or(&image).to_string();
         match cx.step.as_str() {
             "image" => {
-                let ready = q::image(cx.conn, &image)?.map(|i| i.state == "ready" && i.top_chain.is_some());
+                let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
                 if ready != Some(true) {
                     // A nested run on its own subject: resumable on its own.
                     let spec = super::pull::spec(&image, &reference);
@@ -143,18 +143,18 @@ impl Activate<'_> {
             undo_snapshot(dev, cx.conn, &intent)?;
         }
         if let Some(a) = q::activation(cx.conn, name)? {
-            if a.state != "creating" {
+            if a.state != ActivationState::Creating {
                 // Already snapshotted (e.g. an inactive activation being re-activated).
                 return Ok(());
             }
         }
         let img = q::image(cx.conn, image)?
-            .filter(|i| i.state == "ready")
+            .filter(|i| i.state == ImageState::Ready)
             .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("image {image} is not pulled")))?;
         let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
         let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
         let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
-        if chain.state != "ready" || !crate::store::pool::thin_ready(cx.conn, origin)? {
+        if chain.state != ChainState::Ready || !crate::store::pool::thin_ready(cx.conn, origin)? {
             return Err(Error::software(format!(
                 "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
             )));
@@ -276,7 +276,8 @@ pub fn info_for(
     let path = super::devices::node_path(run_dir, &dm_name);
     let (major, minor) = match super::devices::node_numbers(&path) {
         Some((ma, mi))
-            if a.state == "active" && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
+            if a.state == ActivationState::Active
+                && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
         {
             (Some(ma), Some(mi))
         }
@@ -286,7 +287,7 @@ pub fn info_for(
     Ok(Some(ActivationInfo {
         name: a.name,
         image: a.image,
-        state: a.state,
+        state: a.state.as_str().to_string(),
         thin_id: a.thin_id,
         dm_name,
         path: path.display().to_string(),

@@ -178,7 +178,7 @@ impl Pull<'_> {
         // A building row whose owner is no longer running (its run failed
         // or was cancelled after its teardown failed) is finished off here,
         // so one bad attempt does not block this chain for every image.
-        if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == "building") {
+        if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == q::ChainState::Building) {
             for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
@@ -189,7 +189,7 @@ impl Pull<'_> {
         }
 
         if let Some(c) = q::chain(cx.conn, chain_id)? {
-            if c.state == "ready" {
+            if c.state == q::ChainState::Ready {
                 let thin_ok = match c.thin_id {
                     Some(t) => crate::store::pool::thin_ready(cx.conn, t)?,
                     None => false,
@@ -221,7 +221,7 @@ impl Pull<'_> {
         let parent_thin = match &parent {
             None => None,
             Some(p) => {
-                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == "ready").ok_or_else(|| {
+                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == q::ChainState::Ready).ok_or_else(|| {
                     Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
                 })?;
                 let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;

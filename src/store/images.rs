@@ -16,7 +16,7 @@ pub struct ImageRow {
     pub family: String,
     pub top_layer: i64,
     pub top_chain: Option<String>,
-    pub state: String,
+    pub state: ImageState,
     pub updated_at: i64,
 }
 
@@ -35,38 +35,26 @@ pub struct ChainRow {
     pub blob: String,
     pub depth: i64,
     pub thin_id: Option<u32>,
-    pub state: String,
+    pub state: ChainState,
     pub report: Option<serde_json::Value>,
 }
 
-/// Where an activation stands, as `activations.state` spells it:
-/// `creating` (intent: its snapshot may not exist yet), `active` (its dm
-/// device is up), `inactive` (snapshot kept, no dm device).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ActivationState {
-    Creating,
-    Active,
-    Inactive,
+column_enum! {
+    /// Where an activation stands (`activations.state`): `Creating` (intent:
+    /// its snapshot may not exist yet), `Active` (its dm device is up),
+    /// `Inactive` (snapshot kept, no dm device).
+    ActivationState, "activation row" { Creating = "creating", Active = "active", Inactive = "inactive" }
 }
 
-impl ActivationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ActivationState::Creating => "creating",
-            ActivationState::Active => "active",
-            ActivationState::Inactive => "inactive",
-        }
-    }
+column_enum! {
+    /// Where an image stands (`images.state`): `Pulling` until its top chain is built.
+    ImageState, "image row" { Pulling = "pulling", Ready = "ready" }
+}
 
-    pub fn parse(s: &str) -> Result<ActivationState> {
-        match s {
-            "creating" => Ok(ActivationState::Creating),
-            "active" => Ok(ActivationState::Active),
-            "inactive" => Ok(ActivationState::Inactive),
-            _ => Err(Error::software(format!("activation row has an unknown state {s:?}"))),
-        }
-    }
+column_enum! {
+    /// Where a chain stands (`chains.state`): `Building` is an attempt's
+    /// intent, `Ready` a finished, shareable chain.
+    ChainState, "chain row" { Building = "building", Ready = "ready" }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -75,7 +63,7 @@ pub struct ActivationRow {
     pub image: String,
     pub chain_id: String,
     pub thin_id: u32,
-    pub state: String,
+    pub state: ActivationState,
     pub created_at: i64,
 }
 
@@ -263,7 +251,7 @@ pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &str, t
 }
 
 pub fn set_activation_state(c: &Connection, name: &str, state: ActivationState) -> Result<()> {
-    let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state.as_str(), name])?;
+    let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state, name])?;
     if n != 1 {
         return Err(Error::new(Kind::Software, format!("activation {name} vanished from the database")));
     }
@@ -294,7 +282,7 @@ pub fn delete_activation(c: &Connection, name: &str) -> Result<()> {
 pub struct ThinRow {
     pub thin_id: u32,
     pub role: String,
-    pub state: String,
+    pub state: ThinState,
     pub origin: Option<u32>,
     pub size_sectors: u64,
 }
@@ -320,7 +308,7 @@ pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
 }
 
 pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
-    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state.as_str(), thin_id])?;
+    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
     Ok(())
 }
 
@@ -412,7 +400,7 @@ mod tests {
         set_activation_state(&c, "a1", ActivationState::Active).unwrap();
         set_thin_state(&c, t, ThinState::Ready).unwrap();
         drop_snapshot_attempt(&c, "a1", t).unwrap();
-        assert_eq!(activation(&c, "a1").unwrap().unwrap().state, "active");
+        assert_eq!(activation(&c, "a1").unwrap().unwrap().state, ActivationState::Active);
         assert_eq!(thin_state(&c, t).unwrap(), Some(ThinState::Ready));
         // An interrupted one goes, rows together.
         delete_activation(&c, "a1").unwrap();
@@ -429,6 +417,24 @@ mod tests {
     }
 
     #[test]
+    fn state_columns_read_as_enums_and_refuse_unknown_spellings() {
+        let c = db();
+        let read = |sql: &str| c.query_row(sql, [], |r| r.get::<_, ChainState>(0));
+        assert_eq!(read("SELECT 'building'").unwrap(), ChainState::Building);
+        assert_eq!(read("SELECT 'ready'").unwrap(), ChainState::Ready);
+        assert!(read("SELECT 'Ready'").is_err());
+        assert!(read("SELECT NULL").is_err());
+        assert!(read("SELECT 1").is_err());
+        for s in [ImageState::Pulling, ImageState::Ready] {
+            assert_eq!(ImageState::parse(s.as_str()).unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(serde_json::to_value(ThinState::Deleting).unwrap(), serde_json::json!("deleting"));
+        assert_eq!(serde_json::to_value(ActivationState::Inactive).unwrap(), serde_json::json!("inactive"));
+    }
+
+    #[test]
     fn a_dropped_build_attempt_keeps_what_finished() {
         let c = db();
         let blob = "a".repeat(64);
@@ -440,7 +446,7 @@ mod tests {
         set_chain_ready(&c, &c1, &serde_json::json!({})).unwrap();
         // A ready chain and device stay.
         drop_build_attempt(&c, Some(&c1), t1).unwrap();
-        assert_eq!(chain(&c, &c1).unwrap().unwrap().state, "ready");
+        assert_eq!(chain(&c, &c1).unwrap().unwrap().state, ChainState::Ready);
         assert_eq!(thin_state(&c, t1).unwrap(), Some(ThinState::Ready));
         // A building one goes with its thin row.
         let t2 = alloc_thin_id(&c, ThinRole::Chain, Some(crate::dm::ThinId::new(t1.into()).unwrap()), Sectors(8))

@@ -191,43 +191,18 @@ pub fn forget_transaction_id(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Where a thin device row stands, as the `thin_devices.state` column
-/// spells it: `Creating` and `Deleting` are intents (the device may or may
-/// not exist in the pool), `Ready` is a finished device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ThinState {
-    Creating,
-    Ready,
-    Deleting,
-}
-
-impl ThinState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ThinState::Creating => "creating",
-            ThinState::Ready => "ready",
-            ThinState::Deleting => "deleting",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<ThinState> {
-        match s {
-            "creating" => Ok(ThinState::Creating),
-            "ready" => Ok(ThinState::Ready),
-            "deleting" => Ok(ThinState::Deleting),
-            _ => Err(Error::software(format!("thin device row has an unknown state {s:?}"))),
-        }
-    }
+column_enum! {
+    /// Where a thin device row stands (`thin_devices.state`): `Creating`
+    /// and `Deleting` are intents (the device may or may not exist in the
+    /// pool), `Ready` is a finished device.
+    ThinState, "thin device row" { Creating = "creating", Ready = "ready", Deleting = "deleting" }
 }
 
 /// The recorded state of thin device `id`, `None` if no row has it. A
 /// database error is an error, never "no row": callers decide teardowns
 /// from this.
 pub fn thin_state(conn: &Connection, id: u32) -> Result<Option<ThinState>> {
-    let st: Option<String> =
-        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?;
-    st.as_deref().map(ThinState::parse).transpose()
+    Ok(conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?)
 }
 
 /// Whether thin device `id` is recorded and `ready` (fully created and not
