@@ -121,6 +121,15 @@ pub struct StepCx<'a> {
 }
 
 impl StepCx<'_> {
+    /// The run's request as the executor's own type: a request this
+    /// version cannot read is an error, not empty fields.
+    pub fn request_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.request.clone()).map_err(|e| {
+            Error::software(format!("run {}: request {} is not one this version reads", self.run_id, self.request))
+                .with_source(e)
+        })
+    }
+
     /// The intent recorded by this step, in this attempt or a dead earlier one.
     pub fn intent(&self) -> Option<&Value> {
         self.intent.as_ref()

@@ -49,6 +49,15 @@ pub fn deactivate_spec(name: &str, delete: bool) -> RunSpec {
     RunSpec { kind: "deactivate".into(), subject: name.into(), request: json!({ "delete": delete }), steps }
 }
 
+/// What an activate run is asked for: the image (normalized name) and the
+/// ref as given (runs recorded without one pull the image name).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActivateRequest {
+    pub image: String,
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
 /// What the `snapshot` step records before creating the snapshot: enough
 /// to undo it after a crash. `foreign`: the thin id already existed in the
 /// pool (EEXIST), so nothing of it in the kernel is this attempt's.
@@ -75,8 +84,9 @@ pub struct Activate<'a> {
 impl Executor for Activate<'_> {
     fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         let name = cx.subject.clone();
-        let image = cx.request["image"].as_str().unwrap_or_default().to_string();
-        let reference = cx.request["ref"].as_str().unwrap_or(&image).to_string();
+        let req: ActivateRequest = cx.request_as()?;
+        let image = req.image;
+        let reference = req.reference.unwrap_or_else(|| image.clone());
         match cx.step.as_str() {
             "image" => {
                 let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
@@ -317,5 +327,13 @@ mod tests {
         // Not "nothing to undo", and not another device's id after truncation.
         assert!(SnapshotIntent::read(&json!({"thin_id": (1u64 << 32) + 3, "name": "vm1", "origin": 1})).is_err());
         assert!(SnapshotIntent::read(&json!({"thin_id": 3, "origin": 1})).is_err(), "no name: which activation?");
+    }
+
+    #[test]
+    fn activate_requests_read_back() {
+        let r: ActivateRequest = serde_json::from_value(spec("vm1", "golang", "golang/3").request).unwrap();
+        assert_eq!(r, ActivateRequest { image: "golang".into(), reference: Some("golang/3".into()) });
+        // No image: an error, not an activation of the image named "".
+        assert!(serde_json::from_value::<ActivateRequest>(json!({"ref": "golang"})).is_err());
     }
 }

@@ -28,13 +28,51 @@ use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
 use crate::store::images as q;
 
+/// What a pull run is asked for: the ref as given (the subject is the
+/// normalized image name). Runs recorded without one pull their subject.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PullRequest {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// A pull run's steps, as the journal names them: `fetch`, `chain:N` for
+/// layer N (1-based), `finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullStep {
+    Fetch,
+    Chain(i64),
+    Finish,
+}
+
+impl PullStep {
+    pub fn name(self) -> String {
+        match self {
+            PullStep::Fetch => "fetch".into(),
+            PullStep::Chain(pos) => format!("chain:{pos}"),
+            PullStep::Finish => "finish".into(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<PullStep> {
+        match s {
+            "fetch" => Ok(PullStep::Fetch),
+            "finish" => Ok(PullStep::Finish),
+            _ => match s.strip_prefix("chain:").map(str::parse::<i64>) {
+                Some(Ok(pos)) if pos >= 1 => Ok(PullStep::Chain(pos)),
+                _ => Err(Error::software(format!("pull: unknown step {s:?}"))),
+            },
+        }
+    }
+}
+
 /// The run spec for pulling `image` (a normalized ref).
 pub fn spec(image: &str, reference: &str) -> RunSpec {
     RunSpec {
         kind: "pull".into(),
         subject: image.into(),
         request: json!({ "ref": reference }),
-        steps: vec!["fetch".into()],
+        steps: vec![PullStep::Fetch.name()],
     }
 }
 
@@ -96,18 +134,11 @@ pub struct Pull<'a> {
 
 impl Executor for Pull<'_> {
     fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
-        let step = cx.step.clone();
-        if step == "fetch" {
-            return self.fetch(cx);
+        match PullStep::parse(&cx.step)? {
+            PullStep::Fetch => self.fetch(cx),
+            PullStep::Chain(pos) => self.chain(cx, pos),
+            PullStep::Finish => finish(cx),
         }
-        if step == "finish" {
-            return finish(cx);
-        }
-        if let Some(n) = step.strip_prefix("chain:") {
-            let pos: i64 = n.parse().map_err(|_| Error::software(format!("bad step name {step:?}")))?;
-            return self.chain(cx, pos);
-        }
-        Err(Error::software(format!("pull: unknown step {step:?}")))
     }
 
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
@@ -122,7 +153,7 @@ impl Executor for Pull<'_> {
 
 impl Pull<'_> {
     fn fetch(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
-        let reference = cx.request["ref"].as_str().unwrap_or(&cx.subject).to_string();
+        let reference = cx.request_as::<PullRequest>()?.reference.unwrap_or_else(|| cx.subject.clone());
         let image = cx.subject.clone();
         let fetched = super::sources::fetch_image(self.ctx, cx.conn, &reference)?;
         // A layer rejected before is not unpacked again until its content changes.
@@ -136,8 +167,8 @@ impl Pull<'_> {
             let rows: Vec<(i64, String, String)> =
                 fetched.layers.iter().map(|l| (l.position, l.key.clone(), l.digest.clone())).collect();
             q::put_image_pulling(tx, &image, &fetched.family, &rows)?;
-            let mut append: Vec<String> = (1..=n).map(|i| format!("chain:{i}")).collect();
-            append.push("finish".into());
+            let mut append: Vec<String> = (1..=n as i64).map(|i| PullStep::Chain(i).name()).collect();
+            append.push(PullStep::Finish.name());
             Ok(Completion {
                 outcome: Some(json!({
                     "family": fetched.family,
@@ -509,6 +540,22 @@ mod tests {
         assert_eq!(ids[1], hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
         assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
+    }
+
+    #[test]
+    fn pull_steps_and_requests_read_back() {
+        for s in [PullStep::Fetch, PullStep::Chain(1), PullStep::Chain(12), PullStep::Finish] {
+            assert_eq!(PullStep::parse(&s.name()).unwrap(), s);
+        }
+        assert_eq!(PullStep::Chain(3).name(), "chain:3");
+        for bad in ["chain:0", "chain:-1", "chain:", "chain:x", "chain 1", "Fetch", ""] {
+            assert!(PullStep::parse(bad).is_err(), "{bad:?}");
+        }
+        let r: PullRequest = serde_json::from_value(spec("golang", "golang/3").request).unwrap();
+        assert_eq!(r.reference.as_deref(), Some("golang/3"));
+        let r: PullRequest = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(r.reference, None);
+        assert!(serde_json::from_value::<PullRequest>(json!({"ref": 3})).is_err());
     }
 
     #[test]
