@@ -121,6 +121,15 @@ pub struct StepCx<'a> {
 }
 
 impl StepCx<'_> {
+    /// The run's request as the executor's own type: a request this
+    /// version cannot read is an error, not empty fields.
+    pub fn request_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.request.clone()).map_err(|e| {
+            Error::software(format!("run {}: request {} is not one this version reads", self.run_id, self.request))
+                .with_source(e)
+        })
+    }
+
     /// The intent recorded by this step, in this attempt or a dead earlier one.
     pub fn intent(&self) -> Option<&Value> {
         self.intent.as_ref()
@@ -309,6 +318,24 @@ fn load_run(conn: &Connection, run: RunId) -> Result<(String, String, Value, Run
     let req: Value = serde_json::from_str(&req)
         .map_err(|e| Error::software(format!("run {run}: request is not valid JSON")).with_source(e))?;
     Ok((kind, subject, req, RunState::parse(&state)?))
+}
+
+/// A step's intent as the executor's own type. A cleared intent (`null`)
+/// or one that does not name `key` (recorded before anything was
+/// allocated) is `None`; an intent that names it but does not read as `T`
+/// is an error, never "nothing to undo".
+pub fn typed_intent<T: serde::de::DeserializeOwned>(v: &Value, key: &str) -> Result<Option<T>> {
+    if v.get(key).is_none() {
+        return Ok(None);
+    }
+    serde_json::from_value(v.clone())
+        .map(Some)
+        .map_err(|e| Error::software(format!("step intent {v} is not one this version reads")).with_source(e))
+}
+
+/// An executor's typed intent as the JSON the journal stores.
+pub fn intent_value<T: Serialize>(t: &T) -> Result<Value> {
+    serde_json::to_value(t).map_err(|e| Error::software("step intent does not serialize").with_source(e))
 }
 
 fn parse_intent(run: RunId, s: Option<String>) -> Result<Option<Value>> {

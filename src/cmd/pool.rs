@@ -71,7 +71,10 @@ pub fn assemble(inv: &Invocation) -> Result<u8> {
         let present = dev.list_ours()?;
         let missing: Vec<String> = crate::store::images::activations(&env.db.conn)?
             .into_iter()
-            .filter(|a| a.state == "active" && !present.contains(&dev.activation_name(&a.name)))
+            .filter(|a| {
+                a.state == crate::store::images::ActivationState::Active
+                    && !present.contains(&dev.activation_name(&a.name))
+            })
             .map(|a| a.name)
             .collect();
         (dev.pool_name(), present.len(), missing)

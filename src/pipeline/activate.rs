@@ -15,7 +15,7 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
-use crate::store::images as q;
+use crate::store::images::{self as q, ActivationState, ChainState, ImageState, ThinState};
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -49,6 +49,34 @@ pub fn deactivate_spec(name: &str, delete: bool) -> RunSpec {
     RunSpec { kind: "deactivate".into(), subject: name.into(), request: json!({ "delete": delete }), steps }
 }
 
+/// What an activate run is asked for: the image (normalized name) and the
+/// ref as given (runs recorded without one pull the image name).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ActivateRequest {
+    pub image: String,
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// What the `snapshot` step records before creating the snapshot: enough
+/// to undo it after a crash. `foreign`: the thin id already existed in the
+/// pool (EEXIST), so nothing of it in the kernel is this attempt's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotIntent {
+    pub thin_id: u32,
+    pub name: String,
+    pub origin: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub foreign: bool,
+}
+
+impl SnapshotIntent {
+    /// The intent the step recorded; `None` if it names no thin id.
+    pub fn read(v: &Value) -> Result<Option<SnapshotIntent>> {
+        crate::journal::typed_intent(v, "thin_id")
+    }
+}
+
 pub struct Activate<'a> {
     pub ctx: &'a mut Ctx,
 }
@@ -56,11 +84,12 @@ pub struct Activate<'a> {
 impl Executor for Activate<'_> {
     fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         let name = cx.subject.clone();
-        let image = cx.request["image"].as_str().unwrap_or_default().to_string();
-        let reference = cx.request["ref"].as_str().unwrap_or(&image).to_string();
+        let req: ActivateRequest = cx.request_as()?;
+        let image = req.image;
+        let reference = req.reference.unwrap_or_else(|| image.clone());
         match cx.step.as_str() {
             "image" => {
-                let ready = q::image(cx.conn, &image)?.map(|i| i.state == "ready" && i.top_chain.is_some());
+                let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
                 if ready != Some(true) {
                     // A nested run on its own subject: resumable on its own.
                     let spec = super::pull::spec(&image, &reference);
@@ -74,12 +103,12 @@ impl Executor for Activate<'_> {
             "device" => {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
-                let size = thin_size(cx.conn, act.thin_id)?;
+                let size = q::thin_size(cx.conn, act.thin_id)?;
                 let dev = self.ctx.devices(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
                 cx.complete(move |tx| {
-                    q::set_activation_state(tx, &name, "active")?;
+                    q::set_activation_state(tx, &name, ActivationState::Active)?;
                     Ok(Completion::default())
                 })
             }
@@ -98,33 +127,23 @@ impl Executor for Activate<'_> {
     }
 }
 
-fn thin_size(conn: &rusqlite::Connection, thin_id: u32) -> Result<u64> {
-    q::thin_size(conn, thin_id)
-}
-
 fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
-    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+    let Some(intent) = SnapshotIntent::read(intent)? else {
         return Ok(());
     };
-    let name = intent.get("name").and_then(|v| v.as_str()).unwrap_or_default();
-    let state: Option<String> =
-        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0)).ok();
-    if state.as_deref() == Some("ready") || state.is_none() {
-        return Ok(());
+    let (thin_id, name) = (intent.thin_id, intent.name.as_str());
+    // A failed read stops here: it must not read as "nothing to undo" or
+    // as "undo it".
+    match crate::store::pool::thin_state(conn, thin_id)? {
+        None | Some(ThinState::Ready) => return Ok(()),
+        Some(ThinState::Creating | ThinState::Deleting) => {}
     }
     log::info!("cleaning up an interrupted snapshot for activation {name} (thin {thin_id})");
-    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+    if !intent.foreign {
         dev.deactivate(&dev.activation_name(name))?;
         dev.delete_thin(thin_id)?;
     }
-    let tx = conn.unchecked_transaction()?;
-    tx.execute(
-        "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
-        rusqlite::params![name, thin_id],
-    )?;
-    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
-    tx.commit()?;
-    Ok(())
+    q::drop_snapshot_attempt(conn, name, thin_id)
 }
 
 impl Activate<'_> {
@@ -134,23 +153,23 @@ impl Activate<'_> {
             undo_snapshot(dev, cx.conn, &intent)?;
         }
         if let Some(a) = q::activation(cx.conn, name)? {
-            if a.state != "creating" {
+            if a.state != ActivationState::Creating {
                 // Already snapshotted (e.g. an inactive activation being re-activated).
                 return Ok(());
             }
         }
         let img = q::image(cx.conn, image)?
-            .filter(|i| i.state == "ready")
+            .filter(|i| i.state == ImageState::Ready)
             .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("image {image} is not pulled")))?;
         let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
         let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
         let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
-        if chain.state != "ready" || !crate::store::pool::thin_ready(cx.conn, origin)? {
+        if chain.state != ChainState::Ready || !crate::store::pool::thin_ready(cx.conn, origin)? {
             return Err(Error::software(format!(
                 "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
             )));
         }
-        let size = thin_size(cx.conn, origin)?;
+        let size = q::thin_size(cx.conn, origin)?;
         let dev = self.ctx.devices(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
@@ -158,19 +177,22 @@ impl Activate<'_> {
         cx.record_intent_with(|tx| {
             let thin_id = super::devices::alloc_thin_id(tx, true, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
-            Ok(json!({ "thin_id": thin_id, "name": n, "origin": origin }))
+            crate::journal::intent_value(&SnapshotIntent { thin_id, name: n, origin, foreign: false })
         })?;
-        let thin_id = cx
-            .intent()
-            .and_then(|v| v["thin_id"].as_u64())
-            .map(|v| v as u32)
+        let thin_id = SnapshotIntent::read(cx.intent().unwrap_or(&Value::Null))?
+            .map(|i| i.thin_id)
             .ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
         // so no suspend is needed; the pool layer suspends if it finds it active.
         if dev.snapshot(thin_id, origin)? == super::devices::Created::Exists {
             // Not ours (database and pool diverged): never delete it.
-            let foreign = json!({ "thin_id": thin_id, "name": name, "origin": origin, "foreign": true });
+            let foreign = crate::journal::intent_value(&SnapshotIntent {
+                thin_id,
+                name: name.to_string(),
+                origin,
+                foreign: true,
+            })?;
             cx.record_intent(foreign.clone())?;
             undo_snapshot(dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
@@ -178,7 +200,7 @@ impl Activate<'_> {
         }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, "ready")?;
+            q::set_thin_state(tx, thin_id, ThinState::Ready)?;
             Ok(Completion::with_outcome(json!({ "thin_id": thin_id, "origin": origin })))
         })
     }
@@ -200,14 +222,14 @@ impl Executor for Deactivate<'_> {
                 dev.deactivate(&dev.activation_name(&name))?;
                 fault::point("deactivate:removed");
                 cx.complete(move |tx| {
-                    q::set_activation_state(tx, &name, "inactive")?;
+                    q::set_activation_state(tx, &name, ActivationState::Inactive)?;
                     Ok(Completion::default())
                 })
             }
             "delete" => {
                 let thin_id = act.thin_id;
                 cx.record_intent_with(|tx| {
-                    q::set_thin_state(tx, thin_id, "deleting")?;
+                    q::set_thin_state(tx, thin_id, ThinState::Deleting)?;
                     Ok(json!({ "thin_id": thin_id }))
                 })?;
                 dev.delete_thin(thin_id)?;
@@ -264,17 +286,18 @@ pub fn info_for(
     let path = super::devices::node_path(run_dir, &dm_name);
     let (major, minor) = match super::devices::node_numbers(&path) {
         Some((ma, mi))
-            if a.state == "active" && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
+            if a.state == ActivationState::Active
+                && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
         {
             (Some(ma), Some(mi))
         }
         _ => (None, None),
     };
-    let size = thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    let size = q::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
     Ok(Some(ActivationInfo {
         name: a.name,
         image: a.image,
-        state: a.state,
+        state: a.state.as_str().to_string(),
         thin_id: a.thin_id,
         dm_name,
         path: path.display().to_string(),
@@ -285,4 +308,32 @@ pub fn info_for(
         minor,
         size_bytes: size,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_intents_read_back_and_refuse_what_they_cannot_read() {
+        let i = SnapshotIntent { thin_id: 3, name: "vm1".into(), origin: 1, foreign: false };
+        let v = crate::journal::intent_value(&i).unwrap();
+        // The JSON earlier versions wrote, key for key.
+        assert_eq!(v, json!({"thin_id": 3, "name": "vm1", "origin": 1}));
+        assert_eq!(SnapshotIntent::read(&v).unwrap(), Some(i));
+        let f = json!({"thin_id": 3, "name": "vm1", "origin": 1, "foreign": true});
+        assert!(SnapshotIntent::read(&f).unwrap().unwrap().foreign);
+        assert_eq!(SnapshotIntent::read(&Value::Null).unwrap(), None);
+        // Not "nothing to undo", and not another device's id after truncation.
+        assert!(SnapshotIntent::read(&json!({"thin_id": (1u64 << 32) + 3, "name": "vm1", "origin": 1})).is_err());
+        assert!(SnapshotIntent::read(&json!({"thin_id": 3, "origin": 1})).is_err(), "no name: which activation?");
+    }
+
+    #[test]
+    fn activate_requests_read_back() {
+        let r: ActivateRequest = serde_json::from_value(spec("vm1", "golang", "golang/3").request).unwrap();
+        assert_eq!(r, ActivateRequest { image: "golang".into(), reference: Some("golang/3".into()) });
+        // No image: an error, not an activation of the image named "".
+        assert!(serde_json::from_value::<ActivateRequest>(json!({"ref": "golang"})).is_err());
+    }
 }

@@ -176,7 +176,7 @@ impl Devices {
     /// After a reboot: bring back every activation recorded as active.
     fn reactivate_all(&self, conn: &rusqlite::Connection) -> Result<()> {
         for a in crate::store::images::activations(conn)? {
-            if a.state != "active" {
+            if a.state != crate::store::images::ActivationState::Active {
                 continue;
             }
             let size = crate::store::images::thin_size(conn, a.thin_id)?;

@@ -56,12 +56,15 @@ fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) ->
     let prefix = pool.device_prefix();
     let present: Vec<String> = pool.list_ours(&prefix)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
     let acts = q::activations(conn)?;
-    let wanted: Vec<String> =
-        acts.iter().filter(|a| a.state == "active").map(|a| format!("{prefix}a-{}", a.name)).collect();
+    let wanted: Vec<String> = acts
+        .iter()
+        .filter(|a| a.state == q::ActivationState::Active)
+        .map(|a| format!("{prefix}a-{}", a.name))
+        .collect();
     rep.unknown_devices = present.iter().filter(|n| !wanted.contains(n)).cloned().collect();
     rep.missing_devices = acts
         .iter()
-        .filter(|a| a.state == "active" && !present.contains(&format!("{prefix}a-{}", a.name)))
+        .filter(|a| a.state == q::ActivationState::Active && !present.contains(&format!("{prefix}a-{}", a.name)))
         .map(|a| a.name.clone())
         .collect();
     Ok(())
@@ -87,8 +90,11 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
         let dev = ctx.devices(conn)?;
         // 2. Kernel -> database: our-prefixed dm devices nothing accounts for.
         let acts = q::activations(conn)?;
-        let wanted: Vec<String> =
-            acts.iter().filter(|a| a.state == "active").map(|a| dev.activation_name(&a.name)).collect();
+        let wanted: Vec<String> = acts
+            .iter()
+            .filter(|a| a.state == q::ActivationState::Active)
+            .map(|a| dev.activation_name(&a.name))
+            .collect();
         for name in dev.list_ours()? {
             if name == dev.pool_name() || wanted.contains(&name) {
                 continue;
@@ -101,7 +107,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
         }
         // 3. Database -> kernel: active activations whose device is gone.
         let present = dev.list_ours()?;
-        for a in acts.iter().filter(|a| a.state == "active") {
+        for a in acts.iter().filter(|a| a.state == q::ActivationState::Active) {
             let n = dev.activation_name(&a.name);
             if !present.contains(&n) {
                 rep.missing_devices.push(a.name.clone());
@@ -126,7 +132,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 // chain without a device for a pull to share.
                 let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(&tx, t, "deleting")?;
+                    q::set_thin_state(&tx, t, q::ThinState::Deleting)?;
                 }
                 q::delete_chain(&tx, &c.chain_id)?;
                 tx.commit()?;

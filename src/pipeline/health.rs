@@ -28,7 +28,7 @@ pub struct PoolView {
 /// The recorded pool and, if its dm device is up, its status. Never assembles.
 pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>> {
     let Some((spec, _)) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
-    let thin: i64 = db.conn.query_row("SELECT COUNT(*) FROM thin_devices", [], |r| r.get(0))?;
+    let thin = crate::store::pool::thin_count(&db.conn)?;
     let mut v = PoolView {
         name: spec.dm_name.as_str().to_string(),
         kind: spec.kind.as_str().to_string(),
@@ -39,7 +39,7 @@ pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>>
         meta_used_pct: None,
         data_used_bytes: None,
         data_total_bytes: None,
-        thin_devices: thin.max(0) as usize,
+        thin_devices: usize::try_from(thin).unwrap_or(usize::MAX),
         error: None,
     };
     match crate::pool::Pool::find(&spec, run_dir) {
@@ -147,34 +147,10 @@ pub fn space(state_dir: &std::path::Path, counts: Option<&Counts>, pool: Option<
     v
 }
 
-#[derive(Debug, Serialize, Default)]
-pub struct Counts {
-    pub blobs: i64,
-    pub blob_bytes: i64,
-    pub rejected_blobs: i64,
-    pub chains: i64,
-    pub images: i64,
-    pub images_ready: i64,
-    pub activations: i64,
-    pub activations_active: i64,
-    pub runs_active: i64,
-    pub runs_failed: i64,
-}
+pub use crate::store::stats::Counts;
 
 pub fn counts(db: &Db) -> Result<Counts> {
-    let one = |sql: &str| -> Result<i64> { Ok(db.conn.query_row(sql, [], |r| r.get(0))?) };
-    Ok(Counts {
-        blobs: one("SELECT COUNT(*) FROM blobs WHERE state = 'present'")?,
-        blob_bytes: one("SELECT COALESCE(SUM(size), 0) FROM blobs WHERE state = 'present'")?,
-        rejected_blobs: one("SELECT COUNT(*) FROM blobs WHERE state = 'rejected'")?,
-        chains: one("SELECT COUNT(*) FROM chains WHERE state = 'ready'")?,
-        images: one("SELECT COUNT(*) FROM images")?,
-        images_ready: one("SELECT COUNT(*) FROM images WHERE state = 'ready'")?,
-        activations: one("SELECT COUNT(*) FROM activations")?,
-        activations_active: one("SELECT COUNT(*) FROM activations WHERE state = 'active'")?,
-        runs_active: one("SELECT COUNT(*) FROM runs WHERE state IN ('active', 'cancelling')")?,
-        runs_failed: crate::journal::unresolved_failures(&db.conn)?,
-    })
+    crate::store::stats::counts(&db.conn)
 }
 
 #[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -249,7 +225,7 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_err
             out.push(check("database", Level::Ok, format!("{} has no database yet", state_dir.display()), None))
         }
         Ok(Some(db)) => {
-            match db.conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+            match crate::store::stats::quick_check(&db.conn) {
                 Ok(s) if s == "ok" => out.push(check("database", Level::Ok, "quick_check ok", None)),
                 Ok(s) => out.push(check("database", Level::Fail, s, Some("restore state.db from backup; run gc"))),
                 Err(e) => out.push(check("database", Level::Fail, e.to_string(), None)),
@@ -531,18 +507,11 @@ pub fn write_metrics(
                 ],
             );
         }
-        if let Ok(mut st) =
-            db.conn.prepare("SELECT kind, state, COUNT(*) FROM runs GROUP BY kind, state ORDER BY kind, state")
-        {
-            let rows: Vec<(String, f64)> = st
-                .query_map([], |r| {
-                    Ok((
-                        format!("{{kind=\"{}\",state=\"{}\"}}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
-                        r.get::<_, i64>(2)? as f64,
-                    ))
-                })
-                .map(|it| it.flatten().collect())
-                .unwrap_or_default();
+        if let Ok(runs) = crate::store::stats::runs_by_kind_state(&db.conn) {
+            let rows: Vec<(String, f64)> = runs
+                .into_iter()
+                .map(|(kind, state, n)| (format!("{{kind=\"{kind}\",state=\"{state}\"}}"), n as f64))
+                .collect();
             gauge("thinimg_runs", "Journaled runs by kind and state.", "gauge", &rows);
         }
         if let Ok(Some(p)) = pool_view(&db, run_dir) {

@@ -28,13 +28,51 @@ use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
 use crate::store::images as q;
 
+/// What a pull run is asked for: the ref as given (the subject is the
+/// normalized image name). Runs recorded without one pull their subject.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PullRequest {
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// A pull run's steps, as the journal names them: `fetch`, `chain:N` for
+/// layer N (1-based), `finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullStep {
+    Fetch,
+    Chain(i64),
+    Finish,
+}
+
+impl PullStep {
+    pub fn name(self) -> String {
+        match self {
+            PullStep::Fetch => "fetch".into(),
+            PullStep::Chain(pos) => format!("chain:{pos}"),
+            PullStep::Finish => "finish".into(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<PullStep> {
+        match s {
+            "fetch" => Ok(PullStep::Fetch),
+            "finish" => Ok(PullStep::Finish),
+            _ => match s.strip_prefix("chain:").map(str::parse::<i64>) {
+                Some(Ok(pos)) if pos >= 1 => Ok(PullStep::Chain(pos)),
+                _ => Err(Error::software(format!("pull: unknown step {s:?}"))),
+            },
+        }
+    }
+}
+
 /// The run spec for pulling `image` (a normalized ref).
 pub fn spec(image: &str, reference: &str) -> RunSpec {
     RunSpec {
         kind: "pull".into(),
         subject: image.into(),
         request: json!({ "ref": reference }),
-        steps: vec!["fetch".into()],
+        steps: vec![PullStep::Fetch.name()],
     }
 }
 
@@ -67,24 +105,40 @@ pub fn hex(b: &[u8]) -> String {
     s
 }
 
+/// What a chain build records before any kernel work: enough to undo the
+/// attempt after a crash. `foreign`: the thin id already existed in the
+/// pool (EEXIST), so nothing of it in the kernel is this attempt's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildIntent {
+    pub thin_id: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dm_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<std::path::PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub foreign: bool,
+}
+
+impl BuildIntent {
+    /// The intent a step recorded; `None` if it names no thin id.
+    pub fn read(v: &Value) -> Result<Option<BuildIntent>> {
+        crate::journal::typed_intent(v, "thin_id")
+    }
+}
+
 pub struct Pull<'a> {
     pub ctx: &'a mut Ctx,
 }
 
 impl Executor for Pull<'_> {
     fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
-        let step = cx.step.clone();
-        if step == "fetch" {
-            return self.fetch(cx);
+        match PullStep::parse(&cx.step)? {
+            PullStep::Fetch => self.fetch(cx),
+            PullStep::Chain(pos) => self.chain(cx, pos),
+            PullStep::Finish => finish(cx),
         }
-        if step == "finish" {
-            return finish(cx);
-        }
-        if let Some(n) = step.strip_prefix("chain:") {
-            let pos: i64 = n.parse().map_err(|_| Error::software(format!("bad step name {step:?}")))?;
-            return self.chain(cx, pos);
-        }
-        Err(Error::software(format!("pull: unknown step {step:?}")))
     }
 
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
@@ -99,7 +153,7 @@ impl Executor for Pull<'_> {
 
 impl Pull<'_> {
     fn fetch(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
-        let reference = cx.request["ref"].as_str().unwrap_or(&cx.subject).to_string();
+        let reference = cx.request_as::<PullRequest>()?.reference.unwrap_or_else(|| cx.subject.clone());
         let image = cx.subject.clone();
         let fetched = super::sources::fetch_image(self.ctx, cx.conn, &reference)?;
         // A layer rejected before is not unpacked again until its content changes.
@@ -113,8 +167,8 @@ impl Pull<'_> {
             let rows: Vec<(i64, String, String)> =
                 fetched.layers.iter().map(|l| (l.position, l.key.clone(), l.digest.clone())).collect();
             q::put_image_pulling(tx, &image, &fetched.family, &rows)?;
-            let mut append: Vec<String> = (1..=n).map(|i| format!("chain:{i}")).collect();
-            append.push("finish".into());
+            let mut append: Vec<String> = (1..=n as i64).map(|i| PullStep::Chain(i).name()).collect();
+            append.push(PullStep::Finish.name());
             Ok(Completion {
                 outcome: Some(json!({
                     "family": fetched.family,
@@ -155,7 +209,7 @@ impl Pull<'_> {
         // A building row whose owner is no longer running (its run failed
         // or was cancelled after its teardown failed) is finished off here,
         // so one bad attempt does not block this chain for every image.
-        if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == "building") {
+        if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == q::ChainState::Building) {
             for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
@@ -166,7 +220,7 @@ impl Pull<'_> {
         }
 
         if let Some(c) = q::chain(cx.conn, chain_id)? {
-            if c.state == "ready" {
+            if c.state == q::ChainState::Ready {
                 let thin_ok = match c.thin_id {
                     Some(t) => crate::store::pool::thin_ready(cx.conn, t)?,
                     None => false,
@@ -198,7 +252,7 @@ impl Pull<'_> {
         let parent_thin = match &parent {
             None => None,
             Some(p) => {
-                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == "ready").ok_or_else(|| {
+                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == q::ChainState::Ready).ok_or_else(|| {
                     Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
                 })?;
                 let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
@@ -227,16 +281,17 @@ impl Pull<'_> {
         cx.record_intent_with(|tx| {
             let thin_id = super::devices::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
             q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
-            Ok(json!({
-                "thin_id": thin_id,
-                "chain_id": cid,
-                "dm_name": dev.build_name(thin_id),
-                "mount": mount::mount_point(&mnt_root, thin_id),
-            }))
+            crate::journal::intent_value(&BuildIntent {
+                thin_id,
+                chain_id: Some(cid),
+                dm_name: Some(dev.build_name(thin_id)),
+                mount: Some(mount::mount_point(&mnt_root, thin_id)),
+                foreign: false,
+            })
         })?;
         let intent = cx.intent().cloned().unwrap_or(Value::Null);
         let thin_id =
-            intent["thin_id"].as_u64().map(|v| v as u32).ok_or_else(|| Error::software("intent lost its thin id"))?;
+            BuildIntent::read(&intent)?.map(|i| i.thin_id).ok_or_else(|| Error::software("intent lost its thin id"))?;
         fault::point("chain:intent");
 
         let created = match parent_thin {
@@ -246,8 +301,9 @@ impl Pull<'_> {
         if let Ok(super::devices::Created::Exists) = created {
             // Not ours: never touched. Mark the attempt so no teardown (now
             // or after a crash) deletes it, drop its rows, and stop.
-            let mut foreign = intent.clone();
-            foreign["foreign"] = json!(true);
+            let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
+            foreign.foreign = true;
+            let foreign = crate::journal::intent_value(&foreign)?;
             cx.record_intent(foreign.clone())?;
             teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
@@ -274,7 +330,7 @@ impl Pull<'_> {
         fault::point("chain:built");
         let (img, cid) = (image.clone(), chain_id.clone());
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, "ready")?;
+            q::set_thin_state(tx, thin_id, q::ThinState::Ready)?;
             q::set_chain_ready(tx, &cid, &report)?;
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
@@ -425,10 +481,10 @@ pub fn mkfs_ext4(node: &Path) -> Result<()> {
 /// delete the thin id from the pool and its rows from the database.
 /// Every part tolerates "already gone".
 pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent: &Value) -> Result<()> {
-    let Some(thin_id) = intent.get("thin_id").and_then(|v| v.as_u64()).map(|v| v as u32) else {
+    let Some(intent) = BuildIntent::read(intent)? else {
         return Ok(());
     };
-    let cid = intent.get("chain_id").and_then(|v| v.as_str());
+    let (thin_id, cid) = (intent.thin_id, intent.chain_id.as_deref());
     if !q::build_attempt_pending(conn, thin_id, cid)? {
         // Completed and committed, or already torn down (its rows go last;
         // the id may belong to another device by now): nothing to undo.
@@ -438,18 +494,12 @@ pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent
     fault::fail("build:teardown")?;
     // A "foreign" id existed in the pool before this attempt (EEXIST):
     // nothing of it in the kernel is ours, only the rows are.
-    if intent.get("foreign").and_then(|v| v.as_bool()) != Some(true) {
+    if !intent.foreign {
         mount::unmount(&mount::mount_point(run_dir, thin_id))?;
         dev.deactivate(&dev.build_name(thin_id))?;
         dev.delete_thin(thin_id)?;
     }
-    let tx = conn.unchecked_transaction()?;
-    if let Some(cid) = intent.get("chain_id").and_then(|v| v.as_str()) {
-        tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
-    }
-    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
-    tx.commit()?;
-    Ok(())
+    q::drop_build_attempt(conn, cid, thin_id)
 }
 
 fn finish(cx: &mut StepCx<'_>) -> Result<()> {
@@ -490,5 +540,49 @@ mod tests {
         assert_eq!(ids[1], hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
         assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
+    }
+
+    #[test]
+    fn pull_steps_and_requests_read_back() {
+        for s in [PullStep::Fetch, PullStep::Chain(1), PullStep::Chain(12), PullStep::Finish] {
+            assert_eq!(PullStep::parse(&s.name()).unwrap(), s);
+        }
+        assert_eq!(PullStep::Chain(3).name(), "chain:3");
+        for bad in ["chain:0", "chain:-1", "chain:", "chain:x", "chain 1", "Fetch", ""] {
+            assert!(PullStep::parse(bad).is_err(), "{bad:?}");
+        }
+        let r: PullRequest = serde_json::from_value(spec("golang", "golang/3").request).unwrap();
+        assert_eq!(r.reference.as_deref(), Some("golang/3"));
+        let r: PullRequest = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(r.reference, None);
+        assert!(serde_json::from_value::<PullRequest>(json!({"ref": 3})).is_err());
+    }
+
+    #[test]
+    fn build_intents_read_back_and_refuse_what_they_cannot_read() {
+        let i = BuildIntent {
+            thin_id: 7,
+            chain_id: Some("c".repeat(64)),
+            dm_name: Some("x-c7".into()),
+            mount: Some("/run/thinimg/mnt/7".into()),
+            foreign: false,
+        };
+        let v = crate::journal::intent_value(&i).unwrap();
+        // The JSON earlier versions wrote, key for key.
+        assert_eq!(
+            v,
+            json!({"thin_id": 7, "chain_id": "c".repeat(64), "dm_name": "x-c7", "mount": "/run/thinimg/mnt/7"})
+        );
+        assert_eq!(BuildIntent::read(&v).unwrap(), Some(i.clone()));
+        let foreign = json!({"thin_id": 7, "chain_id": "c".repeat(64), "foreign": true});
+        assert!(BuildIntent::read(&foreign).unwrap().unwrap().foreign);
+        // Cleared, or recorded before an id was allocated: nothing to undo.
+        assert_eq!(BuildIntent::read(&Value::Null).unwrap(), None);
+        assert_eq!(BuildIntent::read(&json!({"chain_id": "x"})).unwrap(), None);
+        // An id that does not fit (once truncated with `as u32`) or is not a
+        // number is an error, never another device's id or "nothing to undo".
+        assert!(BuildIntent::read(&json!({"thin_id": (1u64 << 32) + 7})).is_err());
+        assert!(BuildIntent::read(&json!({"thin_id": "7"})).is_err());
+        assert!(BuildIntent::read(&json!({"thin_id": 7, "foreign": "yes"})).is_err());
     }
 }

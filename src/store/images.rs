@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::output::now;
+pub use crate::store::pool::ThinState;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
@@ -15,7 +16,7 @@ pub struct ImageRow {
     pub family: String,
     pub top_layer: i64,
     pub top_chain: Option<String>,
-    pub state: String,
+    pub state: ImageState,
     pub updated_at: i64,
 }
 
@@ -34,8 +35,26 @@ pub struct ChainRow {
     pub blob: String,
     pub depth: i64,
     pub thin_id: Option<u32>,
-    pub state: String,
+    pub state: ChainState,
     pub report: Option<serde_json::Value>,
+}
+
+column_enum! {
+    /// Where an activation stands (`activations.state`): `Creating` (intent:
+    /// its snapshot may not exist yet), `Active` (its dm device is up),
+    /// `Inactive` (snapshot kept, no dm device).
+    ActivationState, "activation row" { Creating = "creating", Active = "active", Inactive = "inactive" }
+}
+
+column_enum! {
+    /// Where an image stands (`images.state`): `Pulling` until its top chain is built.
+    ImageState, "image row" { Pulling = "pulling", Ready = "ready" }
+}
+
+column_enum! {
+    /// Where a chain stands (`chains.state`): `Building` is an attempt's
+    /// intent, `Ready` a finished, shareable chain.
+    ChainState, "chain row" { Building = "building", Ready = "ready" }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +63,7 @@ pub struct ActivationRow {
     pub image: String,
     pub chain_id: String,
     pub thin_id: u32,
-    pub state: String,
+    pub state: ActivationState,
     pub created_at: i64,
 }
 
@@ -231,11 +250,25 @@ pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &str, t
     Ok(())
 }
 
-pub fn set_activation_state(c: &Connection, name: &str, state: &str) -> Result<()> {
+pub fn set_activation_state(c: &Connection, name: &str, state: ActivationState) -> Result<()> {
     let n = c.execute("UPDATE activations SET state = ?1 WHERE name = ?2", params![state, name])?;
     if n != 1 {
         return Err(Error::new(Kind::Software, format!("activation {name} vanished from the database")));
     }
+    Ok(())
+}
+
+/// Forget an interrupted snapshot attempt, in one transaction: activation
+/// `name`'s row if it is still `creating` on `thin_id`, and `thin_id`'s row
+/// unless it is `ready` (a finished device is never dropped here).
+pub fn drop_snapshot_attempt(c: &Connection, name: &str, thin_id: u32) -> Result<()> {
+    let tx = c.unchecked_transaction()?;
+    tx.execute(
+        "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
+        params![name, thin_id],
+    )?;
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -249,7 +282,7 @@ pub fn delete_activation(c: &Connection, name: &str) -> Result<()> {
 pub struct ThinRow {
     pub thin_id: u32,
     pub role: String,
-    pub state: String,
+    pub state: ThinState,
     pub origin: Option<u32>,
     pub size_sectors: u64,
 }
@@ -274,7 +307,7 @@ pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-pub fn set_thin_state(c: &Connection, thin_id: u32, state: &str) -> Result<()> {
+pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
     c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
     Ok(())
 }
@@ -291,6 +324,19 @@ pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str
         params![thin_id, chain_id],
         |r| r.get(0),
     )?)
+}
+
+/// Forget a torn-down build attempt, in one transaction: chain `chain_id`'s
+/// row if it is still `building`, and `thin_id`'s row unless it is `ready`
+/// (a finished chain or device is never dropped here).
+pub fn drop_build_attempt(c: &Connection, chain_id: Option<&str>, thin_id: u32) -> Result<()> {
+    let tx = c.unchecked_transaction()?;
+    if let Some(cid) = chain_id {
+        tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
+    }
+    tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// Thin ids no chain and no activation owns (e.g. a failed deletion).
@@ -322,4 +368,100 @@ pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
     })
     .optional()?
     .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::Sectors;
+    use crate::store::pool::{alloc_thin_id, thin_state, ThinRole};
+
+    fn db() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch("PRAGMA foreign_keys=ON").unwrap();
+        crate::store::schema::migrate(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_dropped_snapshot_attempt_keeps_what_finished() {
+        let c = db();
+        let blob = "a".repeat(64);
+        let chain = "c".repeat(64);
+        crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
+        put_image_pulling(&c, "img", "img", &[(1, "img/1".into(), blob.clone())]).unwrap();
+        let origin = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        insert_chain_building(&c, &chain, None, &blob, 1, origin).unwrap();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        insert_activation(&c, "a1", "img", &chain, t).unwrap();
+        // Another activation's id, or a row no longer `creating`, is not this attempt's.
+        drop_snapshot_attempt(&c, "a1", t + 1).unwrap();
+        assert!(activation(&c, "a1").unwrap().is_some());
+        set_activation_state(&c, "a1", ActivationState::Active).unwrap();
+        set_thin_state(&c, t, ThinState::Ready).unwrap();
+        drop_snapshot_attempt(&c, "a1", t).unwrap();
+        assert_eq!(activation(&c, "a1").unwrap().unwrap().state, ActivationState::Active);
+        assert_eq!(thin_state(&c, t).unwrap(), Some(ThinState::Ready));
+        // An interrupted one goes, rows together.
+        delete_activation(&c, "a1").unwrap();
+        delete_thin_row(&c, t).unwrap();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        insert_activation(&c, "a2", "img", &chain, t).unwrap();
+        drop_snapshot_attempt(&c, "a2", t).unwrap();
+        assert!(activation(&c, "a2").unwrap().is_none());
+        assert_eq!(thin_state(&c, t).unwrap(), None);
+        for s in [ActivationState::Creating, ActivationState::Active, ActivationState::Inactive] {
+            assert_eq!(ActivationState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(ActivationState::parse("gone").is_err());
+    }
+
+    #[test]
+    fn state_columns_read_as_enums_and_refuse_unknown_spellings() {
+        let c = db();
+        let read = |sql: &str| c.query_row(sql, [], |r| r.get::<_, ChainState>(0));
+        assert_eq!(read("SELECT 'building'").unwrap(), ChainState::Building);
+        assert_eq!(read("SELECT 'ready'").unwrap(), ChainState::Ready);
+        assert!(read("SELECT 'Ready'").is_err());
+        assert!(read("SELECT NULL").is_err());
+        assert!(read("SELECT 1").is_err());
+        for s in [ImageState::Pulling, ImageState::Ready] {
+            assert_eq!(ImageState::parse(s.as_str()).unwrap(), s);
+            assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        assert_eq!(serde_json::to_value(ThinState::Deleting).unwrap(), serde_json::json!("deleting"));
+        assert_eq!(serde_json::to_value(ActivationState::Inactive).unwrap(), serde_json::json!("inactive"));
+    }
+
+    #[test]
+    fn a_dropped_build_attempt_keeps_what_finished() {
+        let c = db();
+        let blob = "a".repeat(64);
+        let (c1, c2) = ("1".repeat(64), "2".repeat(64));
+        crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
+        let t1 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        insert_chain_building(&c, &c1, None, &blob, 1, t1).unwrap();
+        set_thin_state(&c, t1, ThinState::Ready).unwrap();
+        set_chain_ready(&c, &c1, &serde_json::json!({})).unwrap();
+        // A ready chain and device stay.
+        drop_build_attempt(&c, Some(&c1), t1).unwrap();
+        assert_eq!(chain(&c, &c1).unwrap().unwrap().state, ChainState::Ready);
+        assert_eq!(thin_state(&c, t1).unwrap(), Some(ThinState::Ready));
+        // A building one goes with its thin row.
+        let t2 = alloc_thin_id(&c, ThinRole::Chain, Some(crate::dm::ThinId::new(t1.into()).unwrap()), Sectors(8))
+            .unwrap()
+            .get();
+        insert_chain_building(&c, &c2, Some(&c1), &blob, 2, t2).unwrap();
+        assert!(build_attempt_pending(&c, t2, Some(&c2)).unwrap());
+        drop_build_attempt(&c, Some(&c2), t2).unwrap();
+        assert!(chain(&c, &c2).unwrap().is_none());
+        assert_eq!(thin_state(&c, t2).unwrap(), None);
+        assert!(!build_attempt_pending(&c, t2, Some(&c2)).unwrap());
+        // Without a chain id (an intent from before the row): only the thin row.
+        let t3 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        drop_build_attempt(&c, None, t3).unwrap();
+        assert_eq!(thin_state(&c, t3).unwrap(), None);
+        assert!(chain(&c, &c1).unwrap().is_some());
+    }
 }

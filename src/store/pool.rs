@@ -191,12 +191,24 @@ pub fn forget_transaction_id(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+column_enum! {
+    /// Where a thin device row stands (`thin_devices.state`): `Creating`
+    /// and `Deleting` are intents (the device may or may not exist in the
+    /// pool), `Ready` is a finished device.
+    ThinState, "thin device row" { Creating = "creating", Ready = "ready", Deleting = "deleting" }
+}
+
+/// The recorded state of thin device `id`, `None` if no row has it. A
+/// database error is an error, never "no row": callers decide teardowns
+/// from this.
+pub fn thin_state(conn: &Connection, id: u32) -> Result<Option<ThinState>> {
+    Ok(conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?)
+}
+
 /// Whether thin device `id` is recorded and `ready` (fully created and not
 /// being deleted): only such a device may be shared or snapshotted.
 pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
-    let st: Option<String> =
-        conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?;
-    Ok(st.as_deref() == Some("ready"))
+    Ok(thin_state(conn, id)? == Some(ThinState::Ready))
 }
 
 /// Stable identities (data, metadata) of a block pool's devices, recorded
@@ -296,6 +308,32 @@ mod tests {
         assert_eq!(transaction_ids(&db.conn).unwrap(), (Some(5), None));
         forget_transaction_id(&db.conn).unwrap();
         assert_eq!(transaction_ids(&db.conn).unwrap(), (None, None));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn thin_state_reads_rows_and_never_defaults_an_error() {
+        let d = tmpdir("state");
+        let mut db = Db::open(&d).unwrap();
+        let tx = db.conn.transaction().unwrap();
+        let a = alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(8)).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Creating));
+        assert!(!thin_ready(&db.conn, a.get()).unwrap());
+        crate::store::images::set_thin_state(&db.conn, a.get(), ThinState::Ready).unwrap();
+        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Ready));
+        assert!(thin_ready(&db.conn, a.get()).unwrap());
+        crate::store::images::set_thin_state(&db.conn, a.get(), ThinState::Deleting).unwrap();
+        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Deleting));
+        assert_eq!(thin_state(&db.conn, a.get() + 1).unwrap(), None);
+        // A read that fails (here: no such table) is an error, not "no row".
+        let bare = Connection::open_in_memory().unwrap();
+        assert!(thin_state(&bare, 0).is_err());
+        assert!(thin_ready(&bare, 0).is_err());
+        for s in [ThinState::Creating, ThinState::Ready, ThinState::Deleting] {
+            assert_eq!(ThinState::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(ThinState::parse("Ready").is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
