@@ -235,6 +235,14 @@ fn active_run(conn: &Connection, kind: &str, subject: &str) -> Result<Option<Run
         .optional()?)
 }
 
+/// The kind of run `id` (66 when there is no such run).
+pub fn kind_of(conn: &Connection, id: RunId) -> Result<String> {
+    conn.query_row("SELECT kind FROM runs WHERE id = ?1", [id], |r| r.get(0)).map_err(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Error::new(Kind::NoSuchImage, format!("no run with id {id}")),
+        e => Error::from(e),
+    })
+}
+
 /// Runs that an earlier process left unfinished, oldest first.
 pub fn unfinished(conn: &Connection) -> Result<Vec<(RunId, String, String, RunState)>> {
     let mut st =

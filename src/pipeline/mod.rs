@@ -204,11 +204,7 @@ impl Env {
     }
 
     pub fn drive_existing(&mut self, id: RunId) -> Result<Outcome> {
-        let kind: String =
-            self.db.conn.query_row("SELECT kind FROM runs WHERE id = ?1", [id], |r| r.get(0)).map_err(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Error::new(Kind::NoSuchImage, format!("no run with id {id}")),
-                e => Error::from(e),
-            })?;
+        let kind = journal::kind_of(&self.db.conn, id)?;
         let policy = self.policy;
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
