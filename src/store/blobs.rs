@@ -369,10 +369,7 @@ mod tests {
     use super::*;
 
     fn db() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        c.execute_batch("PRAGMA foreign_keys=ON").unwrap();
-        crate::store::schema::migrate(&mut c).unwrap();
-        c
+        crate::store::memory_db()
     }
 
     #[test]

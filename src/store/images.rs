@@ -377,10 +377,7 @@ mod tests {
     use crate::store::pool::{alloc_thin_id, thin_state, ThinRole};
 
     fn db() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        c.execute_batch("PRAGMA foreign_keys=ON").unwrap();
-        crate::store::schema::migrate(&mut c).unwrap();
-        c
+        crate::store::memory_db()
     }
 
     #[test]

@@ -278,3 +278,12 @@ impl Db {
         Ok(())
     }
 }
+
+/// A migrated in-memory database with foreign keys on, for unit tests.
+#[cfg(test)]
+pub(crate) fn memory_db() -> Connection {
+    let mut c = Connection::open_in_memory().expect("an in-memory database");
+    c.execute_batch("PRAGMA foreign_keys=ON").expect("foreign keys on");
+    schema::migrate(&mut c).expect("migrations apply");
+    c
+}

@@ -56,10 +56,7 @@ mod tests {
     use crate::journal::RunSpec;
 
     fn db() -> Connection {
-        let mut c = Connection::open_in_memory().unwrap();
-        c.execute_batch("PRAGMA foreign_keys=ON").unwrap();
-        crate::store::schema::migrate(&mut c).unwrap();
-        c
+        crate::store::memory_db()
     }
 
     #[test]
