@@ -216,12 +216,20 @@ impl BlobStore {
 }
 
 /// Hash up to `limit` bytes of `r`, keeping its first 512 bytes in `head`.
-pub(super) fn hash_reader(
+pub(super) fn hash_reader(r: impl Read, limit: u64, head: Option<&mut Vec<u8>>) -> std::io::Result<(Sha256, u64)> {
+    let mut h = Sha256::new();
+    let n = read_prefix(r, limit, head, |b| h.update(b))?;
+    Ok((h, n))
+}
+
+/// Read up to `limit` bytes of `r` in 1 MiB pieces, handing each to `each`
+/// and keeping the first 512 bytes in `head`; returns the bytes read.
+pub(super) fn read_prefix(
     mut r: impl Read,
     limit: u64,
     mut head: Option<&mut Vec<u8>>,
-) -> std::io::Result<(Sha256, u64)> {
-    let mut h = Sha256::new();
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     while n < limit {
@@ -236,10 +244,10 @@ pub(super) fn hash_reader(
             let take = (512 - hd.len().min(512)).min(got);
             hd.extend_from_slice(&buf[..take]);
         }
-        h.update(&buf[..got]);
+        each(&buf[..got]);
         n += got as u64;
     }
-    Ok((h, n))
+    Ok(n)
 }
 
 pub(super) fn remove_if_exists(p: &Path) -> Result<()> {

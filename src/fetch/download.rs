@@ -535,24 +535,12 @@ fn start_writeback(f: &File, start: u64, len: u64) {
 /// Re-read the durable prefix of a partial: its SHA-256 and MD5 (so the
 /// final digests cover every byte of the blob, old and new), and its first
 /// 512 bytes into `head`.
-fn reread(mut r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sha256, Md5, u64)> {
+fn reread(r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sha256, Md5, u64)> {
     let (mut sha, mut md5) = (Sha256::new(), Md5::new());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    while n < limit {
-        let want = (limit - n).min(buf.len() as u64) as usize;
-        let got = match r.read(&mut buf[..want]) {
-            Ok(0) => break,
-            Ok(k) => k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let take = (512 - head.len().min(512)).min(got);
-        head.extend_from_slice(&buf[..take]);
-        sha.update(&buf[..got]);
-        md5.update(&buf[..got]);
-        n += got as u64;
-    }
+    let n = super::blobstore::read_prefix(r, limit, Some(head), |b| {
+        sha.update(b);
+        md5.update(b);
+    })?;
     Ok((sha, md5, n))
 }
 
