@@ -31,7 +31,7 @@ struct Dirs {
 
 impl Dirs {
     fn new(tag: &str) -> Dirs {
-        let base = std::env::temp_dir().join(format!("thinimg-fid-{}-{tag}", std::process::id()));
+        let base = common::scratch().join(format!("thinimg-fid-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("ours")).unwrap();
         std::fs::create_dir_all(base.join("gnu")).unwrap();

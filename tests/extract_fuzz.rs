@@ -181,7 +181,7 @@ fn fuzz(iters: u64, seed: u64) {
             let _ = tx.send(r);
         });
         let save = |why: &str| -> ! {
-            let p = std::env::temp_dir().join(format!("thinimg-fuzz-{}-{i}.tar", std::process::id()));
+            let p = common::scratch().join(format!("thinimg-fuzz-{}-{i}.tar", std::process::id()));
             std::fs::write(&p, &case).unwrap();
             panic!("case {i}: {why}; saved to {}", p.display());
         };

@@ -798,6 +798,6 @@ fn the_sandbox_is_a_private_read_only_namespace() {
         let e = std::fs::write(p, b"x").expect_err(p);
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{p}: {e}");
     }
-    let st = nix::sys::statfs::statfs(&std::env::temp_dir()).unwrap();
+    let st = nix::sys::statfs::statfs(&common::scratch()).unwrap();
     assert_eq!(st.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC, "the scratch is a private tmpfs");
 }

@@ -29,6 +29,13 @@ thread_local! {
     static SANDBOXED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// This process's scratch directory: a tmpfs inside each sandbox. Its own
+/// directory under the temp dir, not the temp dir itself, so a checkout
+/// under /tmp (a CI clone) stays visible, read-only, in the sandbox.
+pub fn scratch() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("thinimg-xt-scratch-{}", std::process::id()))
+}
+
 /// Move the calling test thread (and every process it starts) into a
 /// private mount namespace where every mount is read-only and the temp
 /// directory is a fresh tmpfs: the only place a hostile archive could
@@ -42,6 +49,11 @@ pub fn enter_sandbox() {
     let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
         panic!("cannot build the test sandbox (private mount namespace, read-only host, tmpfs scratch): {what}: {e}")
     };
+    // The scratch mount point is made on the host first (the host is
+    // read-only from the next step on).
+    if let Err(e) = std::fs::create_dir_all(scratch()) {
+        fail(&format!("creating {}", scratch().display()), &e);
+    }
     // SAFETY: unshare(2) with a constant flag; it only changes this
     // thread's namespace and fs_struct.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
@@ -76,7 +88,7 @@ pub fn enter_sandbox() {
     if r != 0 {
         fail("remounting every mount read-only (mount_setattr)", &std::io::Error::last_os_error());
     }
-    let scratch = std::env::temp_dir();
+    let scratch = scratch();
     if let Err(e) = mount(Some("tmpfs"), &scratch, Some("tmpfs"), MsFlags::empty(), Some("mode=1777,size=4g")) {
         fail(&format!("mounting a tmpfs on {}", scratch.display()), &e);
     }
@@ -132,7 +144,7 @@ impl Sandbox {
         require_root();
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let base = std::env::temp_dir().join(format!("thinimg-xt-{}-{}-{}", std::process::id(), n, sanitize(tag)));
+        let base = scratch().join(format!("thinimg-xt-{}-{}-{}", std::process::id(), n, sanitize(tag)));
         let _ = std::fs::remove_dir_all(&base);
         let deep = base.join("a/b/c");
         std::fs::create_dir_all(&deep).unwrap();
