@@ -33,6 +33,7 @@ _thinimg_value_kind() {
         "pool create --data-size") echo "none" ;;
         "pool create --block-size") echo "none" ;;
         "pool create --device-size") echo "none" ;;
+        "pull --unpack-jobs") echo "none" ;;
         "pull --download-jobs") echo "none" ;;
         "pull --max-blob-size") echo "none" ;;
         "pull --min-free") echo "none" ;;
@@ -130,7 +131,7 @@ _thinimg() {
         "unpack") opts="--dest --apply-on-top --keep-privileges --devices --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pool destroy") opts="--force --dry-run $opts" ;;
-        "pull") opts="--download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "pull") opts="--unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "activate") opts="--name --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "deactivate") opts="--delete --dry-run $opts" ;;
         "rm") opts="--force --dry-run $opts" ;;

@@ -593,3 +593,190 @@ fn concurrent_syncs_queue_or_refuse_and_build_everything_once() {
     assert_eq!(built, 8, "chains built");
     assert_eq!(h.thin_rows(), 8);
 }
+
+/// A TCP proxy in front of the S3 server that holds every GET of one key
+/// until released. It reads the client's requests head by head (thinimg
+/// sends no request bodies), so keep-alive connections are followed too.
+struct HoldProxy {
+    endpoint: String,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl HoldProxy {
+    fn start(upstream: &str, key_path: String) -> HoldProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU32};
+        use std::sync::Arc;
+        let up = upstream.trim_start_matches("http://").to_string();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        let release = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU32::new(0));
+        let (r2, h2) = (release.clone(), held.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(client) = c else { continue };
+                let (up, key, r, h) = (up.clone(), key_path.clone(), r2.clone(), h2.clone());
+                std::thread::spawn(move || hold_conn(client, &up, &key, &r, &h));
+            }
+        });
+        HoldProxy { endpoint, release, held }
+    }
+
+    fn release(&self) {
+        self.release.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn held(&self) -> u32 {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HoldProxy {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+fn hold_conn(
+    client: std::net::TcpStream,
+    up: &str,
+    key_path: &str,
+    release: &std::sync::atomic::AtomicBool,
+    held: &std::sync::atomic::AtomicU32,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let Ok(server) = std::net::TcpStream::connect(up) else { return };
+    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(std::net::Shutdown::Both);
+    });
+    let (mut client, mut server) = (client, server);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut b = [0u8; 8192];
+    loop {
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match client.read(&mut b) {
+                Ok(0) | Err(_) => {
+                    let _ = server.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Ok(n) => buf.extend_from_slice(&b[..n]),
+            }
+        };
+        let head: Vec<u8> = buf.drain(..end).collect();
+        let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+        let path = line.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_string();
+        if line.starts_with("GET ") && path.ends_with(key_path) {
+            held.fetch_add(1, Ordering::SeqCst);
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        if server.write_all(&head).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn pull_builds_chains_while_later_blobs_download() {
+    // golang/5.tar is held at the proxy: chains 1-4 must be built while it
+    // is still downloading (a pull that fetched everything first would
+    // never get there), and releasing it lets the pull finish.
+    let h = Host::new("overlap");
+    upload(S3Server::shared(), &h.prefix, &[]);
+    let proxy = HoldProxy::start(&S3Server::shared().endpoint, format!("{}golang/5.tar", h.prefix));
+    // The held request must outlast the builds: no per-request deadline.
+    let mut c =
+        h.t.command(&["pull", "golang"], &[("AWS_ENDPOINT_URL", proxy.endpoint.as_str()), ("THINIMG_TIMEOUT", "3600")]);
+    c.env("THINIMG_RUN_DIR", &h.run).env("THINIMG_CONFIG", &h.conf);
+    c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        if done_steps(&h).iter().any(|(n, _)| n == "pull/golang/chain:4") {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!("pull ended ({st}) before chain 4 was built:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        if std::time::Instant::now() > deadline {
+            proxy.release();
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "chain 4 was not built while layer 5 was downloading (no overlap); held {} request(s):\n{}",
+                proxy.held(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(proxy.held() >= 1, "golang/5.tar was never requested");
+    assert!(
+        !done_steps(&h).iter().any(|(n, _)| n == "pull/golang/chain:5"),
+        "chain 5 cannot be built before its blob arrives"
+    );
+    proxy.release();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "pull failed after the release:\n{}", String::from_utf8_lossy(&out.stderr));
+    let images = h.json(&["images"]);
+    let golang = images["images"].as_array().unwrap().iter().find(|i| i["name"] == "golang").cloned().unwrap();
+    assert_eq!(golang["state"], "ready", "{images}");
+    assert_eq!(h.t.blob_files().len(), 5, "each layer's blob stored once");
+}
+
+/// Crash points of a multi-image pull whose blobs download beside the
+/// builds: (THINIMG_FAULT, THINIMG_FAULT_SKIP). Each is reached whatever
+/// the threads' timing.
+const BATCH_FAULTS: &[(&str, &str)] = &[
+    ("feed:published", "0"),
+    ("feed:published", "7"),
+    ("after:fetch", "1"),
+    ("chain:intent", "2"),
+    ("chain:mounted", "3"),
+    ("chain:built", "4"),
+    ("after:chain:3", "1"),
+];
+
+#[test]
+fn kill9_during_overlapped_pulls_then_rerun_converges() {
+    let reference = Host::new("k9bref");
+    upload(S3Server::shared(), &reference.prefix, &[]);
+    reference.ok(&["pull", "golang", "node", "python"]);
+    let ref_images = images_without_prefix(&reference);
+    let ref_blobs = reference.t.blob_files().len();
+    let ref_devs = reference.dm_devices().len();
+    let ref_thin = reference.thin_rows();
+    drop(reference);
+
+    for (i, (fault, skip)) in BATCH_FAULTS.iter().enumerate() {
+        let h = Host::new(&format!("k9b-{i}"));
+        upload(S3Server::shared(), &h.prefix, &[]);
+        let r = h.cmd(&["pull", "golang", "node", "python"], &[("THINIMG_FAULT", fault), ("THINIMG_FAULT_SKIP", skip)]);
+        assert_eq!(r.code, -1, "{fault}/{skip}: expected death by SIGKILL, got exit {}:\n{}", r.code, r.stderr);
+        let before = done_steps(&h);
+        h.ok(&["pull", "golang", "node", "python"]);
+        let after = done_steps(&h);
+        for (name, attempts) in &before {
+            let now = after.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
+            assert_eq!(now, Some(*attempts), "{fault}/{skip}: completed step {name} was repeated");
+        }
+        assert_eq!(images_without_prefix(&h), ref_images, "{fault}/{skip}: images differ");
+        assert_eq!(h.t.blob_files().len(), ref_blobs, "{fault}/{skip}: blobs stored");
+        assert_eq!(h.dm_devices().len(), ref_devs, "{fault}/{skip}: devices {:?}", h.dm_devices());
+        assert!(h.mounts_under_run().is_empty(), "{fault}/{skip}: stray mounts {:?}", h.mounts_under_run());
+        h.db().integrity_check().unwrap();
+        assert_eq!(h.thin_rows(), ref_thin, "{fault}/{skip}: thin rows");
+        let building: i64 =
+            h.db().conn.query_row("SELECT COUNT(*) FROM chains WHERE state <> 'ready'", [], |r| r.get(0)).unwrap();
+        assert_eq!(building, 0, "{fault}/{skip}");
+    }
+}

@@ -143,6 +143,8 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
         extract,
         download_jobs: usize::try_from(download_jobs).map_err(|_| Error::usage("--download-jobs is too large"))?,
         max_blob_size,
+        unpack_jobs: usize::try_from(number_or_default(inv, "unpack-jobs")?)
+            .map_err(|_| Error::usage("--unpack-jobs is too large"))?,
     })
 }
 

@@ -555,6 +555,18 @@ pub static WATCH: &[Flag] = &[Flag {
     kind: ValueKind::Switch,
 }];
 
+/// How many images' chains build at once (`pull` and `sync`).
+pub static BUILD: &[Flag] = &[Flag {
+    long: "unpack-jobs",
+    short: None,
+    value: Some("N"),
+    env: None,
+    config: true,
+    default: Some("2"),
+    help: "Images whose layer chains build at the same time (chains of different images are independent; one image's chains build in order). Downloads run beside them (--download-jobs).",
+    kind: ValueKind::Count { min: 1, max: 64 },
+}];
+
 pub static SYNC: &[Flag] = &[
     sw("all", Some('a'), "Want every image family in the bucket."),
     Flag {
@@ -579,16 +591,6 @@ pub static SYNC: &[Flag] = &[
         default: None,
         help: "Before the first request (and before taking the state lock), sleep a random time below DURATION (600, 30s, 10m, 1h; at most 24h), so a fleet started together spreads itself. Off by default.",
         kind: ValueKind::Duration { max: 86_400 },
-    },
-    Flag {
-        long: "unpack-jobs",
-        short: None,
-        value: Some("N"),
-        env: None,
-        config: true,
-        default: Some("2"),
-        help: "Layers unpacked at the same time.",
-        kind: ValueKind::Count { min: 1, max: 64 },
     },
 ];
 
@@ -709,8 +711,8 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Fetch an image and build its layer chain of thin devices.",
-        description: "Fetches the blobs, then builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Chains shared with other images are reused.",
-        flags: &[DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
+        description: "Builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Blobs download in the background while chains build: a chain starts as soon as its blob and its parent chain are ready, and the chains of several images build at the same time (--unpack-jobs). Chains shared with other images are reused. Every image is attempted; the exit code is that of the first image (in argument order) that failed.",
+        flags: &[BUILD, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {
@@ -780,7 +782,7 @@ pub static COMMANDS: &[Command] = &[
         max_args: None,
         summary: "Bring the host to the wanted set of images (for cron and timers).",
         description: "Pulls every wanted image on bounded queues; one bad image does not stop the others. The exit code is that of the most severe failure (e.g. 65 for a hostile layer, 66 for a missing image) and the summary names each.",
-        flags: &[SYNC, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
+        flags: &[SYNC, BUILD, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },
     Command {

@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
 use crate::ops::output;
-use crate::pipeline::{activate, gc, pull, sources, Env};
+use crate::pipeline::{activate, batch, gc, sources, Env};
 use crate::store::{images as q, Db};
 
 fn quiet(inv: &Invocation) -> bool {
@@ -13,12 +13,42 @@ fn quiet(inv: &Invocation) -> bool {
 }
 
 pub fn pull(inv: &Invocation) -> Result<u8> {
-    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
-    let mut done = Vec::new();
+    let settings = crate::cli::settings::pipeline(inv)?;
+    // Every ref is checked before anything is locked or fetched; a ref
+    // naming an image already given is pulled once.
+    let mut items: Vec<batch::Item> = Vec::new();
     for r in &inv.args {
-        let image = sources::image_name(&crate::cli::settings::prefix(inv), r)?;
-        env.run(&pull::spec(&image, r))?;
-        done.push(image_json(&env.db.conn, &image)?);
+        let image = sources::image_name(&settings.prefix, r)?;
+        if !items.iter().any(|i| i.image == image) {
+            items.push(batch::Item { reference: r.clone(), image });
+        }
+    }
+    let mut env = Env::open(&settings)?;
+    let jobs = settings.opts.unpack_jobs;
+    let several = items.len() > 1;
+    let outcomes = batch::pull_images(&mut env, &items, None, jobs, several)?;
+    let failed: Vec<(&batch::Item, Error)> =
+        items.iter().zip(outcomes).filter_map(|(i, e)| e.map(|e| (i, e))).collect();
+    if let Some((first, e)) = failed.first() {
+        if !several {
+            return Err(Error::new(e.kind(), e.full_message()));
+        }
+        // Each failure was reported as it happened; the exit code is the first's.
+        let names: Vec<&str> = failed.iter().map(|(i, _)| i.image.as_str()).collect();
+        return Err(Error::new(
+            e.kind(),
+            format!(
+                "{} of {} images failed ({}); the exit code is {}'s",
+                failed.len(),
+                items.len(),
+                names.join(", "),
+                first.image
+            ),
+        ));
+    }
+    let mut done = Vec::new();
+    for i in &items {
+        done.push(image_json(&env.db.conn, &i.image)?);
     }
     if inv.json() {
         output::json(&json!({ "images": done }))?;

@@ -215,6 +215,22 @@ pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bo
     }
 }
 
+/// The digest of a layer's content if the store already holds it (this key
+/// with the same ETag and size, or a verified download with the same
+/// plain-MD5 ETag and size in the same endpoint and bucket), without any
+/// download. `None`: it has to be fetched.
+pub fn stored_digest(
+    conn: &rusqlite::Connection,
+    s3: &S3Client,
+    store: &BlobStore,
+    l: &Layer,
+) -> Result<Option<BlobDigest>> {
+    if q::object_rejection(conn, s3.bucket(), &l.key, &l.etag, l.size)?.is_some() {
+        return Ok(None);
+    }
+    Ok(already_stored(conn, store, s3.endpoint(), s3.bucket(), l, false)?.map(|f| f.digest))
+}
+
 /// What to do for one layer, decided on the calling thread.
 enum Plan {
     Done(LayerFetch),
@@ -229,9 +245,10 @@ enum Plan {
 /// Fetch `layers` (distinct keys). Returns one result per layer, in order.
 /// `Err` only for failures that stop everything (database, store).
 ///
-/// The caller holds the state-dir lock, and runs at most one
-/// `fetch_layers` per state dir at a time: it starts by removing partial
-/// files that no download row names.
+/// The caller holds the state-dir lock. Within the process, calls run one
+/// at a time (a second waits for the first): each starts by removing
+/// partial files that no download row names, which must not race with
+/// another call's downloads.
 pub fn fetch_layers(
     conn: &rusqlite::Connection,
     state_dir: &Path,
@@ -240,6 +257,26 @@ pub fn fetch_layers(
     layers: &[Layer],
     opts: &FetchOptions,
 ) -> Result<Vec<Result<LayerFetch>>> {
+    fetch_layers_notify(conn, state_dir, s3, store, layers, opts, &|_, _| {})
+}
+
+/// One `fetch_layers` at a time in this process (see there).
+static FETCHING: Mutex<()> = Mutex::new(());
+
+/// [`fetch_layers`], telling `on_done` about each layer (by index) as soon
+/// as its result is known, from whichever thread learns it: a consumer
+/// can start on the first layers while later ones are still downloading.
+/// Downloads start in the order of `layers`.
+pub fn fetch_layers_notify(
+    conn: &rusqlite::Connection,
+    state_dir: &Path,
+    s3: &S3Client,
+    store: &BlobStore,
+    layers: &[Layer],
+    opts: &FetchOptions,
+    on_done: &(dyn Fn(usize, &Result<LayerFetch>) + Sync),
+) -> Result<Vec<Result<LayerFetch>>> {
+    let _serial = FETCHING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let bucket = s3.bucket();
     let endpoint = s3.endpoint();
     // Partials that no download row names are leftovers of a crash.
@@ -315,6 +352,11 @@ pub fn fetch_layers(
             _ => None,
         })
         .collect();
+    for (i, r) in results.iter().enumerate() {
+        if let Some(r) = r {
+            on_done(i, r);
+        }
+    }
     if work.is_empty() {
         return Ok(results
             .into_iter()
@@ -341,6 +383,9 @@ pub fn fetch_layers(
                         };
                         let Some((lead, followers)) = next else { return Ok(()) };
                         let out = download_group(&mut tdb, s3, store, layers, lead, &followers, opts, &received);
+                        for (i, r) in &out {
+                            on_done(*i, r);
+                        }
                         let mut res = shared.lock().map_err(|_| Error::software("result lock poisoned"))?;
                         for (i, r) in out {
                             res[i] = Some(r);

@@ -8,6 +8,7 @@
 //! and never prints results (that is `cmd`'s job).
 
 pub mod activate;
+pub mod batch;
 pub mod devices;
 pub mod gc;
 pub mod health;
@@ -36,6 +37,8 @@ pub struct Opts {
     pub extract: crate::extract::Options,
     pub download_jobs: usize,
     pub max_blob_size: u64,
+    /// `--unpack-jobs`: images whose chains build at the same time.
+    pub unpack_jobs: usize,
 }
 
 /// Everything the pipeline takes from the command line, typed once by the
@@ -88,6 +91,10 @@ pub struct Ctx {
     pub fetch: FetchOptions,
     pool: CreateRequest,
     devices: Option<devices::Devices>,
+    /// Blobs downloading in the background for the pulls of this command
+    /// (`pull`, `sync`); `None` when a step must fetch for itself (a
+    /// resumed run, `fetch`).
+    pub feed: Option<std::sync::Arc<sources::Feed>>,
 }
 
 impl Ctx {
@@ -101,11 +108,12 @@ impl Ctx {
             fetch: s.fetch.clone(),
             pool: s.pool.clone(),
             devices: None,
+            feed: None,
         }
     }
 
     /// A context with the same settings and nothing opened yet (for
-    /// another thread).
+    /// another thread); it shares this one's feed.
     pub fn fresh(&self) -> Ctx {
         Ctx {
             state_dir: self.state_dir.clone(),
@@ -116,6 +124,7 @@ impl Ctx {
             fetch: self.fetch.clone(),
             pool: self.pool.clone(),
             devices: None,
+            feed: self.feed.clone(),
         }
     }
 

@@ -155,16 +155,22 @@ impl Pull<'_> {
     fn fetch(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         let reference = cx.request_as::<PullRequest>()?.reference.unwrap_or_else(|| cx.subject.clone());
         let image = cx.subject.clone();
-        let fetched = super::sources::fetch_image(self.ctx, cx.conn, &reference)?;
+        // With a feed (the command's downloads, running beside the builds)
+        // the layers are recorded now and each chain step waits for its own
+        // blob; without one (a resumed run) everything is fetched here.
+        let fetched = match self.ctx.feed.clone() {
+            Some(feed) => super::sources::plan_image(self.ctx, cx.conn, &feed, &reference)?,
+            None => super::sources::fetch_image(self.ctx, cx.conn, &reference)?,
+        };
         // A layer rejected before is not unpacked again until its content changes.
         for l in &fetched.layers {
-            if let Some(reason) = q::blob_rejection(cx.conn, &l.digest)? {
-                return Err(Error::bad_data(format!("image {image}: layer {}: rejected earlier: {reason}", l.key)));
+            if let Some(d) = &l.digest {
+                refuse_rejected(cx.conn, &image, &l.key, d)?;
             }
         }
         let n = fetched.layers.len();
         cx.complete(|tx| {
-            let rows: Vec<(i64, String, String)> =
+            let rows: Vec<(i64, String, Option<String>)> =
                 fetched.layers.iter().map(|l| (l.position, l.key.clone(), l.digest.clone())).collect();
             q::put_image_pulling(tx, &image, &fetched.family, &rows)?;
             let mut append: Vec<String> = (1..=n as i64).map(|i| PullStep::Chain(i).name()).collect();
@@ -182,14 +188,27 @@ impl Pull<'_> {
     fn chain(&mut self, cx: &mut StepCx<'_>, pos: i64) -> Result<()> {
         let image = cx.subject.clone();
         let layers = q::layers(cx.conn, &image)?;
-        let digests: Vec<String> = layers
-            .iter()
-            .map(|l| {
-                l.digest.clone().ok_or_else(|| Error::software(format!("image {image}: layer {} has no blob", l.key)))
-            })
-            .collect::<Result<_>>()?;
+        let idx = usize::try_from(pos - 1).map_err(|_| Error::software(format!("image {image}: no layer {pos}")))?;
+        // The digests of layers 1..=pos. One the fetch step could not know
+        // yet (its blob was still downloading) is learned here, waiting for
+        // that blob only, and recorded at once: it is a fact about the
+        // listed object's content, true whatever this step does next.
+        let mut digests: Vec<String> = Vec::with_capacity(idx + 1);
+        for l in layers.iter().take(idx + 1) {
+            let d = match &l.digest {
+                Some(d) => d.clone(),
+                None => {
+                    let d = super::sources::layer_digest(self.ctx, cx.conn, &l.key)
+                        .map_err(|e| e.context(format!("image {image}: layer {}", l.key)))?;
+                    q::set_layer_digest(cx.conn, &image, l.position, &d)?;
+                    fault::point("chain:digest");
+                    refuse_rejected(cx.conn, &image, &l.key, &d)?;
+                    d
+                }
+            };
+            digests.push(d);
+        }
         let ids = chain_ids(&digests);
-        let idx = (pos - 1) as usize;
         let (Some(layer), Some(chain_id)) = (layers.get(idx), ids.get(idx)) else {
             return Err(Error::software(format!("image {image}: no layer {pos}")));
         };
@@ -335,6 +354,14 @@ impl Pull<'_> {
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
         })
+    }
+}
+
+/// A layer rejected before is not unpacked again until its content changes.
+fn refuse_rejected(conn: &rusqlite::Connection, image: &str, key: &str, digest: &str) -> Result<()> {
+    match q::blob_rejection(conn, digest)? {
+        Some(reason) => Err(Error::bad_data(format!("image {image}: layer {key}: rejected earlier: {reason}"))),
+        None => Ok(()),
     }
 }
 

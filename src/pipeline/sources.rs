@@ -1,8 +1,16 @@
 //! The pipeline's view of S3 and the blob store: resolve a ref to its
 //! layers and make their blobs present; re-fetch one that went missing or
 //! corrupt; collect blobs no image needs.
+//!
+//! [`Feed`]: the blobs of a command's pulls, downloading in the background
+//! (one listing, `--download-jobs` threads, deduplicated) while chains
+//! build. A pull's `fetch` step records the layers (with the digests
+//! already known); each `chain:N` step waits for its own layer's blob only.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use rusqlite::Connection;
 
@@ -10,8 +18,10 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::fetch;
 use crate::fetch::blobstore::{BlobDigest, BlobStore};
+use crate::fetch::catalog::{Catalog, ImageRef, Layer};
 use crate::fetch::s3::S3Client;
 use crate::store::blobs as q;
+use crate::store::Db;
 
 /// The local image name of a ref: `golang` for a whole family, `golang/3`
 /// for a family up to layer 3 (given as `golang/3`, `golang/3.tar` or the
@@ -41,7 +51,8 @@ pub fn image_name(prefix: &str, r: &str) -> Result<String> {
 pub struct FetchedLayer {
     pub position: i64,
     pub key: String,
-    pub digest: String,
+    /// `None`: still downloading (a [`Feed`] delivers it to the chain step).
+    pub digest: Option<String>,
     pub size: u64,
     pub how: String,
 }
@@ -54,6 +65,17 @@ pub struct Fetched {
 
 fn s3(ctx: &Ctx) -> Result<S3Client> {
     S3Client::new(ctx.s3.get()?.clone())
+}
+
+/// The bucket's listing read as families and layers (what is ignored is logged).
+pub fn catalog(ctx: &Ctx) -> Result<Catalog> {
+    let client = s3(ctx)?;
+    let objects = client.list(client.prefix())?;
+    let cat = Catalog::build(client.bucket(), client.prefix(), objects);
+    for i in &cat.ignored {
+        log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::fetch::catalog::show_key(&i.key), i.reason);
+    }
+    Ok(cat)
 }
 
 /// Resolve `reference` with one listing and make every layer's blob present.
@@ -74,7 +96,7 @@ pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Res
             .map(|l| FetchedLayer {
                 position: i64::from(l.n),
                 key: l.key,
-                digest: l.digest.as_str().to_string(),
+                digest: Some(l.digest.as_str().to_string()),
                 size: l.size,
                 how: serde_json::to_value(l.source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             })
@@ -82,17 +104,188 @@ pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Res
     })
 }
 
-/// Download the blobs of several refs in one go (parallel, deduplicated).
-pub fn prefetch(ctx: &mut Ctx, conn: &mut Connection, refs: &[String]) -> Result<()> {
+/// Resolve `reference` against the feed's listing and record what is
+/// known now: each layer's digest if its blob is already stored (or the
+/// feed already has it), else `None` (the chain step waits for it).
+pub fn plan_image(ctx: &mut Ctx, conn: &mut Connection, feed: &Feed, reference: &str) -> Result<Fetched> {
+    let img = feed.resolve(reference)?;
     let client = s3(ctx)?;
     let store = BlobStore::open(&ctx.state_dir)?;
-    let objects = client.list(client.prefix())?;
-    let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
-    let keys: Vec<String> = refs.iter().filter(|r| cat.resolve(r).is_ok()).cloned().collect();
-    if keys.is_empty() {
-        return Ok(());
+    let mut layers = Vec::with_capacity(img.layers.len());
+    for l in &img.layers {
+        let (digest, how) = match feed.known(&l.key) {
+            Some(d) => (Some(d), "fetched"),
+            None => match fetch::stored_digest(conn, &client, &store, l)? {
+                Some(d) => (Some(d), "cached"),
+                None => (None, "pending"),
+            },
+        };
+        layers.push(FetchedLayer {
+            position: i64::from(l.n),
+            key: l.key.clone(),
+            digest: digest.map(|d| d.as_str().to_string()),
+            size: l.size,
+            how: how.to_string(),
+        });
     }
-    fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &keys, &ctx.fetch).map(|_| ())
+    Ok(Fetched { family: img.family, layers })
+}
+
+/// The digest of `key`'s content, its blob present in the store: from the
+/// feed (waiting for its download) if the feed fetches it, else fetched
+/// now with a listing of its own (a resumed run; a retry after the feed's
+/// attempt failed).
+pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<String> {
+    if let Some(feed) = ctx.feed.clone() {
+        if let Some(d) = feed.wait(key)? {
+            return Ok(d.as_str().to_string());
+        }
+    }
+    let client = s3(ctx)?;
+    let store = BlobStore::open(&ctx.state_dir)?;
+    let (catalog, _) = fetch::resolve_refs(&client, &[])?;
+    let layer = catalog
+        .families
+        .values()
+        .flat_map(|f| f.layers.iter())
+        .find(|l| l.key == key)
+        .cloned()
+        .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("{key} is no longer in the bucket")))?;
+    let mut results = fetch::fetch_layers(conn, &ctx.state_dir, &client, &store, &[layer], &ctx.fetch)?;
+    let fetched = results.pop().ok_or_else(|| Error::software(format!("no fetch result for {key}")))??;
+    Ok(fetched.digest.as_str().to_string())
+}
+
+/// A failure kept to hand to whoever waits for that key.
+type Kept = std::result::Result<BlobDigest, (Kind, String)>;
+
+/// The blobs of one command's pulls, downloading in the background.
+///
+/// One listing ([`Feed::new`]) resolves every ref; [`Feed::plan`] orders
+/// the distinct layers the way builds need them (every image's first
+/// layer, then every second, ...); [`Feed::run`], on its own thread,
+/// downloads them with `--download-jobs` threads (deduplicated by
+/// [`fetch::fetch_layers_notify`]) and publishes each result as it comes;
+/// [`Feed::wait`] blocks a chain step until its layer's result is in.
+/// Memory is bounded by the download threads' buffers: blobs go to the
+/// store on disk, where they stay (nothing is downloaded twice).
+pub struct Feed {
+    catalog: Catalog,
+    state: Mutex<FeedState>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct FeedState {
+    /// Keys planned and not yet published.
+    pending: HashSet<String>,
+    results: HashMap<String, Kept>,
+}
+
+impl Feed {
+    /// A feed over one listing of the bucket.
+    pub fn new(catalog: Catalog) -> Feed {
+        Feed { catalog, state: Mutex::new(FeedState::default()), arrived: Condvar::new() }
+    }
+
+    /// `r` resolved against the feed's listing.
+    pub fn resolve(&self, r: &str) -> Result<ImageRef> {
+        self.catalog.resolve(r)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The distinct layers of `refs` (those that resolve), in the order
+    /// builds need them; marks them pending.
+    pub fn plan(&self, refs: &[String]) -> Vec<Layer> {
+        let images: Vec<ImageRef> = refs.iter().filter_map(|r| self.catalog.resolve(r).ok()).collect();
+        let depth = images.iter().map(|i| i.layers.len()).max().unwrap_or(0);
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for d in 0..depth {
+            for l in images.iter().filter_map(|i| i.layers.get(d)) {
+                if seen.insert(l.key.clone()) {
+                    out.push(l.clone());
+                }
+            }
+        }
+        self.lock().pending.extend(out.iter().map(|l| l.key.clone()));
+        out
+    }
+
+    /// Download `layers` (from [`Feed::plan`]), publishing each result.
+    /// Returns when every one has a result; a failure that stops the whole
+    /// download (database, store, no space for them) becomes every
+    /// remaining layer's result.
+    pub fn run(&self, ctx: &Ctx, layers: &[Layer]) {
+        let publish = |i: usize, r: &Result<crate::fetch::LayerFetch>| {
+            if let Some(l) = layers.get(i) {
+                let kept = match r {
+                    Ok(f) => Ok(f.digest.clone()),
+                    Err(e) => Err((e.kind(), e.full_message())),
+                };
+                let mut st = self.lock();
+                st.pending.remove(&l.key);
+                st.results.insert(l.key.clone(), kept);
+                drop(st);
+                self.arrived.notify_all();
+                crate::ops::fault::point("feed:published");
+            }
+        };
+        let res = (|| -> Result<()> {
+            if layers.is_empty() {
+                return Ok(());
+            }
+            let client = s3(ctx)?;
+            let store = BlobStore::open(&ctx.state_dir)?;
+            let db = Db::open(&ctx.state_dir)?;
+            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, layers, &ctx.fetch, &publish)?;
+            Ok(())
+        })();
+        let why = match res {
+            Ok(()) => (Kind::Software, "the download ended without a result for this layer".to_string()),
+            Err(e) => (e.kind(), e.full_message()),
+        };
+        let mut st = self.lock();
+        let left: Vec<String> = st.pending.drain().collect();
+        for key in left {
+            st.results.insert(key, Err(why.clone()));
+        }
+        drop(st);
+        self.arrived.notify_all();
+    }
+
+    /// The digest of a layer the feed has already fetched.
+    pub fn known(&self, key: &str) -> Option<BlobDigest> {
+        match self.lock().results.get(key) {
+            Some(Ok(d)) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    /// Wait for `key`'s blob. `Ok(None)`: this feed does not fetch it. A
+    /// failure is handed out once: a retry of the step fetches the layer
+    /// itself.
+    pub fn wait(&self, key: &str) -> Result<Option<BlobDigest>> {
+        let mut st = self.lock();
+        loop {
+            match st.results.get(key) {
+                Some(Ok(d)) => return Ok(Some(d.clone())),
+                Some(Err(_)) => {
+                    let Some(Err((kind, msg))) = st.results.remove(key) else {
+                        return Err(Error::software("feed result vanished"));
+                    };
+                    return Err(Error::new(kind, msg));
+                }
+                None if !st.pending.contains(key) => return Ok(None),
+                None => {}
+            }
+            crate::ops::signals::check()?;
+            st = self.arrived.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
 }
 
 /// The blob's path, fetching it again if it went missing or changed size.

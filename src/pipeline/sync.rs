@@ -1,21 +1,21 @@
 //! `sync`: bring the host to a wanted set of images.
 //!
-//! One listing decides what the refs mean. Blobs of all wanted images are
-//! prefetched together (bounded by --download-jobs, deduplicated), then the
-//! images are pulled by --unpack-jobs threads, each with its own database
-//! connection and pool handle; device-mapper calls are serialized inside
-//! `devices`, and a chain wanted by two images is built by one thread while
-//! the other waits for it. One image's failure never stops the others.
+//! One listing decides what the refs mean. The wanted images are then
+//! pulled together ([`super::batch`]): their blobs download in the
+//! background (bounded by --download-jobs, deduplicated) while
+//! --unpack-jobs threads build their chains, each thread with its own
+//! database connection and pool handle; device-mapper calls are serialized
+//! inside `devices`, and a chain wanted by two images is built by one
+//! thread while the other waits for it. One image's failure never stops
+//! the others.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::{pull, Ctx, Env};
+use super::{Ctx, Env};
 use crate::error::{Error, Kind, Result};
-use crate::journal;
-use crate::store::{images as q, Db};
+use crate::store::images as q;
 
 #[derive(Debug, Serialize)]
 pub struct Failure {
@@ -124,20 +124,9 @@ pub fn read_refs(path: &str) -> Result<Vec<Wanted>> {
         .collect())
 }
 
-/// The bucket's listing read as families and layers (what is ignored is logged).
-fn catalog(ctx: &Ctx) -> Result<crate::fetch::catalog::Catalog> {
-    let client = crate::fetch::s3::S3Client::new(ctx.s3.get()?.clone())?;
-    let objects = client.list(client.prefix())?;
-    let cat = crate::fetch::catalog::Catalog::build(client.bucket(), client.prefix(), objects);
-    for i in &cat.ignored {
-        log::info!("ignoring s3://{}/{}: {}", cat.bucket, crate::fetch::catalog::show_key(&i.key), i.reason);
-    }
-    Ok(cat)
-}
-
 /// Every family in the bucket (valid or not: invalid ones are reported as failures).
 pub fn all_families(ctx: &Ctx) -> Result<Vec<String>> {
-    Ok(catalog(ctx)?.families.keys().cloned().collect())
+    Ok(super::sources::catalog(ctx)?.families.keys().cloned().collect())
 }
 
 pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMode) -> Result<SyncReport> {
@@ -191,20 +180,24 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
     // One listing answers for every wanted ref before any work: a ref the
     // bucket does not have (or has with a gap) is that ref's failure, with
     // no run; an unreadable bucket fails every ref at once.
+    let mut listing = None;
     if !todo.is_empty() {
-        match catalog(&env.ctx) {
-            Ok(cat) => todo.retain(|(idx, r, image)| match cat.resolve(r) {
-                Ok(_) => true,
-                Err(e) => {
-                    crate::ops::log::set_context("image", Some(image.clone()));
-                    log::error!("{image}: {}", e.full_message());
-                    crate::ops::log::set_context("image", None);
-                    if let Some(it) = items.get_mut(*idx) {
-                        it.error = Some(failure(&e));
+        match super::sources::catalog(&env.ctx) {
+            Ok(cat) => {
+                todo.retain(|(idx, r, image)| match cat.resolve(r) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        crate::ops::log::set_context("image", Some(image.clone()));
+                        log::error!("{image}: {}", e.full_message());
+                        crate::ops::log::set_context("image", None);
+                        if let Some(it) = items.get_mut(*idx) {
+                            it.error = Some(failure(&e));
+                        }
+                        false
                     }
-                    false
-                }
-            }),
+                });
+                listing = Some(cat);
+            }
             Err(e) => {
                 log::error!("{}", e.full_message());
                 for (idx, _, _) in todo.drain(..) {
@@ -220,84 +213,16 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
     if mode.prune {
         prune_plan(env, &items, mode)?;
     }
-    // Prefetch everything together: parallel, deduplicated downloads. A
-    // failure here is only logged; each image's own pull reports it.
-    let good: Vec<String> = todo.iter().map(|(_, r, _)| r.clone()).collect();
-    if good.len() > 1 {
-        if let Err(e) = super::sources::prefetch(&mut env.ctx, &mut env.db.conn, &good) {
-            log::debug!("prefetch: {}", e.full_message());
+    // One feed downloads every wanted image's blobs in the background while
+    // --unpack-jobs threads build their chains (pipeline::batch).
+    let batch: Vec<super::batch::Item> =
+        todo.iter().map(|(_, r, image)| super::batch::Item { reference: r.clone(), image: image.clone() }).collect();
+    let outcomes = super::batch::pull_images(env, &batch, listing, unpack_jobs, true)?;
+    for ((idx, _, _), err) in todo.iter().zip(outcomes) {
+        if let Some(item) = items.get_mut(*idx) {
+            item.ok = err.is_none();
+            item.error = err.as_ref().map(failure);
         }
-    }
-
-    let queue = Mutex::new(todo.into_iter().rev().collect::<Vec<_>>());
-    let results: Mutex<Vec<(usize, Option<Error>)>> = Mutex::new(Vec::new());
-    let jobs = unpack_jobs.max(1);
-    let state_dir = env.ctx.state_dir.clone();
-    let template = env.ctx.fresh();
-    let policy = env.policy;
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| {
-                let mut local: Option<(Db, Ctx)> = None;
-                loop {
-                    if crate::ops::signals::pending().is_some() {
-                        return;
-                    }
-                    let next = match queue.lock() {
-                        Ok(mut q) => q.pop(),
-                        Err(_) => return,
-                    };
-                    let Some((idx, reference, image)) = next else { return };
-                    if local.is_none() {
-                        match Db::open(&state_dir) {
-                            Ok(db) => local = Some((db, template.fresh())),
-                            Err(e) => {
-                                if let Ok(mut r) = results.lock() {
-                                    r.push((idx, Some(e)));
-                                }
-                                continue;
-                            }
-                        }
-                    }
-                    let Some((db, ctx)) = local.as_mut() else { return };
-                    // This thread's log context: this image, no run or step yet.
-                    crate::ops::log::set_context("run", None);
-                    crate::ops::log::set_context("step", None);
-                    crate::ops::log::set_context("image", Some(image.clone()));
-                    let res = (|| -> Result<()> {
-                        let (id, _) = journal::start(&mut db.conn, &pull::spec(&image, &reference))?;
-                        let mut exec = pull::Pull { ctx };
-                        journal::drive(&mut db.conn, id, &mut exec, &policy)?;
-                        Ok(())
-                    })();
-                    if let Err(e) = &res {
-                        // A host-fatal error ends the whole sync and is reported
-                        // once, by the caller; every other failure is reported here.
-                        if e.kind() != Kind::HostFatal {
-                            log::error!("{image}: {}", e.full_message());
-                        }
-                    } else {
-                        log::info!("{image}: ready");
-                    }
-                    if let Ok(mut r) = results.lock() {
-                        r.push((idx, res.err()));
-                    }
-                }
-            });
-        }
-    });
-    crate::ops::log::set_context("image", None);
-    if let Ok(rs) = results.into_inner() {
-        for (idx, err) in rs {
-            if let Some(item) = items.get_mut(idx) {
-                item.ok = err.is_none();
-                item.error = err.as_ref().map(failure);
-            }
-        }
-    }
-    // Host-fatal conditions and interruptions end the whole sync.
-    if let Some(e) = items.iter().filter_map(|i| i.error.as_ref()).find(|e| e.kind == Kind::HostFatal.as_str()) {
-        return Err(Error::new(Kind::HostFatal, e.message.clone()));
     }
     crate::ops::signals::check()?;
     for it in items.iter_mut() {

@@ -95,7 +95,14 @@ pub fn images(c: &Connection) -> Result<Vec<ImageRow>> {
 
 /// Create or update an image being pulled, replacing its layer list.
 /// Existing chains stay referenced through `chain_id` until rebuilt.
-pub fn put_image_pulling(c: &Connection, name: &str, family: &str, layers: &[(i64, String, String)]) -> Result<()> {
+/// Record an image being pulled and its layers: (position, key, digest if
+/// already known; a chain step records the rest).
+pub fn put_image_pulling(
+    c: &Connection,
+    name: &str,
+    family: &str,
+    layers: &[(i64, String, Option<String>)],
+) -> Result<()> {
     let top = layers.len() as i64;
     c.execute(
         "INSERT INTO images (name, family, top_layer, top_chain, state, updated_at) VALUES (?1, ?2, ?3, NULL, 'pulling', ?4)
@@ -120,6 +127,12 @@ pub fn layers(c: &Connection, image: &str) -> Result<Vec<LayerRow>> {
         Ok(LayerRow { position: r.get(0)?, key: r.get(1)?, digest: r.get(2)?, chain_id: r.get(3)? })
     })?;
     rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+/// A layer's digest, learned when its download finished.
+pub fn set_layer_digest(c: &Connection, image: &str, pos: i64, digest: &str) -> Result<()> {
+    c.execute("UPDATE image_layers SET digest = ?1 WHERE image = ?2 AND position = ?3", params![digest, image, pos])?;
+    Ok(())
 }
 
 pub fn set_layer_chain(c: &Connection, image: &str, pos: i64, chain: &str) -> Result<()> {
@@ -386,7 +399,7 @@ mod tests {
         let blob = "a".repeat(64);
         let chain = "c".repeat(64);
         crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
-        put_image_pulling(&c, "img", "img", &[(1, "img/1".into(), blob.clone())]).unwrap();
+        put_image_pulling(&c, "img", "img", &[(1, "img/1".into(), Some(blob.clone()))]).unwrap();
         let origin = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
         insert_chain_building(&c, &chain, None, &blob, 1, origin).unwrap();
         let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();

@@ -68,7 +68,7 @@ mod tests {
         crate::store::blobs::blob_present(&c, &b, 20).unwrap();
         crate::store::blobs::blob_present(&c, &r, 7).unwrap();
         crate::store::images::reject_blob(&c, &r, "hostile").unwrap();
-        crate::store::images::put_image_pulling(&c, "x", "x", &[(1, "x/1".into(), a.clone())]).unwrap();
+        crate::store::images::put_image_pulling(&c, "x", "x", &[(1, "x/1".into(), Some(a.clone()))]).unwrap();
         crate::store::images::put_image_pulling(&c, "y", "y", &[]).unwrap();
         let spec = RunSpec {
             kind: "pull".into(),
