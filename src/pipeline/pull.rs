@@ -285,6 +285,9 @@ impl Pull<'_> {
         };
 
         let blob_path = super::sources::ensure_blob(self.ctx, cx.conn, &layer.key, &digests[idx])?;
+        // A blob this command downloaded was hashed as it was written;
+        // one stored earlier is hashed again while it is unpacked.
+        let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&layer.key, &digests[idx]));
         let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
         let size_sectors = self.ctx.opts.device_size / 512;
         let run_dir = self.ctx.run_dir.clone();
@@ -329,7 +332,8 @@ impl Pull<'_> {
             return Err(super::devices::diverged(&dev.pool_name(), thin_id));
         }
         let result = created.and_then(|_| {
-            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts)
+            let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
+            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob, &opts)
         });
         let report = match result {
             Ok(r) => r,
@@ -400,17 +404,23 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
+/// The blob a chain build unpacks. `hash`: hash every byte while
+/// unpacking and fail the build (removing the file) if the digest differs.
+struct Blob<'a> {
+    path: &'a Path,
+    key: &'a str,
+    digest: &'a str,
+    hash: bool,
+}
+
 /// The kernel and filesystem work of one chain build.
-#[allow(clippy::too_many_arguments)]
 fn build(
     dev: &Devices,
     run_dir: &Path,
     thin_id: u32,
     parent_thin: Option<u32>,
     size_sectors: u64,
-    blob_path: &Path,
-    key: &str,
-    digest: &str,
+    blob: &Blob<'_>,
     opts: &crate::extract::Options,
 ) -> Result<Value> {
     fault::point("chain:thin-created");
@@ -422,20 +432,26 @@ fn build(
     mount::mount_ext4(&node, &mnt)?;
     fault::point("chain:mounted");
 
-    let file = std::fs::File::open(blob_path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
-    let mut reader = HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: Sha256::new() };
+    let (key, digest) = (blob.key, blob.digest);
+    let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
+    let mut reader =
+        HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: blob.hash.then(Sha256::new) };
     let unpacked = crate::extract::apply_layer(&mnt, &mut reader, key, opts);
     // Hash the rest (end-of-archive padding) so the digest covers every byte.
-    let drained = std::io::copy(&mut reader, &mut std::io::sink());
+    let drained = if blob.hash { std::io::copy(&mut reader, &mut std::io::sink()).map(|_| ()) } else { Ok(()) };
     let report = unpacked?;
     drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
-    let got = hex(&reader.hasher.finalize());
-    if got != digest {
-        let _ = std::fs::remove_file(blob_path);
-        return Err(Error::new(
-            Kind::Io,
-            format!("blob of {key} is corrupt on disk (sha256 {got}, expected {digest}); removed, it is fetched again"),
-        ));
+    if let Some(h) = reader.hasher.take() {
+        let got = hex(&h.finalize());
+        if got != digest {
+            let _ = std::fs::remove_file(blob.path);
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "blob of {key} is corrupt on disk (sha256 {got}, expected {digest}); removed, it is fetched again"
+                ),
+            ));
+        }
     }
     fault::point("chain:unpacked");
     fault::fail("build:unpacked")?;
@@ -469,13 +485,16 @@ fn build(
 
 struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    /// `None`: pass the bytes through unhashed.
+    hasher: Option<Sha256>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
 }

@@ -180,6 +180,8 @@ struct FeedState {
     /// Keys planned and not yet published.
     pending: HashSet<String>,
     results: HashMap<String, Kept>,
+    /// Keys whose bytes this feed downloaded and hashed just now.
+    downloaded: HashSet<String>,
 }
 
 impl Feed {
@@ -227,6 +229,9 @@ impl Feed {
                     Err(e) => Err((e.kind(), e.full_message())),
                 };
                 let mut st = self.lock();
+                if matches!(r, Ok(f) if f.source == crate::fetch::Source::Downloaded) {
+                    st.downloaded.insert(l.key.clone());
+                }
                 st.pending.remove(&l.key);
                 st.results.insert(l.key.clone(), kept);
                 drop(st);
@@ -263,6 +268,14 @@ impl Feed {
             Some(Ok(d)) => Some(d.clone()),
             _ => None,
         }
+    }
+
+    /// Whether this feed downloaded `key` as `digest` in this command: its
+    /// bytes were hashed as they were written, moments ago, so the build
+    /// need not hash them again (a blob stored by an earlier command is).
+    pub fn downloaded_now(&self, key: &str, digest: &str) -> bool {
+        let st = self.lock();
+        st.downloaded.contains(key) && matches!(st.results.get(key), Some(Ok(d)) if d.as_str() == digest)
     }
 
     /// Wait for `key`'s blob. `Ok(None)`: this feed does not fetch it. A
