@@ -29,10 +29,7 @@ pub struct S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
-        unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -210,10 +207,7 @@ impl S3Server {
 
     /// Stop the server (SIGKILL), keeping its data dir until drop.
     pub fn stop(&self) {
-        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
-        unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 
     pub fn url(&self, bucket: &str, key: &str) -> String {
