@@ -19,7 +19,7 @@ pub fn sync(inv: &Invocation) -> Result<u8> {
     }
     // Herd control: sleep before the first request and before the lock.
     if let Some(max) = crate::cli::settings::jitter(inv)? {
-        let d = crate::fetch::s3::random_delay(max);
+        let d = crate::ops::retry::random_delay(max);
         log::info!("sync: waiting {:.1} s (--jitter {} s) before the first request", d.as_secs_f64(), max.as_secs());
         crate::ops::signals::sleep(d)?;
     }

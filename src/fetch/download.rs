@@ -288,7 +288,7 @@ impl BlobStore {
                             ));
                         }
                         log::warn!("{url}: body ended at byte {offset} of {size}; resuming");
-                        retry.sleep(failures)?;
+                        retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
                     Ok(n) => n,
@@ -303,7 +303,7 @@ impl BlobStore {
                             .with_source(e));
                         }
                         log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
-                        retry.sleep(failures)?;
+                        retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
                 };

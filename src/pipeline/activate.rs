@@ -92,10 +92,8 @@ impl Executor for Activate<'_> {
                 let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
                 if ready != Some(true) {
                     // A nested run on its own subject: resumable on its own.
-                    let spec = super::pull::spec(&image, &reference);
-                    let (id, _) = crate::journal::start(cx.conn, &spec)?;
                     let mut pull = super::pull::Pull { ctx: self.ctx };
-                    crate::journal::drive(cx.conn, id, &mut pull, &crate::journal::RetryPolicy::default())?;
+                    cx.run_nested(&super::pull::spec(&image, &reference), &mut pull)?;
                 }
                 Ok(())
             }

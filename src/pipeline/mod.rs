@@ -22,8 +22,9 @@ use std::time::Duration;
 use crate::error::{Error, Kind, Result};
 use crate::fetch::s3::S3Config;
 use crate::fetch::FetchOptions;
-use crate::journal::{self, Executor, Outcome, RetryPolicy, RunId, RunSpec};
+use crate::journal::{self, Executor, Outcome, RunId, RunSpec};
 use crate::ops::lock::StateLock;
+use crate::ops::retry::RetryPolicy;
 use crate::poolctl::CreateRequest;
 use crate::store::Db;
 
@@ -165,7 +166,7 @@ impl Env {
         crate::ops::signals::install();
         let lock = StateLock::acquire(state_dir, settings.wait)?;
         let db = Db::open(state_dir)?;
-        Ok(Env { db, ctx: Ctx::new(settings), policy: RetryPolicy::default(), _lock: lock })
+        Ok(Env { db, ctx: Ctx::new(settings), policy: RetryPolicy::step(), _lock: lock })
     }
 
     /// Resume every run an earlier process left unfinished. A run that now
@@ -273,10 +274,8 @@ impl Executor for Remove<'_> {
                     ));
                 }
                 for a in acts {
-                    let spec = activate::deactivate_spec(&a.name, true);
-                    let (id, _) = journal::start(cx.conn, &spec)?;
                     let mut d = activate::Deactivate { ctx: self.ctx };
-                    journal::drive(cx.conn, id, &mut d, &RetryPolicy::default())?;
+                    cx.run_nested(&activate::deactivate_spec(&a.name, true), &mut d)?;
                 }
                 Ok(())
             }
