@@ -87,22 +87,12 @@ pub fn chain_ids(digests: &[String]) -> Vec<String> {
             Some(parent) => {
                 let mut h = Sha256::new();
                 h.update(format!("sha256:{parent} sha256:{d}").as_bytes());
-                hex(&h.finalize())
+                crate::ops::encode::hex(&h.finalize())
             }
         };
         out.push(id);
     }
     out
-}
-
-pub fn hex(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
 }
 
 /// What a chain build records before any kernel work: enough to undo the
@@ -402,7 +392,7 @@ fn build(
     let drained = std::io::copy(&mut reader, &mut std::io::sink());
     let report = unpacked?;
     drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
-    let got = hex(&reader.hasher.finalize());
+    let got = crate::ops::encode::hex(&reader.hasher.finalize());
     if got != digest {
         let _ = std::fs::remove_file(blob_path);
         return Err(Error::new(
@@ -583,7 +573,7 @@ mod tests {
         assert_eq!(ids[0], a);
         let mut h = Sha256::new();
         h.update(format!("sha256:{a} sha256:{b}"));
-        assert_eq!(ids[1], hex(&h.finalize()));
+        assert_eq!(ids[1], crate::ops::encode::hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
         assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
     }

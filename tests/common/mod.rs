@@ -418,7 +418,7 @@ pub fn tar_layer(seed: u64, len: usize) -> Vec<u8> {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    thinimg::ops::encode::hex(&sha2::Sha256::digest(data))
 }
 
 pub fn file_count(dir: &Path) -> usize {
@@ -699,5 +699,5 @@ impl TinyS3 {
 
 pub fn md5_hex(data: &[u8]) -> String {
     use md5::Digest;
-    md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    thinimg::ops::encode::hex(&md5::Md5::digest(data))
 }
