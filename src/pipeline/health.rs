@@ -190,7 +190,7 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_err
         ));
     }
     // Free space of the state filesystem is checked by the caller against
-    // --min-free (cmd::ops::doctor), with the partial downloads it holds.
+    // --min-free (cmd::doctor), with the partial downloads it holds.
     // Kernel support.
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {

@@ -1,75 +1,13 @@
-//! `sync`, `status`, `doctor`.
+//! `thinimg status`: the pool, counts, space, runs in flight and recent
+//! failures, read without the lock; `--watch` redraws it every second.
 
 use serde_json::json;
 
 use crate::cli::Invocation;
-use crate::error::{Error, Kind, Result};
+use crate::error::Result;
 use crate::ops::output;
-use crate::pipeline::{health, sync, Env};
+use crate::pipeline::health;
 use crate::store::Db;
-
-pub fn sync(inv: &Invocation) -> Result<u8> {
-    let set = crate::cli::settings::sync(inv)?;
-    let mut refs: Vec<sync::Wanted> = inv.args.iter().map(|a| sync::Wanted::arg(a)).collect();
-    if let Some(f) = &set.from {
-        refs.extend(sync::read_refs(f)?);
-    }
-    if refs.is_empty() && !set.all {
-        return Err(Error::usage("sync needs --all, --from FILE or at least one REF"));
-    }
-    // Herd control: sleep before the first request and before the lock.
-    if let Some(max) = crate::cli::settings::jitter(inv)? {
-        let d = crate::ops::retry::random_delay(max);
-        log::info!("sync: waiting {:.1} s (--jitter {} s) before the first request", d.as_secs_f64(), max.as_secs());
-        crate::ops::signals::sleep(d)?;
-    }
-    let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
-    if set.all {
-        for f in sync::all_families(&env.ctx)? {
-            if !refs.iter().any(|w| w.reference == f) {
-                refs.push(sync::Wanted::arg(&f));
-            }
-        }
-    }
-    let mode = sync::PruneMode { prune: set.prune, dry_run: set.dry_run, force: set.force };
-    let rep = sync::sync(&mut env, refs, set.unpack_jobs, mode)?;
-    let quiet = inv.flag("quiet");
-    if inv.json() {
-        output::json(&rep)?;
-    } else {
-        // Each failure is already on stderr (logged where it happened); with
-        // --quiet that is the only place it appears.
-        for i in &rep.images {
-            match &i.error {
-                None if quiet => {}
-                None if rep.dry_run => println!("wanted  {}", i.image),
-                None => println!("ok      {}", i.image),
-                Some(_) if quiet => {}
-                Some(e) => println!("FAILED  {} ({}): {}", i.image, e.kind, e.message),
-            }
-        }
-        let verb = if rep.dry_run { "would prune" } else { "pruned" };
-        for p in &rep.pruned {
-            if !quiet || rep.dry_run {
-                println!("{verb} {p}");
-            }
-        }
-        for k in &rep.kept_with_activations {
-            if !quiet {
-                println!("kept    {k} (has activations)");
-            }
-        }
-        if !quiet {
-            println!(
-                "sync: {} ok, {} failed{}",
-                rep.ok,
-                rep.failed,
-                if rep.dry_run { " (dry run: nothing pulled)" } else { "" }
-            );
-        }
-    }
-    Ok(rep.exit_code())
-}
 
 fn status_doc(inv: &Invocation) -> Result<serde_json::Value> {
     let Some(db) = Db::open_existing(&inv.state_dir())? else {
@@ -237,7 +175,7 @@ fn render_status(v: &serde_json::Value) -> String {
     s
 }
 
-pub fn status(inv: &Invocation) -> Result<u8> {
+pub fn run(inv: &Invocation) -> Result<u8> {
     use std::io::{IsTerminal, Write};
     let watch = inv.flag("watch") && std::io::stdout().is_terminal();
     if !watch {
@@ -262,64 +200,6 @@ pub fn status(inv: &Invocation) -> Result<u8> {
             return Ok(0);
         }
     }
-}
-
-/// Free space on the state filesystem against --min-free (owned by fetch).
-fn space_check(inv: &Invocation) -> health::Check {
-    let store = crate::fetch::blobstore::BlobStore::at(&inv.state_dir());
-    let (status, detail, advice) = match (store.space(), crate::cli::settings::min_free(inv)) {
-        (Ok(s), Ok(min)) => {
-            let detail = format!(
-                "{} free, reserve --min-free {}; {} partial download(s) ({})",
-                output::bytes(s.free),
-                output::bytes(min),
-                s.partial_files,
-                output::bytes(s.partial_bytes)
-            );
-            if s.free < min {
-                (
-                    health::Level::Warn,
-                    detail,
-                    Some("free space: 'thinimg gc' removes unused blobs and partial downloads".to_string()),
-                )
-            } else {
-                (health::Level::Ok, detail, None)
-            }
-        }
-        (Err(e), _) | (_, Err(e)) => (health::Level::Warn, e.full_message(), None),
-    };
-    health::Check { name: "state filesystem", status, detail, advice }
-}
-
-pub fn doctor(inv: &Invocation) -> Result<u8> {
-    let mut checks = health::doctor(&inv.state_dir(), &inv.run_dir(), &inv.config_errors);
-    checks.push(space_check(inv));
-    let worst = checks.iter().map(|c| c.status).max().unwrap_or(health::Level::Ok);
-    if inv.json() {
-        output::json(&json!({ "worst": worst, "checks": checks }))?;
-    } else {
-        for c in &checks {
-            let tag = match c.status {
-                health::Level::Ok => "ok  ",
-                health::Level::Warn => "WARN",
-                health::Level::Fail => "FAIL",
-            };
-            if c.status == health::Level::Ok && inv.flag("quiet") {
-                continue;
-            }
-            println!("{tag} {:<22} {}", c.name, c.detail);
-            if let Some(a) = &c.advice {
-                if c.status != health::Level::Ok {
-                    println!("     {:<22} advice: {a}", "");
-                }
-            }
-        }
-    }
-    Ok(match worst {
-        health::Level::Ok => 0,
-        health::Level::Warn => 1,
-        health::Level::Fail => Kind::HostFatal.exit_code(),
-    })
 }
 
 #[cfg(test)]
