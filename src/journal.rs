@@ -270,10 +270,21 @@ pub fn clear_intent(conn: &Connection, run: RunId, idx: i64) -> Result<()> {
 }
 
 /// How a driven run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Done,
     Cancelled,
+}
+
+impl Outcome {
+    /// The word `--json` prints (serde's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
 }
 
 struct StepRow {

@@ -16,6 +16,7 @@ pub mod pull;
 pub mod remove;
 pub mod sources;
 pub mod sync;
+pub mod views;
 
 use std::path::PathBuf;
 use std::time::Duration;
