@@ -18,13 +18,12 @@
 //! The engine knows nothing about images or devices: an [`Executor`] per run
 //! kind does the work. It never sleeps while holding a transaction.
 
-use std::time::Duration;
-
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, Kind, Result};
+use crate::ops::retry::RetryPolicy;
 use crate::ops::{fault, output::now};
 
 pub type RunId = i64;
@@ -70,28 +69,6 @@ impl RunState {
     }
 }
 
-/// Retry policy for retryable step errors.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Attempts per step, counting the first.
-    pub max_attempts: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy { max_attempts: 4, base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(20) }
-    }
-}
-
-impl RetryPolicy {
-    fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base_delay.saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
-        exp.min(self.max_delay)
-    }
-}
-
 /// Does the work of one run kind. Every step must be idempotent: after a
 /// crash it is called again, with [`StepCx::intent`] holding what the dead
 /// attempt recorded.
@@ -118,6 +95,8 @@ pub struct StepCx<'a> {
     pub attempt: u32,
     intent: Option<Value>,
     completed: bool,
+    /// The policy this run is driven with; nested runs inherit it.
+    policy: RetryPolicy,
 }
 
 impl StepCx<'_> {
@@ -128,6 +107,14 @@ impl StepCx<'_> {
             Error::software(format!("run {}: request {} is not one this version reads", self.run_id, self.request))
                 .with_source(e)
         })
+    }
+
+    /// Start (or join the active) run for `spec`, a run on its own subject
+    /// that this step needs done first, and drive it to the end with this
+    /// run's retry policy. It is resumable on its own.
+    pub fn run_nested(&mut self, spec: &RunSpec, exec: &mut dyn Executor) -> Result<Outcome> {
+        let (id, _) = start(self.conn, spec)?;
+        drive(self.conn, id, exec, &self.policy)
     }
 
     /// The intent recorded by this step, in this attempt or a dead earlier one.
@@ -283,10 +270,21 @@ pub fn clear_intent(conn: &Connection, run: RunId, idx: i64) -> Result<()> {
 }
 
 /// How a driven run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Done,
     Cancelled,
+}
+
+impl Outcome {
+    /// The word `--json` prints (serde's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
 }
 
 struct StepRow {
@@ -387,7 +385,7 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
             return Err(Error::new(k, em.unwrap_or_else(|| format!("run {run} failed"))));
         }
         RunState::Cancelling => {
-            abort_run(conn, run, exec)?;
+            abort_run(conn, run, exec, policy)?;
             return Ok(Outcome::Cancelled);
         }
         RunState::Active => {}
@@ -426,6 +424,7 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
             attempt,
             intent: parse_intent(run, row.intent)?,
             completed: false,
+            policy: *policy,
         };
         let res = exec.step(&mut cx);
         let completed = cx.completed;
@@ -445,12 +444,12 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
                 )?;
                 return Err(e);
             }
-            Err(e) if e.kind().retryable() && attempt < policy.max_attempts => {
-                let d = policy.delay(attempt);
+            Err(e) if e.kind().retryable() && attempt < policy.attempts => {
+                let d = policy.max_sleep(attempt);
                 log::warn!(
                     "run {run} ({kind} {subject}) step {}: attempt {attempt}/{} failed, retrying in {:.1}s: {}",
                     row.name,
-                    policy.max_attempts,
+                    policy.attempts,
                     d.as_secs_f64(),
                     e.full_message()
                 );
@@ -458,7 +457,7 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
                     "UPDATE steps SET state = 'pending', error_kind = ?1, error = ?2 WHERE run_id = ?3 AND idx = ?4",
                     params![e.kind().as_str(), e.full_message(), run, row.idx],
                 )?;
-                crate::ops::signals::sleep(d)?;
+                policy.sleep(attempt)?;
             }
             Err(e) => {
                 let e = e.context(format!("{kind} {subject}: step {}", row.name));
@@ -492,7 +491,7 @@ impl Drop for LogContext {
     }
 }
 
-fn abort_run(conn: &mut Connection, run: RunId, exec: &mut dyn Executor) -> Result<()> {
+fn abort_run(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy: &RetryPolicy) -> Result<()> {
     let (kind, subject, request, _) = load_run(conn, run)?;
     if let Some(row) = next_step(conn, run)? {
         if row.intent.is_some() {
@@ -507,6 +506,7 @@ fn abort_run(conn: &mut Connection, run: RunId, exec: &mut dyn Executor) -> Resu
                 attempt: row.attempts,
                 intent: parse_intent(run, row.intent)?,
                 completed: false,
+                policy: *policy,
             };
             exec.abort(&mut cx)?;
             // Undone: nothing may find this intent and undo it again later.
@@ -744,7 +744,7 @@ mod tests {
     }
 
     fn fast() -> RetryPolicy {
-        RetryPolicy { max_attempts: 3, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(2) }
+        RetryPolicy { attempts: 3, base: std::time::Duration::from_millis(1), cap: std::time::Duration::from_millis(2) }
     }
 
     #[test]

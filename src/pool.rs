@@ -66,7 +66,7 @@ pub fn default_dm_name(state_dir: &Path) -> Result<DmName> {
     let canon = std::fs::canonicalize(state_dir)
         .map_err(|e| Error::io(format!("resolving state dir {}", state_dir.display()), e))?;
     let h = Sha256::digest(canon.as_os_str().as_encoded_bytes());
-    let tag: String = h.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let tag = crate::ops::encode::hex(&h[..4]);
     DmName::new(format!("thinimg-{tag}-pool"))
 }
 

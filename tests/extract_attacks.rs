@@ -1,10 +1,9 @@
 //! Generated hostile layers through `thinimg unpack`, as root, each in a
 //! sandbox with canaries outside the root (checked after every case).
 
-#[path = "xt_common/mod.rs"]
-mod common;
+mod extract_harness;
 
-use common::{pax_record, require_root, Sandbox, TarW};
+use extract_harness::{pax_record, require_root, Sandbox, TarW};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -287,11 +286,11 @@ fn entries_replace_other_types() {
 
 /// Stream a generated archive to `thinimg unpack ... /dev/stdin`.
 fn unpack_stream(sb: &Sandbox, extra: &[&str], gen: impl FnOnce(&mut dyn Write) + Send + 'static) -> (i32, String) {
-    let mut child = Command::new(common::bin())
+    let mut child = Command::new(extract_harness::bin())
         .arg("unpack")
         .arg("--dest")
         .arg(&sb.root)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .args(extra)
         .arg("/dev/stdin")
         .stdin(Stdio::piped())

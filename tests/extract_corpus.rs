@@ -3,10 +3,9 @@
 //! canaries outside the root. The outcome must match the manifest's
 //! expectation, or the deviation table below, which says why we differ.
 
-#[path = "xt_common/mod.rs"]
-mod common;
+mod extract_harness;
 
-use common::{require_root, stderr, Sandbox};
+use extract_harness::{require_root, stderr, Sandbox};
 use std::path::{Path, PathBuf};
 
 /// Where thinimg deliberately decides differently from MANIFEST.tsv's

@@ -5,10 +5,9 @@
 //! content hash, link target, xattrs, mtime, hard-link count, device number.
 //! Runs as root (ownership, devices).
 
-#[path = "xt_common/mod.rs"]
-mod common;
+mod extract_harness;
 
-use common::require_root;
+use extract_harness::require_root;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -31,7 +30,7 @@ struct Dirs {
 
 impl Dirs {
     fn new(tag: &str) -> Dirs {
-        let base = common::scratch().join(format!("thinimg-fid-{}-{tag}", std::process::id()));
+        let base = extract_harness::scratch().join(format!("thinimg-fid-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("ours")).unwrap();
         std::fs::create_dir_all(base.join("gnu")).unwrap();
@@ -52,11 +51,11 @@ impl Drop for Dirs {
 }
 
 fn thinimg(dest: &Path, layers: &[PathBuf]) {
-    let out = Command::new(common::bin())
+    let out = Command::new(extract_harness::bin())
         .arg("unpack")
         .arg("--dest")
         .arg(dest)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .args(layers)
         .output()
         .unwrap();

@@ -9,10 +9,9 @@
 //! `cargo test --test extract_fuzz` runs 2000 cases; the long run is
 //! `FUZZ_ITERS=100000 cargo test --release --test extract_fuzz -- --ignored`.
 
-#[path = "xt_common/mod.rs"]
-mod common;
+mod extract_harness;
 
-use common::{require_root, Sandbox};
+use extract_harness::{require_root, Sandbox};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -43,10 +42,10 @@ fn corpus() -> Vec<Vec<u8>> {
         .filter(|b| b.len() <= 1 << 20)
         .collect();
     // Seeds of our own: links, whiteouts, PAX, sparse.
-    let mut t = common::TarW::new();
+    let mut t = extract_harness::TarW::new();
     t.dir("d/", 0o755).file("d/f", b"hello", 0o644).symlink("d/s", "/etc").hardlink("d/h", "d/f");
     t.file("d/.wh.x", b"", 0o644).file("e/.wh..wh..opq", b"", 0o644);
-    t.pax(&common::pax_record("path", b"p/long"));
+    t.pax(&extract_harness::pax_record("path", b"p/long"));
     t.file("ignored", b"pax named", 0o644);
     v.push(t.finish());
     v.sort();
@@ -181,7 +180,7 @@ fn fuzz(iters: u64, seed: u64) {
             let _ = tx.send(r);
         });
         let save = |why: &str| -> ! {
-            let p = common::scratch().join(format!("thinimg-fuzz-{}-{i}.tar", std::process::id()));
+            let p = extract_harness::scratch().join(format!("thinimg-fuzz-{}-{i}.tar", std::process::id()));
             std::fs::write(&p, &case).unwrap();
             panic!("case {i}: {why}; saved to {}", p.display());
         };

@@ -2,13 +2,12 @@
 //! 2026-12-02): local races against metadata calls, memory and CPU
 //! amplification, `unpack` onto a host directory, owner -1, metadata through
 //! later symlinks, target-file-system errors, deep trees and signals. Each
-//! test runs in the sandbox of `xt_common` (private mount namespace, host
+//! test runs in the sandbox of `extract_harness` (private mount namespace, host
 //! read-only, tmpfs scratch).
 
-#[path = "xt_common/mod.rs"]
-mod common;
+mod extract_harness;
 
-use common::{pax_record, require_root, stderr, Sandbox, TarW};
+use extract_harness::{pax_record, require_root, stderr, Sandbox, TarW};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -35,11 +34,11 @@ fn measured(sb: &Sandbox, layer: &Path, extra: &[&str], limit: Duration) -> (i32
         .arg("%M")
         .arg("-o")
         .arg(&rss_file)
-        .arg(common::bin())
+        .arg(extract_harness::bin())
         .arg("unpack")
         .arg("--dest")
         .arg(&sb.root)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .args(extra)
         .arg(layer)
         .env("THINIMG_LOG", "error")
@@ -414,7 +413,7 @@ fn unpack_onto_a_host_directory_is_safe_by_default() {
     );
     // Text mode says so on stderr.
     let dest2 = sb.base.join("dest2");
-    let mut c = Command::new(common::bin());
+    let mut c = Command::new(extract_harness::bin());
     let o = c.args(["unpack", "--dest"]).arg(&dest2).arg(&l).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let e = stderr(&o);
@@ -637,10 +636,10 @@ fn deep_trees_are_whited_out_with_few_fds() {
     // 1700 levels, 64 fds: the old one-fd-per-level removal needed more.
     let o = Command::new("prlimit")
         .args(["--nofile=64:64", "--"])
-        .arg(common::bin())
+        .arg(extract_harness::bin())
         .args(["unpack", "--dest"])
         .arg(&sb.root)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .arg(&l2)
         .output()
         .unwrap();
@@ -655,10 +654,10 @@ fn deep_trees_are_whited_out_with_few_fds() {
     let l3 = sb.layer("deep3.tar", &t.finish());
     let o = Command::new("prlimit")
         .args(["--nofile=64:64", "--"])
-        .arg(common::bin())
+        .arg(extract_harness::bin())
         .args(["unpack", "--dest"])
         .arg(&sb.root)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .arg(&l3)
         .output()
         .unwrap();
@@ -674,10 +673,10 @@ fn sigint_and_sigterm_stop_a_long_unpack_within_a_second() {
     require_root();
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
         let sb = Sandbox::new(&format!("signal-{sig}"));
-        let mut child = Command::new(common::bin())
+        let mut child = Command::new(extract_harness::bin())
             .args(["unpack", "--dest"])
             .arg(&sb.root)
-            .args(common::FULL)
+            .args(extract_harness::FULL)
             .arg("/dev/stdin")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -729,10 +728,10 @@ fn sigint_and_sigterm_stop_a_long_unpack_within_a_second() {
 fn sigterm_stops_an_unpack_whose_source_stalls() {
     require_root();
     let sb = Sandbox::new("signal-stall");
-    let mut child = Command::new(common::bin())
+    let mut child = Command::new(extract_harness::bin())
         .args(["unpack", "--dest"])
         .arg(&sb.root)
-        .args(common::FULL)
+        .args(extract_harness::FULL)
         .arg("/dev/stdin")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -798,6 +797,6 @@ fn the_sandbox_is_a_private_read_only_namespace() {
         let e = std::fs::write(p, b"x").expect_err(p);
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{p}: {e}");
     }
-    let st = nix::sys::statfs::statfs(&common::scratch()).unwrap();
+    let st = nix::sys::statfs::statfs(&extract_harness::scratch()).unwrap();
     assert_eq!(st.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC, "the scratch is a private tmpfs");
 }

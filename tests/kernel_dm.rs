@@ -441,6 +441,17 @@ fn cli_pool_create_and_status() {
     assert_eq!(v["thin_devices"], 0);
     let name = v["dm_name"].as_str().unwrap().to_string();
     assert!(name.starts_with("thinimg-") && name.ends_with("-pool"));
+    // `status` reports the same pool with the same spelling of its mode.
+    let (code, out, err) = cmd(&["--json", "status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(s["pool"]["dm_name"], v["dm_name"], "{s}");
+    assert_eq!(s["pool"]["assembled"], true, "{s}");
+    assert_eq!(s["pool"]["mode"], v["status"]["mode"], "status and pool status disagree: {s}\n{v}");
+    assert_eq!(s["pool"]["data_total_bytes"], v["data_total_bytes"], "{s}\n{v}");
+    let (code, out, err) = cmd(&["status"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("pool     {name} (loop): rw, data 0%")), "{out}");
     // Rerun is idempotent.
     let (code, out, err) = cmd(&["pool", "create", "--data-size", "128M"]);
     assert_eq!(code, Some(0), "{out}{err}");

@@ -552,10 +552,7 @@ fn sigint_checkpoints_and_the_next_run_resumes() {
         assert!(child.try_wait().unwrap().is_none(), "fetch finished before it could be interrupted");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    // SAFETY: kill(2) on the pid of our own child; no memory involved.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

@@ -13,7 +13,7 @@ use crate::store::{blobs as q, Db};
 struct BlobOut {
     digest: String,
     size: u64,
-    state: String,
+    state: q::BlobState,
     /// Why a rejected blob was rejected.
     reason: Option<String>,
     keys: Vec<String>,
@@ -48,7 +48,7 @@ pub fn run(inv: &Invocation) -> Result<u8> {
                 output::bytes(b.size),
                 match &b.reason {
                     Some(r) => format!("{} ({})", b.state, crate::fetch::s3::printable(r, 200)),
-                    None => b.state.clone(),
+                    None => b.state.to_string(),
                 },
                 b.keys.iter().map(|k| show_key(k)).collect::<Vec<_>>().join(" "),
             ]

@@ -1,10 +1,12 @@
-//! `pull`, `activate`, `deactivate`, `rm`, `images`, `activations`, `gc`.
+//! `pull`, `activate`, `deactivate`, `rm`, `images`, `activations`, `gc`:
+//! run the pipeline, print the read models of `pipeline::views`.
 
 use serde_json::json;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
 use crate::ops::output;
+use crate::pipeline::views::{self, ActivationView, ImageView};
 use crate::pipeline::{activate, batch, gc, sources, Env};
 use crate::store::{images as q, Db};
 
@@ -48,46 +50,21 @@ pub fn pull(inv: &Invocation) -> Result<u8> {
     }
     let mut done = Vec::new();
     for i in &items {
-        done.push(image_json(&env.db.conn, &i.image)?);
+        done.push(views::image(&env.db.conn, &i.image)?);
     }
     if inv.json() {
         output::json(&json!({ "images": done }))?;
     } else if !quiet(inv) {
         for d in &done {
-            println!(
-                "{} ready ({} layers, top chain {})",
-                d["name"].as_str().unwrap_or("?"),
-                d["layers"].as_array().map(|a| a.len()).unwrap_or(0),
-                d["top_chain"].as_str().map(|s| &s[..12.min(s.len())]).unwrap_or("-")
-            );
+            println!("{} ready ({} layers, top chain {})", d.name, d.layers.len(), short_chain(d));
         }
     }
     Ok(0)
 }
 
-fn image_json(conn: &rusqlite::Connection, name: &str) -> Result<serde_json::Value> {
-    let img = q::image(conn, name)?.ok_or_else(|| Error::new(Kind::NoSuchImage, format!("no image {name}")))?;
-    let layers = q::layers(conn, name)?;
-    let acts: Vec<String> = q::activations_of(conn, name)?.into_iter().map(|a| a.name).collect();
-    // Layers whose blob was rejected, with why (it stays rejected).
-    let mut rejected = Vec::new();
-    for l in &layers {
-        if let Some(d) = &l.digest {
-            if let Some(why) = crate::store::blobs::blob_rejection(conn, d)? {
-                rejected.push(json!({ "position": l.position, "key": l.key, "digest": d, "reason": why }));
-            }
-        }
-    }
-    Ok(json!({
-        "rejected_layers": rejected,
-        "name": img.name,
-        "family": img.family,
-        "state": img.state,
-        "top_layer": img.top_layer,
-        "top_chain": img.top_chain,
-        "layers": layers,
-        "activations": acts,
-    }))
+/// The first 12 hex digits of the image's top chain, or `-`.
+fn short_chain(i: &ImageView) -> &str {
+    i.top_chain.as_deref().map(|c| &c[..12.min(c.len())]).unwrap_or("-")
 }
 
 pub fn activate(inv: &Invocation) -> Result<u8> {
@@ -103,8 +80,8 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
     // resumed, there is nothing to lock, resume or do.
     if let Some(db) = Db::open_existing(&inv.state_dir())? {
         if crate::journal::unfinished(&db.conn)?.is_empty() {
-            let ready = activate::info_for(&inv.state_dir(), &inv.run_dir(), &db.conn, &name)?
-                .filter(|i| i.image == image && i.state == "active" && i.minor.is_some());
+            let ready = views::activation(&inv.state_dir(), &inv.run_dir(), &db.conn, &name)?
+                .filter(|i| i.image == image && i.is_up());
             if let Some(info) = ready {
                 return print_activation(inv, &info);
             }
@@ -119,20 +96,19 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
             ));
         }
     }
-    let ready = activate::info(&env.ctx, &env.db.conn, &name)?
-        .filter(|i| i.state == "active" && std::path::Path::new(&i.path).exists() && i.minor.is_some());
+    let view = |env: &Env| views::activation(&env.ctx.state_dir, &env.ctx.run_dir, &env.db.conn, &name);
+    let ready = view(&env)?.filter(|i| i.is_up() && std::path::Path::new(&i.path).exists());
     let info = match ready {
         Some(i) => i,
         None => {
             env.run(&activate::spec(&name, &image, reference))?;
-            activate::info(&env.ctx, &env.db.conn, &name)?
-                .ok_or_else(|| Error::software(format!("activation {name} missing after a successful run")))?
+            view(&env)?.ok_or_else(|| Error::software(format!("activation {name} missing after a successful run")))?
         }
     };
     print_activation(inv, &info)
 }
 
-fn print_activation(inv: &Invocation, info: &activate::ActivationInfo) -> Result<u8> {
+fn print_activation(inv: &Invocation, info: &ActivationView) -> Result<u8> {
     if inv.json() {
         output::json(info)?;
     } else {
@@ -224,10 +200,7 @@ pub fn images(inv: &Invocation) -> Result<u8> {
     let Some(db) = Db::open_existing(&inv.state_dir())? else {
         return empty(inv, "images");
     };
-    let mut all = Vec::new();
-    for i in q::images(&db.conn)? {
-        all.push(image_json(&db.conn, &i.name)?);
-    }
+    let all = views::images(&db.conn)?;
     if inv.json() {
         output::json(&json!({ "images": all }))?;
         return Ok(0);
@@ -236,19 +209,19 @@ pub fn images(inv: &Invocation) -> Result<u8> {
         .iter()
         .map(|i| {
             vec![
-                i["name"].as_str().unwrap_or("").to_string(),
-                match i["rejected_layers"].as_array().and_then(|a| a.first()) {
+                i.name.clone(),
+                match i.rejected_layers.first() {
                     Some(r) => format!(
                         "{} (layer {} rejected: {})",
-                        i["state"].as_str().unwrap_or(""),
-                        r["position"],
-                        crate::fetch::s3::printable(r["reason"].as_str().unwrap_or(""), 120)
+                        i.state,
+                        r.position,
+                        crate::fetch::s3::printable(&r.reason, 120)
                     ),
-                    None => i["state"].as_str().unwrap_or("").to_string(),
+                    None => i.state.to_string(),
                 },
-                i["top_layer"].as_i64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                i["top_chain"].as_str().map(|s| s[..12.min(s.len())].to_string()).unwrap_or_else(|| "-".into()),
-                i["activations"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                i.top_layer.to_string(),
+                short_chain(i).to_string(),
+                i.activations.len().to_string(),
             ]
         })
         .collect();
@@ -267,13 +240,7 @@ pub fn activations(inv: &Invocation) -> Result<u8> {
     let Some(db) = Db::open_existing(&inv.state_dir())? else {
         return empty(inv, "activations");
     };
-    let ctx_dirs = (inv.state_dir(), inv.run_dir());
-    let mut all = Vec::new();
-    for a in q::activations(&db.conn)? {
-        if let Some(i) = activate::info_for(&ctx_dirs.0, &ctx_dirs.1, &db.conn, &a.name)? {
-            all.push(i);
-        }
-    }
+    let all = views::activations(&inv.state_dir(), &inv.run_dir(), &db.conn)?;
     if inv.json() {
         output::json(&json!({ "activations": all }))?;
         return Ok(0);
@@ -284,7 +251,7 @@ pub fn activations(inv: &Invocation) -> Result<u8> {
             vec![
                 a.name.clone(),
                 a.image.clone(),
-                a.state.clone(),
+                a.state.to_string(),
                 a.thin_id.to_string(),
                 a.path.clone(),
                 a.dev_path.clone().unwrap_or_else(|| "-".into()),

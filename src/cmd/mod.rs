@@ -3,15 +3,17 @@
 
 mod blobs;
 mod config;
-
-pub use config::version_text;
+mod doctor;
 mod fetch;
 mod images;
 mod ls_remote;
-mod ops;
 mod pool;
 mod runs;
+mod status;
+mod sync;
 mod unpack;
+
+pub use config::version_text;
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
@@ -61,9 +63,9 @@ fn run(inv: &Invocation) -> Result<u8> {
         "images" => images::images(inv),
         "activations" => images::activations(inv),
         "gc" => images::gc(inv),
-        "sync" => ops::sync(inv),
-        "status" => ops::status(inv),
-        "doctor" => ops::doctor(inv),
+        "sync" => sync::run(inv),
+        "status" => status::run(inv),
+        "doctor" => doctor::run(inv),
         "pool create" => pool::create(inv),
         "pool status" => pool::status(inv),
         "pool destroy" => pool::destroy(inv),

@@ -1,9 +1,11 @@
 //! `thinimg pool create`, `pool assemble`, `pool status` and `pool destroy`:
-//! parse flags, call `poolctl`/`pool`, print.
+//! parse flags, call `poolctl`/`pool`, print (`pool status` and `create`
+//! print `pipeline::views::PoolReport`).
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
 use crate::ops::output;
+use crate::pipeline::views;
 use crate::pool::{Pool, PoolStatus};
 use crate::poolctl;
 use crate::store::Db;
@@ -115,53 +117,28 @@ pub fn status(inv: &Invocation) -> Result<u8> {
     Ok(0)
 }
 
-use crate::pipeline::health::pct;
-
-fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: &str) -> Result<()> {
-    let spec = pool.spec();
-    let thins = crate::store::pool::thin_count(&db.conn)?;
-    let block = spec.block_sectors.bytes();
+fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: &'static str) -> Result<()> {
+    let r = views::pool_report(&db.conn, pool, st, what)?;
     if inv.json() {
-        let mut v = serde_json::json!({
-            "dm_name": spec.dm_name,
-            "dev": pool.dev().to_string(),
-            "kind": spec.kind,
-            "state": what,
-            "assembled": true,
-            "data_path": spec.data_path,
-            "meta_path": spec.meta_path,
-            "block_bytes": block,
-            "thin_devices": thins,
-        });
-        if let Some(PoolStatus::Active(u)) = st {
-            v["data_used_pct"] = pct(u.data_used, u.data_total).into();
-            v["meta_used_pct"] = pct(u.meta_used, u.meta_total).into();
-            v["data_bytes"] = (u.data_total * block).into();
-            // The same name as in `status --json`.
-            v["data_total_bytes"] = (u.data_total * block).into();
-            v["data_used_bytes"] = (u.data_used * block).into();
-        }
-        v["status"] = serde_json::to_value(st).map_err(|e| Error::software("status to JSON").with_source(e))?;
-        return output::json(&v);
+        return output::json(&r);
     }
-    println!("pool      {} ({}, {}, {what})", spec.dm_name, pool.dev(), spec.kind.as_str());
-    match st {
-        Some(PoolStatus::Active(u)) => {
+    println!("pool      {} ({}, {}, {what})", r.dm_name, r.dev, r.kind.as_str());
+    match (&r.status, r.mode) {
+        (Some(PoolStatus::Active(u)), Some(mode)) => {
             println!(
                 "data      {} of {} used ({}%)",
-                output::bytes(u.data_used * block),
-                output::bytes(u.data_total * block),
-                pct(u.data_used, u.data_total)
+                output::bytes(r.data_used_bytes.unwrap_or(0)),
+                output::bytes(r.data_total_bytes.unwrap_or(0)),
+                r.data_used_pct.unwrap_or(0.0)
             );
-            println!("metadata  {}/{} blocks used ({}%)", u.meta_used, u.meta_total, pct(u.meta_used, u.meta_total));
-            let mode = serde_json::to_value(u.mode).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            println!("metadata  {}/{} blocks used ({}%)", u.meta_used, u.meta_total, r.meta_used_pct.unwrap_or(0.0));
             println!("mode      {mode}{}", if u.needs_check { ", needs_check" } else { "" });
             println!("txn       {}", u.transaction_id);
         }
-        Some(PoolStatus::Fail) => println!("mode      FAIL"),
-        Some(PoolStatus::Error) => println!("mode      ERROR (status unreadable)"),
-        None => {}
+        (Some(PoolStatus::Fail), _) => println!("mode      FAIL"),
+        (Some(PoolStatus::Error), _) => println!("mode      ERROR (status unreadable)"),
+        _ => {}
     }
-    println!("devices   {thins} thin devices recorded");
+    println!("devices   {} thin devices recorded", r.thin_devices);
     Ok(())
 }

@@ -6,6 +6,7 @@ use crate::cli::Invocation;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{self, RunInfo, RunState};
 use crate::ops::output;
+use crate::pipeline::views::CancelView;
 use crate::pipeline::Env;
 use crate::store::Db;
 
@@ -155,8 +156,7 @@ pub fn cancel(inv: &Invocation) -> Result<u8> {
     let mut env = Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let mut out = Vec::new();
     for id in ids {
-        let state = format!("{:?}", env.drive_existing(id)?).to_lowercase();
-        out.push(serde_json::json!({ "id": id, "state": state }));
+        out.push(CancelView { id, state: env.drive_existing(id)? });
     }
     if inv.json() {
         if inv.flag("failed") {
@@ -166,7 +166,7 @@ pub fn cancel(inv: &Invocation) -> Result<u8> {
         }
     } else if !inv.flag("quiet") {
         for o in &out {
-            println!("run {}: {}", o["id"], o["state"].as_str().unwrap_or("?"));
+            println!("run {}: {}", o.id, o.state.as_str());
         }
         if inv.flag("failed") && out.is_empty() {
             println!("no failed runs");

@@ -30,7 +30,7 @@ impl BlobDigest {
         }
     }
     pub(super) fn from_hasher(h: Sha256) -> BlobDigest {
-        BlobDigest(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        BlobDigest(crate::ops::encode::hex(&h.finalize()))
     }
     pub fn as_str(&self) -> &str {
         &self.0

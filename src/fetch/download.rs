@@ -288,7 +288,7 @@ impl BlobStore {
                             ));
                         }
                         log::warn!("{url}: body ended at byte {offset} of {size}; resuming");
-                        retry.sleep(failures)?;
+                        retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
                     Ok(n) => n,
@@ -303,7 +303,7 @@ impl BlobStore {
                             .with_source(e));
                         }
                         log::warn!("{url}: read failed at byte {offset} of {size} ({e}); resuming");
-                        retry.sleep(failures)?;
+                        retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
                 };
@@ -548,7 +548,7 @@ fn reread(r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sha2
 /// received: a plain-MD5 ETag, and `x-amz-checksum-sha256` if sent.
 fn check_claims(url: &str, etag: &str, md5: Md5, checksum: Option<&str>, digest: &BlobDigest) -> Result<()> {
     if etag_is_plain_md5(etag) {
-        let got: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let got = crate::ops::encode::hex(&md5.finalize());
         if !got.eq_ignore_ascii_case(etag) {
             return Err(Error::bad_data(format!(
                 "{url}: the bytes received do not match the object's ETag (MD5 {etag}, received bytes hash to {got}); not stored (the server changed the bytes between ranges, or they were corrupted in transit)"
@@ -558,7 +558,9 @@ fn check_claims(url: &str, etag: &str, md5: Md5, checksum: Option<&str>, digest:
         log::debug!("{url}: ETag {etag:?} is not a plain MD5 (multipart?); the blob is identified by its SHA-256 only");
     }
     if let Some(c) = checksum {
-        let want = base64_of_hex(digest.as_str());
+        let want = crate::ops::encode::unhex(digest.as_str())
+            .map(|b| crate::ops::encode::base64(&b))
+            .ok_or_else(|| Error::software(format!("blob digest {digest} is not hex")))?;
         if c.trim() != want {
             return Err(Error::bad_data(format!(
                 "{url}: the bytes received do not match the object's x-amz-checksum-sha256 ({}, received {want}); not stored",
@@ -567,26 +569,6 @@ fn check_claims(url: &str, etag: &str, md5: Md5, checksum: Option<&str>, digest:
         }
     }
     Ok(())
-}
-
-/// Standard base64 (with padding) of the bytes a hex string spells.
-fn base64_of_hex(hex: &str) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes: Vec<u8> =
-        (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for ch in bytes.chunks(3) {
-        let n =
-            (u32::from(ch[0]) << 16) | (u32::from(*ch.get(1).unwrap_or(&0)) << 8) | u32::from(*ch.get(2).unwrap_or(&0));
-        for (i, shift) in [18, 12, 6, 0].iter().enumerate() {
-            if i <= ch.len() {
-                out.push(A[((n >> shift) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Whether an error is the state filesystem running out of space.
@@ -663,11 +645,9 @@ mod tests {
         // A multipart ETag says nothing about the bytes.
         assert!(check_claims("u", "5eb63bbbe01eeed093cb22bb8f5acdc4-3", md5(), None, &sha).is_ok());
         let b64 = "uU0nuZNNPgilLlLX2n2r+sSE7+N6U4DukIj3rOLvzek=";
-        assert_eq!(base64_of_hex(sha.as_str()), b64);
+        assert_eq!(crate::ops::encode::base64(&crate::ops::encode::unhex(sha.as_str()).unwrap()), b64);
         assert!(check_claims("u", right, md5(), Some(b64), &sha).is_ok());
         assert!(check_claims("u", right, md5(), Some("AAAA"), &sha).is_err());
-        assert_eq!(base64_of_hex("6162"), "YWI=");
-        assert_eq!(base64_of_hex("61"), "YQ==");
     }
 
     #[test]

@@ -465,7 +465,7 @@ fn already_stored(
 ) -> Result<Option<LayerFetch>> {
     let usable = |conn: &rusqlite::Connection, d: &str| -> Result<Option<BlobDigest>> {
         let Some(b) = q::blob_get(conn, d)? else { return Ok(None) };
-        if b.state != "present" || b.size != l.size {
+        if b.state != q::BlobState::Present || b.size != l.size {
             return Ok(None);
         }
         let digest = BlobDigest::parse(d)?;

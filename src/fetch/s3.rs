@@ -26,6 +26,7 @@ use s3::creds::Credentials;
 use s3::{Bucket, Region};
 
 use crate::error::{Error, Kind, Result};
+use crate::ops::retry::RetryPolicy;
 
 /// How a client reaches its bucket. The command layer builds it from the
 /// invocation (`cli::settings::s3_config`); this module never reads flags.
@@ -93,52 +94,6 @@ pub struct ObjectInfo {
 /// multipart suffix): only such an ETag says anything about the bytes.
 pub fn etag_is_plain_md5(etag: &str) -> bool {
     etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Bounded exponential backoff with jitter.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub attempts: u32,
-    pub base: Duration,
-    pub cap: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy { attempts: 6, base: Duration::from_millis(200), cap: Duration::from_secs(10) }
-    }
-}
-
-impl RetryPolicy {
-    /// The longest sleep before retry number `attempt` (1-based).
-    pub fn max_sleep(&self, attempt: u32) -> Duration {
-        self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(self.cap)
-    }
-
-    /// Sleep before retry number `attempt` (1-based): "equal jitter" over
-    /// base·2^(attempt-1), capped. Wakes early with an error on SIGINT/SIGTERM.
-    pub fn sleep(&self, attempt: u32) -> Result<()> {
-        let max = self.max_sleep(attempt).as_millis().max(1) as u64;
-        crate::ops::signals::sleep(Duration::from_millis(max / 2 + jitter() % (max / 2 + 1)))
-    }
-}
-
-/// A random delay in [0, max): herd control (`sync --jitter`).
-pub fn random_delay(max: Duration) -> Duration {
-    let ms = max.as_millis().min(u128::from(u64::MAX)) as u64;
-    if ms == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_millis(jitter() % ms)
-}
-
-/// A random-enough number for jitter without a rand dependency: std's
-/// per-process random SipHash keys over the time.
-fn jitter() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish()
 }
 
 /// A failed request, before it becomes an [`Error`]: whether trying again may help.
@@ -298,7 +253,7 @@ impl S3Client {
             .build()
             .into();
         let endpoint = targets.iter().map(|t| t.url.as_str()).collect::<Vec<_>>().join(",");
-        let retry = RetryPolicy { attempts: config.retries.saturating_add(1), ..RetryPolicy::default() };
+        let retry = RetryPolicy::request().with_attempts(config.retries.saturating_add(1));
         Ok(S3Client {
             targets,
             active: AtomicUsize::new(0),
@@ -606,7 +561,7 @@ impl S3Client {
             match failure {
                 Failure { err, retryable: true } if attempt < self.retry.attempts => {
                     log::warn!("{} (attempt {attempt} of {}; retrying)", err.full_message(), self.retry.attempts);
-                    self.retry.sleep(attempt)?;
+                    self.retry.sleep_jittered(attempt)?;
                 }
                 Failure { err, retryable } => {
                     return Err(if retryable {

@@ -38,11 +38,8 @@ pub fn point(name: &str) {
         return;
     }
     eprintln!("thinimg: THINIMG_FAULT: killing self at {name}");
-    // SAFETY: kill(2) on our own pid with a valid signal number has no memory
-    // effects; SIGKILL cannot be caught, so this does not return.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
-    }
+    // SIGKILL cannot be caught, so this does not return; abort if it failed.
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     std::process::abort();
 }
 

@@ -7,30 +7,18 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Error, Kind, Result};
 
 /// Held for as long as it lives.
 pub struct StateLock {
-    file: File,
-}
-
-fn try_flock(f: &File) -> std::io::Result<bool> {
-    // SAFETY: flock on a valid, open fd owned by `f`; no memory is passed.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
+    file: Flock<File>,
 }
 
 impl StateLock {
@@ -60,10 +48,12 @@ impl StateLock {
         }
         let deadline = wait.map(|w| Instant::now() + w);
         let mut announced = false;
-        loop {
-            if try_flock(&file).map_err(|e| Error::io(format!("locking {}", path.display()), e))? {
-                break;
-            }
+        let mut file = loop {
+            file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => break locked,
+                Err((f, Errno::EWOULDBLOCK)) => f,
+                Err((_, e)) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
+            };
             let holder = holder_of(&mut file);
             match deadline {
                 Some(d) if Instant::now() < d => {
@@ -84,7 +74,7 @@ impl StateLock {
                     ))
                 }
             }
-        }
+        };
         let me = format!("pid {} ({})\n", std::process::id(), std::env::args().collect::<Vec<_>>().join(" "));
         let _ = file.set_len(0);
         let _ = file.rewind();
@@ -125,9 +115,7 @@ pub fn absolute_dir(dir: &Path) -> std::io::Result<PathBuf> {
 /// database drives device creation and the zeroing of a metadata device)
 /// only if root owns it and nobody else can write it.
 pub fn check_state_dir_modes(state_dir: &Path) -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
     let m = match std::fs::symlink_metadata(state_dir) {
@@ -137,7 +125,7 @@ pub fn check_state_dir_modes(state_dir: &Path) -> Result<()> {
     };
     let problem = if !m.is_dir() {
         Some("is not a directory".to_string())
-    } else if m.uid() != euid {
+    } else if m.uid() != 0 {
         Some(format!("is owned by uid {}, not by root", m.uid()))
     } else if m.mode() & 0o022 != 0 {
         Some(format!("is writable by group or others (mode {:o})", m.mode() & 0o7777))

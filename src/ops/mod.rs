@@ -1,8 +1,11 @@
 //! Operational plumbing: logging, the state-dir lock, signals, fault
-//! injection, output helpers. Nothing here knows about images or devices.
+//! injection, the retry policy, output helpers, hex and base64. Nothing
+//! here knows about images or devices.
 
+pub mod encode;
 pub mod fault;
 pub mod lock;
 pub mod log;
 pub mod output;
+pub mod retry;
 pub mod signals;

@@ -92,10 +92,8 @@ impl Executor for Activate<'_> {
                 let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
                 if ready != Some(true) {
                     // A nested run on its own subject: resumable on its own.
-                    let spec = super::pull::spec(&image, &reference);
-                    let (id, _) = crate::journal::start(cx.conn, &spec)?;
                     let mut pull = super::pull::Pull { ctx: self.ctx };
-                    crate::journal::drive(cx.conn, id, &mut pull, &crate::journal::RetryPolicy::default())?;
+                    cx.run_nested(&super::pull::spec(&image, &reference), &mut pull)?;
                 }
                 Ok(())
             }
@@ -243,71 +241,6 @@ impl Executor for Deactivate<'_> {
             other => Err(Error::software(format!("deactivate: unknown step {other:?}"))),
         }
     }
-}
-
-/// What `activate` prints.
-#[derive(Debug, serde::Serialize)]
-pub struct ActivationInfo {
-    pub name: String,
-    pub image: String,
-    pub state: String,
-    pub thin_id: u32,
-    pub dm_name: String,
-    /// Stable path under the run directory.
-    pub path: String,
-    /// /dev/dm-N, when the device is active.
-    pub dev_path: Option<String>,
-    pub major: Option<u32>,
-    pub minor: Option<u32>,
-    pub size_bytes: u64,
-}
-
-pub fn info(ctx: &Ctx, conn: &rusqlite::Connection, name: &str) -> Result<Option<ActivationInfo>> {
-    info_for(&ctx.state_dir, &ctx.run_dir, conn, name)
-}
-
-/// Read-only: needs no pool and no device-mapper access, only the
-/// database, the run directory and sysfs. The dm name comes from the pool
-/// the database recorded (not from where the state dir is now), and the
-/// node is reported only when the kernel agrees: its dev_t is a dm device
-/// (`/sys/dev/block/M:m/dm/name`) of exactly that name. A stale node, or
-/// one whose minor was reused by another device, is not an answer.
-pub fn info_for(
-    state_dir: &std::path::Path,
-    run_dir: &std::path::Path,
-    conn: &rusqlite::Connection,
-    name: &str,
-) -> Result<Option<ActivationInfo>> {
-    let Some(a) = q::activation(conn, name)? else { return Ok(None) };
-    let dm_name = match super::devices::recorded_prefix(conn)? {
-        Some(prefix) => format!("{prefix}a-{name}"),
-        None => super::devices::activation_name_for(state_dir, name),
-    };
-    let path = super::devices::node_path(run_dir, &dm_name);
-    let (major, minor) = match super::devices::node_numbers(&path) {
-        Some((ma, mi))
-            if a.state == ActivationState::Active
-                && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
-        {
-            (Some(ma), Some(mi))
-        }
-        _ => (None, None),
-    };
-    let size = q::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
-    Ok(Some(ActivationInfo {
-        name: a.name,
-        image: a.image,
-        state: a.state.as_str().to_string(),
-        thin_id: a.thin_id,
-        dm_name,
-        path: path.display().to_string(),
-        // devtmpfs names every dm device dm-<minor>; only a verified dm
-        // device gets that path.
-        dev_path: minor.map(|m| format!("/dev/dm-{m}")),
-        major,
-        minor,
-        size_bytes: size,
-    }))
 }
 
 #[cfg(test)]

@@ -1,157 +1,14 @@
-//! Read-only views of the host for `status` and `doctor`: pool usage,
-//! object counts, runs in flight, and health checks with advice. Nothing
-//! here changes the pool, the kernel or the database.
+//! `doctor`'s health checks with advice, and the `--metrics-file`
+//! (Prometheus text). The pool view and the counts they read are the
+//! shared read models of [`super::views`]. Nothing here changes the pool,
+//! the kernel or the database.
 
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::store::Db;
 
-#[derive(Debug, Serialize, Clone)]
-pub struct PoolView {
-    /// Serialized with the same names as `pool status --json`.
-    #[serde(rename = "dm_name")]
-    pub name: String,
-    pub kind: String,
-    #[serde(rename = "assembled")]
-    pub present: bool,
-    pub mode: Option<String>,
-    pub needs_check: Option<bool>,
-    pub data_used_pct: Option<f64>,
-    pub meta_used_pct: Option<f64>,
-    pub data_used_bytes: Option<u64>,
-    pub data_total_bytes: Option<u64>,
-    pub thin_devices: usize,
-    pub error: Option<String>,
-}
-
-/// The recorded pool and, if its dm device is up, its status. Never assembles.
-pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>> {
-    let Some((spec, _)) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
-    let thin = crate::store::pool::thin_count(&db.conn)?;
-    let mut v = PoolView {
-        name: spec.dm_name.as_str().to_string(),
-        kind: spec.kind.as_str().to_string(),
-        present: false,
-        mode: None,
-        needs_check: None,
-        data_used_pct: None,
-        meta_used_pct: None,
-        data_used_bytes: None,
-        data_total_bytes: None,
-        thin_devices: usize::try_from(thin).unwrap_or(usize::MAX),
-        error: None,
-    };
-    match crate::pool::Pool::find(&spec, run_dir) {
-        Ok(Some(p)) => {
-            v.present = true;
-            match p.status() {
-                Ok(crate::pool::PoolStatus::Active(u)) => {
-                    let block = spec.block_sectors.0 * 512;
-                    // The same spelling as `pool status --json` (serde's).
-                    v.mode = serde_json::to_value(u.mode).ok().and_then(|m| m.as_str().map(String::from));
-                    v.needs_check = Some(u.needs_check);
-                    v.data_used_pct = Some(pct(u.data_used, u.data_total));
-                    v.meta_used_pct = Some(pct(u.meta_used, u.meta_total));
-                    v.data_used_bytes = Some(u.data_used * block);
-                    v.data_total_bytes = Some(u.data_total * block);
-                }
-                Ok(other) => v.mode = Some(format!("{other:?}").to_lowercase()),
-                Err(e) => v.error = Some(e.full_message()),
-            }
-        }
-        Ok(None) => {}
-        Err(e) => v.error = Some(e.full_message()),
-    }
-    Ok(Some(v))
-}
-
-/// used/total as a percentage with one decimal (0 for an empty total).
-pub fn pct(used: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        (used as f64 * 1000.0 / total as f64).round() / 10.0
-    }
-}
-
-/// Where the state directory's space goes, and what is left.
-#[derive(Debug, Serialize, Default)]
-pub struct SpaceView {
-    pub blobs: i64,
-    pub blob_bytes: i64,
-    /// Partial downloads under blobs/partial/ (kept to resume).
-    pub partial_downloads: u64,
-    pub partial_bytes: u64,
-    /// Loop-pool files: apparent size and bytes actually allocated on disk.
-    pub pool_files: Vec<PoolFile>,
-    pub pool_data_used_bytes: Option<u64>,
-    pub pool_data_total_bytes: Option<u64>,
-    pub pool_meta_used_pct: Option<f64>,
-    /// Free space of the filesystem holding the state directory.
-    pub fs_free_bytes: Option<u64>,
-    pub fs_total_bytes: Option<u64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PoolFile {
-    pub path: std::path::PathBuf,
-    pub size_bytes: u64,
-    pub allocated_bytes: u64,
-}
-
-/// Free and total bytes of the filesystem holding `path` (for unprivileged users).
-pub fn fs_space(path: &std::path::Path) -> Option<(u64, u64)> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
-    let frag = st.fragment_size();
-    Some((st.blocks_available().saturating_mul(frag), st.blocks().saturating_mul(frag)))
-}
-
-pub fn space(state_dir: &std::path::Path, counts: Option<&Counts>, pool: Option<&PoolView>) -> SpaceView {
-    use std::os::unix::fs::MetadataExt;
-    let mut v = SpaceView::default();
-    if let Some(c) = counts {
-        v.blobs = c.blobs;
-        v.blob_bytes = c.blob_bytes;
-    }
-    if let Ok(rd) = std::fs::read_dir(state_dir.join("blobs").join("partial")) {
-        for e in rd.flatten() {
-            if let Ok(m) = e.metadata() {
-                if m.is_file() {
-                    v.partial_downloads += 1;
-                    v.partial_bytes += m.len();
-                }
-            }
-        }
-    }
-    if let Ok(rd) = std::fs::read_dir(state_dir.join("pool")) {
-        let mut files: Vec<PoolFile> = rd
-            .flatten()
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                m.is_file().then(|| PoolFile { path: e.path(), size_bytes: m.len(), allocated_bytes: m.blocks() * 512 })
-            })
-            .collect();
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        v.pool_files = files;
-    }
-    if let Some(p) = pool {
-        v.pool_data_used_bytes = p.data_used_bytes;
-        v.pool_data_total_bytes = p.data_total_bytes;
-        v.pool_meta_used_pct = p.meta_used_pct;
-    }
-    if let Some((free, total)) = fs_space(state_dir) {
-        v.fs_free_bytes = Some(free);
-        v.fs_total_bytes = Some(total);
-    }
-    v
-}
-
-pub use crate::store::stats::Counts;
-
-pub fn counts(db: &Db) -> Result<Counts> {
-    crate::store::stats::counts(&db.conn)
-}
+use super::views::{counts, pool_view, PoolState};
 
 #[derive(Debug, Serialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -190,7 +47,7 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_err
         ));
     }
     // Free space of the state filesystem is checked by the caller against
-    // --min-free (cmd::ops::doctor), with the partial downloads it holds.
+    // --min-free (cmd::doctor), with the partial downloads it holds.
     // Kernel support.
     if std::path::Path::new("/dev/mapper/control").exists() {
         match crate::dm::Dm::open().and_then(|d| d.version().map_err(crate::Error::from)) {
@@ -249,11 +106,9 @@ pub fn doctor(state_dir: &std::path::Path, run_dir: &std::path::Path, config_err
                     Some("any writing command (e.g. 'thinimg gc') re-assembles it"),
                 )),
                 Ok(Some(p)) => {
-                    let mode = p.mode.clone().unwrap_or_default();
+                    let mode = p.mode.map(|m| m.as_str()).unwrap_or_default();
                     if p.needs_check == Some(true)
-                        || mode.contains("fail")
-                        || mode.contains("ro")
-                        || mode.contains("error")
+                        || matches!(p.mode, Some(PoolState::Fail | PoolState::Ro | PoolState::Error))
                     {
                         out.push(check(
                             "pool",

@@ -14,8 +14,10 @@ pub mod gc;
 pub mod health;
 pub mod mount;
 pub mod pull;
+pub mod remove;
 pub mod sources;
 pub mod sync;
+pub mod views;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,10 +25,13 @@ use std::time::Duration;
 use crate::error::{Error, Kind, Result};
 use crate::fetch::s3::S3Config;
 use crate::fetch::FetchOptions;
-use crate::journal::{self, Executor, Outcome, RetryPolicy, RunId, RunSpec};
+use crate::journal::{self, Executor, Outcome, RunId, RunSpec};
 use crate::ops::lock::StateLock;
+use crate::ops::retry::RetryPolicy;
 use crate::poolctl::CreateRequest;
 use crate::store::Db;
+
+pub use remove::rm_spec;
 
 /// Options the steps need; part of [`Settings`] (defaults come from the
 /// flag table).
@@ -174,7 +179,7 @@ impl Env {
         crate::ops::signals::install();
         let lock = StateLock::acquire(state_dir, settings.wait)?;
         let db = Db::open(state_dir)?;
-        Ok(Env { db, ctx: Ctx::new(settings), policy: RetryPolicy::default(), _lock: lock })
+        Ok(Env { db, ctx: Ctx::new(settings), policy: RetryPolicy::step(), _lock: lock })
     }
 
     /// Resume every run an earlier process left unfinished. A run that now
@@ -236,64 +241,11 @@ fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + '
         "pull" => Box::new(pull::Pull { ctx }),
         "activate" => Box::new(activate::Activate { ctx }),
         "deactivate" => Box::new(activate::Deactivate { ctx }),
-        "rm" => Box::new(Remove { ctx }),
+        "rm" => Box::new(remove::Remove { ctx }),
         _ => {
             return Err(Error::software(format!(
                 "unknown run kind {kind:?} in the journal (written by a newer thinimg?)"
             )))
         }
     })
-}
-
-/// `rm IMAGE [--force]`: steps `activations` (with --force: deactivate and
-/// delete every activation of the image), `forget` (delete the image row;
-/// its chains become unused and `gc` frees them).
-pub struct Remove<'a> {
-    pub ctx: &'a mut Ctx,
-}
-
-pub fn rm_spec(image: &str, force: bool) -> RunSpec {
-    RunSpec {
-        kind: "rm".into(),
-        subject: image.into(),
-        request: serde_json::json!({ "force": force }),
-        steps: vec!["activations".into(), "forget".into()],
-    }
-}
-
-impl Executor for Remove<'_> {
-    fn step(&mut self, cx: &mut journal::StepCx<'_>) -> Result<()> {
-        use crate::store::images as q;
-        let image = cx.subject.clone();
-        match cx.step.as_str() {
-            "activations" => {
-                let acts = q::activations_of(cx.conn, &image)?;
-                if acts.is_empty() {
-                    return Ok(());
-                }
-                if !cx.request["force"].as_bool().unwrap_or(false) {
-                    let names: Vec<&str> = acts.iter().map(|a| a.name.as_str()).collect();
-                    return Err(Error::new(
-                        Kind::TempFail,
-                        format!(
-                            "image {image} has activations ({}); deactivate them or pass --force",
-                            names.join(", ")
-                        ),
-                    ));
-                }
-                for a in acts {
-                    let spec = activate::deactivate_spec(&a.name, true);
-                    let (id, _) = journal::start(cx.conn, &spec)?;
-                    let mut d = activate::Deactivate { ctx: self.ctx };
-                    journal::drive(cx.conn, id, &mut d, &RetryPolicy::default())?;
-                }
-                Ok(())
-            }
-            "forget" => cx.complete(move |tx| {
-                q::delete_image(tx, &image)?;
-                Ok(journal::Completion::default())
-            }),
-            other => Err(Error::software(format!("rm: unknown step {other:?}"))),
-        }
-    }
 }

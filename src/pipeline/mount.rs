@@ -35,17 +35,12 @@ pub fn mount_ext4(dev: &Path, at: &Path) -> Result<()> {
 pub fn sync_and_unmount(at: &Path) -> Result<()> {
     let synced = {
         let f = std::fs::File::open(at).ctx(|| format!("opening {} to flush it", at.display()))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs on a valid open fd; no memory is passed.
-        let r = unsafe { libc::syncfs(f.as_raw_fd()) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(Error::io(
+        nix::unistd::syncfs(&f).map_err(|e| {
+            Error::io(
                 format!("flushing the layer unpacked at {} (writes to the thin device were lost)", at.display()),
-                std::io::Error::last_os_error(),
-            ))
-        }
+                e.into(),
+            )
+        })
     };
     let unmounted = unmount(at);
     synced?;
@@ -76,11 +71,7 @@ pub fn unmount(at: &Path) -> Result<()> {
         return Ok(());
     }
     if let Ok(f) = std::fs::File::open(at) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: syncfs on a valid open fd; no memory is passed.
-        unsafe {
-            libc::syncfs(f.as_raw_fd());
-        }
+        let _ = nix::unistd::syncfs(&f);
     }
     let mut last = None;
     for attempt in 0..20u32 {

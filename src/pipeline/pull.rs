@@ -87,22 +87,12 @@ pub fn chain_ids(digests: &[String]) -> Vec<String> {
             Some(parent) => {
                 let mut h = Sha256::new();
                 h.update(format!("sha256:{parent} sha256:{d}").as_bytes());
-                hex(&h.finalize())
+                crate::ops::encode::hex(&h.finalize())
             }
         };
         out.push(id);
     }
     out
-}
-
-pub fn hex(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
 }
 
 /// What a chain build records before any kernel work: enough to undo the
@@ -442,7 +432,7 @@ fn build(
     let report = unpacked?;
     drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
     if let Some(h) = reader.hasher.take() {
-        let got = hex(&h.finalize());
+        let got = crate::ops::encode::hex(&h.finalize());
         if got != digest {
             let _ = std::fs::remove_file(blob.path);
             return Err(Error::new(
@@ -629,7 +619,7 @@ mod tests {
         assert_eq!(ids[0], a);
         let mut h = Sha256::new();
         h.update(format!("sha256:{a} sha256:{b}"));
-        assert_eq!(ids[1], hex(&h.finalize()));
+        assert_eq!(ids[1], crate::ops::encode::hex(&h.finalize()));
         // Same prefix, same ids: that is what makes chains shareable.
         assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
     }

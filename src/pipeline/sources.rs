@@ -307,7 +307,7 @@ pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str
     let store = BlobStore::open(&ctx.state_dir)?;
     let d = BlobDigest::parse(digest)?;
     // A database error here is an error, never "absent" (which would fetch again).
-    if let Some(b) = q::blob_get(conn, digest)?.filter(|b| b.state == "present") {
+    if let Some(b) = q::blob_get(conn, digest)?.filter(|b| b.state == q::BlobState::Present) {
         if store.size_ok(&d, b.size)? {
             return Ok(store.blob_path(&d));
         }
@@ -348,7 +348,7 @@ pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(
     let mut bytes = 0u64;
     for (d, size, state) in rows {
         let digest = BlobDigest::parse(&d)?;
-        if state == "rejected" {
+        if state == q::BlobState::Rejected {
             if !dry_run {
                 store.remove_blob(&digest)?;
             }

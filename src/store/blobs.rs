@@ -14,11 +14,19 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::Result;
 use crate::ops::output::now;
 
+column_enum! {
+    /// Where a blob stands (`blobs.state`): `Present` (its file is stored
+    /// and verified), `Missing` (found corrupt or absent and removed; the
+    /// next fetch downloads it again), `Rejected` (its content was refused;
+    /// the rejection outlives the bytes).
+    BlobState, "blob row" { Present = "present", Missing = "missing", Rejected = "rejected" }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BlobRow {
     pub digest: String,
     pub size: u64,
-    pub state: String,
+    pub state: BlobState,
     /// Why a rejected blob was rejected.
     pub reason: Option<String>,
     pub created_at: i64,
@@ -214,7 +222,7 @@ pub fn object_mark_fetched(c: &Connection, bucket: &str, key: &str) -> Result<()
 /// `thinimg fetch` has not stored or used since `fetched_before` (unix
 /// seconds): what gc may collect. Blobs only pulled are collectable as soon
 /// as no image uses them.
-pub fn unused_blobs(c: &Connection, fetched_before: i64) -> Result<Vec<(String, u64, String)>> {
+pub fn unused_blobs(c: &Connection, fetched_before: i64) -> Result<Vec<(String, u64, BlobState)>> {
     let mut st = c.prepare(
         "SELECT digest, size, state FROM blobs b
          WHERE NOT EXISTS (SELECT 1 FROM image_layers l WHERE l.digest = b.digest)

@@ -29,10 +29,7 @@ pub struct S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
-        unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -210,10 +207,7 @@ impl S3Server {
 
     /// Stop the server (SIGKILL), keeping its data dir until drop.
     pub fn stop(&self) {
-        // SAFETY: kill(2) on the pid of the weed child we spawned; no memory involved.
-        unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
-        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 
     pub fn url(&self, bucket: &str, key: &str) -> String {
@@ -424,7 +418,7 @@ pub fn tar_layer(seed: u64, len: usize) -> Vec<u8> {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    thinimg::ops::encode::hex(&sha2::Sha256::digest(data))
 }
 
 pub fn file_count(dir: &Path) -> usize {
@@ -705,5 +699,5 @@ impl TinyS3 {
 
 pub fn md5_hex(data: &[u8]) -> String {
     use md5::Digest;
-    md5::Md5::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    thinimg::ops::encode::hex(&md5::Md5::digest(data))
 }
