@@ -6,7 +6,7 @@
 //! EEXIST/ENODATA/ENXIO meaning "exists"/"already done", suspend-then-
 //! ALWAYS-resume around snapshots, refusing foreign or unhealthy pools.
 //! It never touches the database (callers persist the spec and allocate
-//! thin ids through `store::pool`) and never removes a dm device it was not
+//! thin ids through `store::thin_pool`) and never removes a dm device it was not
 //! told to, except in [`Pool::teardown`], which only removes devices whose
 //! table points at this pool.
 

@@ -2,7 +2,7 @@
 //! first (so a crash mid-way is finished by a rerun), and open it after a
 //! reboot from its persisted spec.
 //!
-//! It is the only place that joins `store::pool` (the row) with `pool` (the
+//! It is the only place that joins `store::thin_pool` (the row) with `pool` (the
 //! kernel). It never allocates or deletes thin devices; the pipeline does.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Kind, Result};
 use crate::ops::fault;
 use crate::pool::{self, Pool, PoolKind, PoolSpec};
-use crate::store::pool::{self as spool, PoolState};
+use crate::store::thin_pool::{self as spool, PoolState};
 
 /// What `pool create` was asked for.
 #[derive(Debug, Clone)]

@@ -117,7 +117,7 @@ impl Host {
     /// pool, its loop devices, and the run directory (a tmpfs).
     fn reboot(&self) {
         let db = self.db();
-        let (spec, _) = thinimg::store::pool::load(&db.conn).unwrap().expect("a pool");
+        let (spec, _) = thinimg::store::thin_pool::load(&db.conn).unwrap().expect("a pool");
         let pool = thinimg::pool::Pool::assemble(&spec, &self.run).unwrap();
         pool.teardown().unwrap();
         let _ = std::fs::remove_dir_all(&self.run);
@@ -126,7 +126,7 @@ impl Host {
 
     /// Everything gone at the end of a test: devices, loops.
     fn cleanup(&self) {
-        if let Ok(Some((spec, _))) = thinimg::store::pool::load(&self.db().conn) {
+        if let Ok(Some((spec, _))) = thinimg::store::thin_pool::load(&self.db().conn) {
             if let Ok(Some(pool)) = thinimg::pool::Pool::find(&spec, &self.run) {
                 for m in self.mounts_under_run() {
                     let _ = Command::new("umount").arg(&m).status();

@@ -86,7 +86,7 @@ impl Host {
     }
 
     fn pool_name(&self) -> String {
-        let (spec, _) = thinimg::store::pool::load(&self.db().conn).unwrap().expect("a pool");
+        let (spec, _) = thinimg::store::thin_pool::load(&self.db().conn).unwrap().expect("a pool");
         spec.dm_name.as_str().to_string()
     }
 
@@ -127,7 +127,7 @@ impl Host {
     }
 
     fn cleanup(&self) {
-        if let Ok(Some((spec, _))) = thinimg::store::pool::load(&self.db().conn) {
+        if let Ok(Some((spec, _))) = thinimg::store::thin_pool::load(&self.db().conn) {
             if let Ok(Some(pool)) = thinimg::pool::Pool::find(&spec, &self.run) {
                 for m in self.mounts() {
                     let _ = Command::new("umount").arg(&m).status();
@@ -336,7 +336,7 @@ fn state_database_that_diverged_from_the_pool_stops_and_deletes_nothing() {
     let status = Command::new("dmsetup").args(["status", &h.pool_name()]).output().unwrap();
     let line = String::from_utf8_lossy(&status.stdout).to_string();
     let txn: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
-    thinimg::store::pool::set_transaction_id(&h.db().conn, txn).unwrap();
+    thinimg::store::thin_pool::set_transaction_id(&h.db().conn, txn).unwrap();
     let r = h.cmd(&["pull", "c"], &[]);
     assert_eq!(r.code, 71, "EEXIST must stop everything:\n{}", r.stderr);
     assert!(r.stderr.contains("diverged"), "{}", r.stderr);
@@ -399,7 +399,7 @@ fn state_block_pool_is_reassembled_only_on_its_own_devices() {
     h.ok(&["pull", "a"]);
     // Reboot: pool gone, loops gone; then the names come back swapped.
     {
-        let (spec, _) = thinimg::store::pool::load(&h.db().conn).unwrap().unwrap();
+        let (spec, _) = thinimg::store::thin_pool::load(&h.db().conn).unwrap().unwrap();
         thinimg::pool::Pool::find(&spec, &h.run).unwrap().unwrap().teardown().unwrap();
     }
     sh(&format!("losetup -d {ld} {lm}"));
@@ -418,7 +418,7 @@ fn state_block_pool_is_reassembled_only_on_its_own_devices() {
     sh(&format!("losetup {ld} {} && losetup {lm} {}", data.display(), meta.display()));
     h.ok(&["activate", "a", "--name", "vm"]);
     {
-        let (spec, _) = thinimg::store::pool::load(&h.db().conn).unwrap().unwrap();
+        let (spec, _) = thinimg::store::thin_pool::load(&h.db().conn).unwrap().unwrap();
         thinimg::pool::Pool::find(&spec, &h.run).unwrap().unwrap().teardown().unwrap();
     }
     sh(&format!("losetup -d {ld} {lm}"));

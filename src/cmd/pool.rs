@@ -56,7 +56,7 @@ pub fn destroy(inv: &Invocation) -> Result<u8> {
 /// activation back in the kernel. Never creates a pool.
 pub fn assemble(inv: &Invocation) -> Result<u8> {
     let recorded = match Db::open_existing(&inv.state_dir())? {
-        Some(db) => crate::store::pool::load(&db.conn)?.is_some(),
+        Some(db) => crate::store::thin_pool::load(&db.conn)?.is_some(),
         None => false,
     };
     if !recorded {
@@ -119,7 +119,7 @@ use crate::pipeline::health::pct;
 
 fn print(inv: &Invocation, pool: &Pool, st: Option<&PoolStatus>, db: &Db, what: &str) -> Result<()> {
     let spec = pool.spec();
-    let thins = crate::store::pool::thin_count(&db.conn)?;
+    let thins = crate::store::thin_pool::thin_count(&db.conn)?;
     let block = spec.block_sectors.bytes();
     if inv.json() {
         let mut v = serde_json::json!({

@@ -15,7 +15,8 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
-use crate::store::images::{self as q, ActivationState, ChainState, ImageState, ThinState};
+use crate::store::images::{self as q, ActivationState, ChainState, ImageState};
+use crate::store::thin_pool::ThinState;
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -103,7 +104,7 @@ impl Executor for Activate<'_> {
             "device" => {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
-                let size = q::thin_size(cx.conn, act.thin_id)?;
+                let size = crate::store::thin_pool::thin_size(cx.conn, act.thin_id)?;
                 let dev = self.ctx.devices(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
@@ -134,7 +135,7 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
     let (thin_id, name) = (intent.thin_id, intent.name.as_str());
     // A failed read stops here: it must not read as "nothing to undo" or
     // as "undo it".
-    match crate::store::pool::thin_state(conn, thin_id)? {
+    match crate::store::thin_pool::thin_state(conn, thin_id)? {
         None | Some(ThinState::Ready) => return Ok(()),
         Some(ThinState::Creating | ThinState::Deleting) => {}
     }
@@ -164,12 +165,12 @@ impl Activate<'_> {
         let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
         let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
         let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
-        if chain.state != ChainState::Ready || !crate::store::pool::thin_ready(cx.conn, origin)? {
+        if chain.state != ChainState::Ready || !crate::store::thin_pool::thin_ready(cx.conn, origin)? {
             return Err(Error::software(format!(
                 "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
             )));
         }
-        let size = q::thin_size(cx.conn, origin)?;
+        let size = crate::store::thin_pool::thin_size(cx.conn, origin)?;
         let dev = self.ctx.devices(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
@@ -200,7 +201,7 @@ impl Activate<'_> {
         }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, ThinState::Ready)?;
+            crate::store::thin_pool::set_thin_state(tx, thin_id, ThinState::Ready)?;
             Ok(Completion::with_outcome(json!({ "thin_id": thin_id, "origin": origin })))
         })
     }
@@ -229,14 +230,14 @@ impl Executor for Deactivate<'_> {
             "delete" => {
                 let thin_id = act.thin_id;
                 cx.record_intent_with(|tx| {
-                    q::set_thin_state(tx, thin_id, ThinState::Deleting)?;
+                    crate::store::thin_pool::set_thin_state(tx, thin_id, ThinState::Deleting)?;
                     Ok(json!({ "thin_id": thin_id }))
                 })?;
                 dev.delete_thin(thin_id)?;
                 fault::point("deactivate:deleted");
                 cx.complete(move |tx| {
                     q::delete_activation(tx, &name)?;
-                    q::delete_thin_row(tx, thin_id)?;
+                    crate::store::thin_pool::delete_thin_row(tx, thin_id)?;
                     Ok(Completion::default())
                 })
             }
@@ -293,7 +294,7 @@ pub fn info_for(
         }
         _ => (None, None),
     };
-    let size = q::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    let size = crate::store::thin_pool::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
     Ok(Some(ActivationInfo {
         name: a.name,
         image: a.image,

@@ -71,10 +71,10 @@ pub fn alloc_thin_id(
     origin: Option<u32>,
     size_sectors: u64,
 ) -> Result<u32> {
-    use crate::store::pool::ThinRole;
+    use crate::store::thin_pool::ThinRole;
     let role = if activation { ThinRole::Activation } else { ThinRole::Chain };
     let origin = origin.map(thin).transpose()?;
-    Ok(crate::store::pool::alloc_thin_id(tx, role, origin, Sectors(size_sectors))?.get())
+    Ok(crate::store::thin_pool::alloc_thin_id(tx, role, origin, Sectors(size_sectors))?.get())
 }
 
 fn name(s: &str) -> Result<DmName> {
@@ -103,7 +103,7 @@ pub fn diverged(pool: &str, id: u32) -> Error {
 /// The bump records its target first, so a crash between the kernel's
 /// change and the database's is recognized, not taken for a divergence.
 fn check_transaction_id(conn: &rusqlite::Connection, pool: &Pool) -> Result<()> {
-    use crate::store::pool as spool;
+    use crate::store::thin_pool as spool;
     let crate::pool::PoolStatus::Active(u) = pool.status()? else {
         return Ok(()); // Fail/Error: every use is refused by check_usable anyway
     };
@@ -133,7 +133,7 @@ fn check_transaction_id(conn: &rusqlite::Connection, pool: &Pool) -> Result<()> 
 /// `thinimg-<tag>-` of the pool the database recorded (device names come
 /// from it, not from where the state dir is now), if one is recorded.
 pub fn recorded_prefix(conn: &rusqlite::Connection) -> Result<Option<String>> {
-    Ok(crate::store::pool::load(conn)?.map(|(spec, _)| spec.dm_name.as_str().trim_end_matches("pool").to_string()))
+    Ok(crate::store::thin_pool::load(conn)?.map(|(spec, _)| spec.dm_name.as_str().trim_end_matches("pool").to_string()))
 }
 
 impl Devices {
@@ -146,7 +146,7 @@ impl Devices {
         req: &crate::poolctl::CreateRequest,
         conn: &rusqlite::Connection,
     ) -> Result<Devices> {
-        use crate::store::pool::{self as spool, PoolState};
+        use crate::store::thin_pool::{self as spool, PoolState};
         let _g = dm_lock();
         let recorded = spool::load(conn)?;
         if let Some((spec, _)) = &recorded {
@@ -179,7 +179,7 @@ impl Devices {
             if a.state != crate::store::images::ActivationState::Active {
                 continue;
             }
-            let size = crate::store::images::thin_size(conn, a.thin_id)?;
+            let size = crate::store::thin_pool::thin_size(conn, a.thin_id)?;
             match self.activate(&self.activation_name(&a.name), a.thin_id, size) {
                 Ok(p) => log::info!("re-activated {} at {}", a.name, p.display()),
                 Err(e) => log::error!("re-activating {}: {}", a.name, e.full_message()),

@@ -36,7 +36,7 @@ pub struct GcReport {
 /// and without device-mapper, or with the pool not assembled, there is
 /// nothing in the kernel to compare.
 fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) -> Result<()> {
-    use crate::store::pool::{self as spool, PoolState};
+    use crate::store::thin_pool::{self as spool, PoolState};
     let Some((spec, state)) = spool::load(conn)? else { return Ok(()) };
     if state != PoolState::Ready {
         return Ok(());
@@ -83,7 +83,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
         }
     }
 
-    let has_pool = crate::store::pool::load(conn)?.is_some();
+    let has_pool = crate::store::thin_pool::load(conn)?.is_some();
     if has_pool && dry_run {
         dry_run_kernel(ctx, conn, &mut rep)?;
     } else if has_pool {
@@ -111,7 +111,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             let n = dev.activation_name(&a.name);
             if !present.contains(&n) {
                 rep.missing_devices.push(a.name.clone());
-                let size = q::thin_size(conn, a.thin_id)?;
+                let size = crate::store::thin_pool::thin_size(conn, a.thin_id)?;
                 match dev.activate(&n, a.thin_id, size) {
                     Ok(_) => rep.reactivated.push(a.name.clone()),
                     Err(e) => rep.errors.push(e.full_message()),
@@ -132,7 +132,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 // chain without a device for a pull to share.
                 let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(&tx, t, q::ThinState::Deleting)?;
+                    crate::store::thin_pool::set_thin_state(&tx, t, crate::store::thin_pool::ThinState::Deleting)?;
                 }
                 q::delete_chain(&tx, &c.chain_id)?;
                 tx.commit()?;
@@ -145,7 +145,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                         continue;
                     }
                     fault::point("gc:thin-deleted");
-                    q::delete_thin_row(conn, t)?;
+                    crate::store::thin_pool::delete_thin_row(conn, t)?;
                 }
             }
             if !progressed {
@@ -153,10 +153,10 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             }
         }
         // 5. Thin rows no chain or activation owns (e.g. a failed deletion).
-        for t in q::unowned_thin_ids(conn)? {
+        for t in crate::store::thin_pool::unowned_thin_ids(conn)? {
             rep.dead_thin_ids.push(t);
             match dev.delete_thin(t) {
-                Ok(()) => q::delete_thin_row(conn, t)?,
+                Ok(()) => crate::store::thin_pool::delete_thin_row(conn, t)?,
                 Err(e) => rep.errors.push(e.full_message()),
             }
         }
@@ -169,7 +169,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 rep.unused_chains.push(c.chain_id.clone());
             }
         }
-        rep.dead_thin_ids = q::unowned_thin_ids(conn)?;
+        rep.dead_thin_ids = crate::store::thin_pool::unowned_thin_ids(conn)?;
     }
 
     // 6. Blobs no image layer references, and files the store does not know.

@@ -27,8 +27,8 @@ pub struct PoolView {
 
 /// The recorded pool and, if its dm device is up, its status. Never assembles.
 pub fn pool_view(db: &Db, run_dir: &std::path::Path) -> Result<Option<PoolView>> {
-    let Some((spec, _)) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
-    let thin = crate::store::pool::thin_count(&db.conn)?;
+    let Some((spec, _)) = crate::store::thin_pool::load(&db.conn)? else { return Ok(None) };
+    let thin = crate::store::thin_pool::thin_count(&db.conn)?;
     let mut v = PoolView {
         name: spec.dm_name.as_str().to_string(),
         kind: spec.kind.as_str().to_string(),

@@ -222,7 +222,7 @@ impl Pull<'_> {
         if let Some(c) = q::chain(cx.conn, chain_id)? {
             if c.state == q::ChainState::Ready {
                 let thin_ok = match c.thin_id {
-                    Some(t) => crate::store::pool::thin_ready(cx.conn, t)?,
+                    Some(t) => crate::store::thin_pool::thin_ready(cx.conn, t)?,
                     None => false,
                 };
                 if !thin_ok {
@@ -256,7 +256,7 @@ impl Pull<'_> {
                     Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
                 })?;
                 let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
-                if !crate::store::pool::thin_ready(cx.conn, t)? {
+                if !crate::store::thin_pool::thin_ready(cx.conn, t)? {
                     return Err(Error::software(format!(
                         "image {image}: the thin device {t} of layer {pos}'s parent chain is not ready; refusing to snapshot it"
                     )));
@@ -330,7 +330,7 @@ impl Pull<'_> {
         fault::point("chain:built");
         let (img, cid) = (image.clone(), chain_id.clone());
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, q::ThinState::Ready)?;
+            crate::store::thin_pool::set_thin_state(tx, thin_id, crate::store::thin_pool::ThinState::Ready)?;
             q::set_chain_ready(tx, &cid, &report)?;
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
