@@ -233,8 +233,8 @@ fn gc_dry_run_never_creates_or_assembles_a_pool() {
         let state = d.join("state");
         {
             let db = thinimg::store::Db::open(&state).unwrap();
-            let name = thinimg::pool::default_dm_name(&state).unwrap();
-            let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 1 << 30, 128).unwrap();
+            let name = thinimg::pool::names::default_pool_name(&state).unwrap();
+            let spec = thinimg::pool::spec::loop_spec(&state.join("pool"), name, 1 << 30, 128).unwrap();
             thinimg::store::thin_pool::save(&db.conn, &spec, state_kind).unwrap();
         }
         for control in [Control::Missing, Control::NoDriver] {
@@ -251,11 +251,11 @@ fn gc_dry_run_never_creates_or_assembles_a_pool() {
 
 fn record_loop_pool(state: &Path, st: thinimg::store::thin_pool::PoolState, files: bool) -> thinimg::pool::PoolSpec {
     let db = thinimg::store::Db::open(state).unwrap();
-    let name = thinimg::pool::default_dm_name(state).unwrap();
-    let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 64 << 20, 128).unwrap();
+    let name = thinimg::pool::names::default_pool_name(state).unwrap();
+    let spec = thinimg::pool::spec::loop_spec(&state.join("pool"), name, 64 << 20, 128).unwrap();
     thinimg::store::thin_pool::save(&db.conn, &spec, st).unwrap();
     if files {
-        thinimg::pool::make_loop_files(&spec).unwrap();
+        thinimg::pool::spec::make_loop_files(&spec).unwrap();
     }
     spec
 }
@@ -321,7 +321,7 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
             ["b".repeat(64)],
         )
         .unwrap();
-        let id = thinimg::pipeline::devices::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
+        let id = thinimg::pool::manager::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
         thinimg::store::images::insert_chain_building(&tx, &"c".repeat(64), None, &"b".repeat(64), 1, id).unwrap();
         tx.commit().unwrap();
     }

@@ -97,10 +97,9 @@ impl Host {
 
     /// dm devices of this state dir (by its name prefix), pool included.
     fn dm_devices(&self) -> Vec<String> {
-        let prefix = thinimg::pipeline::devices::prefix_for(&self.t.state);
+        let names = thinimg::pool::Names::for_state_dir(&self.t.state).unwrap();
         let dm = thinimg::dm::Dm::open().unwrap();
-        let mut v: Vec<String> =
-            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix)).collect();
+        let mut v: Vec<String> = dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| names.is_ours(n)).collect();
         v.sort();
         v
     }

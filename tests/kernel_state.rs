@@ -85,6 +85,12 @@ impl Host {
         self.db().conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
+    /// The names of this state dir's devices (the one rule, `pool::names`).
+    fn names(&self) -> thinimg::pool::Names {
+        let (spec, _) = thinimg::store::thin_pool::load(&self.db().conn).unwrap().expect("a pool");
+        thinimg::pool::Names::of_pool(&spec.dm_name)
+    }
+
     fn pool_name(&self) -> String {
         let (spec, _) = thinimg::store::thin_pool::load(&self.db().conn).unwrap().expect("a pool");
         spec.dm_name.as_str().to_string()
@@ -93,10 +99,10 @@ impl Host {
     /// dm devices of this state dir other than the pool.
     fn devices(&self) -> Vec<String> {
         let pool = self.pool_name();
-        let prefix = pool.trim_end_matches("pool").to_string();
+        let names = self.names();
         let dm = thinimg::dm::Dm::open().unwrap();
         let mut v: Vec<String> =
-            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix) && *n != pool).collect();
+            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| names.is_ours(n) && *n != pool).collect();
         v.sort();
         v
     }
@@ -205,7 +211,7 @@ fn state_layer_is_not_kept_when_the_pool_fills_during_its_build() {
         let ready = h.count("SELECT COUNT(*) FROM chains WHERE state = 'ready'");
         assert_eq!(ready, 1, "{dirs}: only base's chain may be ready:\n{}", r.stderr);
         assert_eq!(h.count("SELECT COUNT(*) FROM images WHERE name = 'dirs' AND state = 'ready'"), 0);
-        assert_eq!(h.devices(), vec![format!("{}a-filler", h.pool_name().trim_end_matches("pool"))], "leaked devices");
+        assert_eq!(h.devices(), vec![h.names().activation("filler")], "leaked devices");
         assert!(h.mounts().is_empty(), "{dirs}: stray mounts {:?}", h.mounts());
 
         // Space back: the same pull now builds the layer.

@@ -15,6 +15,7 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
+use crate::pool::PoolManager;
 use crate::store::images::{self as q, ActivationState, ChainState, ImageState};
 use crate::store::thin_pool::ThinState;
 
@@ -105,7 +106,7 @@ impl Executor for Activate<'_> {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
                 let size = crate::store::thin_pool::thin_size(cx.conn, act.thin_id)?;
-                let dev = self.ctx.devices(cx.conn)?;
+                let dev = self.ctx.pool(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
                 cx.complete(move |tx| {
@@ -120,7 +121,7 @@ impl Executor for Activate<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if cx.step == "snapshot" {
             if let Some(intent) = cx.intent().cloned() {
-                let dev = self.ctx.devices(cx.conn)?;
+                let dev = self.ctx.pool(cx.conn)?;
                 undo_snapshot(dev, cx.conn, &intent)?;
             }
         }
@@ -128,7 +129,7 @@ impl Executor for Activate<'_> {
     }
 }
 
-fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
+fn undo_snapshot(dev: &PoolManager, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
     let Some(intent) = SnapshotIntent::read(intent)? else {
         return Ok(());
     };
@@ -150,7 +151,7 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
 impl Activate<'_> {
     fn snapshot(&mut self, cx: &mut StepCx<'_>, name: &str, image: &str) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.pool(cx.conn)?;
             undo_snapshot(dev, cx.conn, &intent)?;
         }
         if let Some(a) = q::activation(cx.conn, name)? {
@@ -171,12 +172,12 @@ impl Activate<'_> {
             )));
         }
         let size = crate::store::thin_pool::thin_size(cx.conn, origin)?;
-        let dev = self.ctx.devices(cx.conn)?;
+        let dev = self.ctx.pool(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
         let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
         cx.record_intent_with(|tx| {
-            let thin_id = super::devices::alloc_thin_id(tx, true, Some(origin), size)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, true, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
             crate::journal::intent_value(&SnapshotIntent { thin_id, name: n, origin, foreign: false })
         })?;
@@ -186,7 +187,7 @@ impl Activate<'_> {
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
         // so no suspend is needed; the pool layer suspends if it finds it active.
-        if dev.snapshot(thin_id, origin)? == super::devices::Created::Exists {
+        if dev.snapshot(thin_id, origin)? == crate::pool::Created::Exists {
             // Not ours (database and pool diverged): never delete it.
             let foreign = crate::journal::intent_value(&SnapshotIntent {
                 thin_id,
@@ -197,7 +198,7 @@ impl Activate<'_> {
             cx.record_intent(foreign.clone())?;
             undo_snapshot(dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
-            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
         }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
@@ -217,7 +218,7 @@ impl Executor for Deactivate<'_> {
         let Some(act) = q::activation(cx.conn, &name)? else {
             return Ok(()); // already gone: deleting is idempotent
         };
-        let dev = self.ctx.devices(cx.conn)?;
+        let dev = self.ctx.pool(cx.conn)?;
         match cx.step.as_str() {
             "remove" => {
                 dev.deactivate(&dev.activation_name(&name))?;
@@ -280,15 +281,16 @@ pub fn info_for(
     name: &str,
 ) -> Result<Option<ActivationInfo>> {
     let Some(a) = q::activation(conn, name)? else { return Ok(None) };
-    let dm_name = match super::devices::recorded_prefix(conn)? {
-        Some(prefix) => format!("{prefix}a-{name}"),
-        None => super::devices::activation_name_for(state_dir, name),
+    let names = match crate::pool::manager::recorded_names(conn)? {
+        Some(names) => names,
+        None => crate::pool::Names::for_state_dir(state_dir)?,
     };
-    let path = super::devices::node_path(run_dir, &dm_name);
-    let (major, minor) = match super::devices::node_numbers(&path) {
+    let dm_name = names.activation(name);
+    let path = crate::pool::names::node_path(run_dir, &dm_name);
+    let (major, minor) = match crate::pool::node_numbers(&path) {
         Some((ma, mi))
             if a.state == ActivationState::Active
-                && super::devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
+                && crate::pool::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
         {
             (Some(ma), Some(mi))
         }

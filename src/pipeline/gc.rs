@@ -53,18 +53,15 @@ fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) ->
         }
         Err(e) => return Err(e),
     };
-    let prefix = pool.device_prefix();
-    let present: Vec<String> = pool.list_ours(&prefix)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
+    let names = crate::pool::Names::of_pool(pool.name());
+    let present: Vec<String> = pool.list_ours(&names)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
     let acts = q::activations(conn)?;
-    let wanted: Vec<String> = acts
-        .iter()
-        .filter(|a| a.state == q::ActivationState::Active)
-        .map(|a| format!("{prefix}a-{}", a.name))
-        .collect();
+    let wanted: Vec<String> =
+        acts.iter().filter(|a| a.state == q::ActivationState::Active).map(|a| names.activation(&a.name)).collect();
     rep.unknown_devices = present.iter().filter(|n| !wanted.contains(n)).cloned().collect();
     rep.missing_devices = acts
         .iter()
-        .filter(|a| a.state == q::ActivationState::Active && !present.contains(&format!("{prefix}a-{}", a.name)))
+        .filter(|a| a.state == q::ActivationState::Active && !present.contains(&names.activation(&a.name)))
         .map(|a| a.name.clone())
         .collect();
     Ok(())
@@ -87,7 +84,9 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
     if has_pool && dry_run {
         dry_run_kernel(ctx, conn, &mut rep)?;
     } else if has_pool {
-        let dev = ctx.devices(conn)?;
+        // Assembled after a reboot (and its activations re-activated), or
+        // an interrupted creation finished, as before any run.
+        let dev = ctx.prepare_pool(conn)?;
         // 2. Kernel -> database: our-prefixed dm devices nothing accounts for.
         let acts = q::activations(conn)?;
         let wanted: Vec<String> = acts
@@ -106,16 +105,11 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             }
         }
         // 3. Database -> kernel: active activations whose device is gone.
-        let present = dev.list_ours()?;
-        for a in acts.iter().filter(|a| a.state == q::ActivationState::Active) {
-            let n = dev.activation_name(&a.name);
-            if !present.contains(&n) {
-                rep.missing_devices.push(a.name.clone());
-                let size = crate::store::thin_pool::thin_size(conn, a.thin_id)?;
-                match dev.activate(&n, a.thin_id, size) {
-                    Ok(_) => rep.reactivated.push(a.name.clone()),
-                    Err(e) => rep.errors.push(e.full_message()),
-                }
+        for r in dev.reactivate(conn)? {
+            rep.missing_devices.push(r.name.clone());
+            match r.result {
+                Ok(_) => rep.reactivated.push(r.name),
+                Err(e) => rep.errors.push(e.full_message()),
             }
         }
         // 4. Unused chains, deepest first so a parent is only freed after its children.

@@ -5,10 +5,11 @@
 //! Owns: the order of work and the domain writes that go with each step.
 //! Calls the mechanisms (s3/fetch, extract, dm/pool); never parses argv,
 //! never reads flags (it takes [`Settings`], typed once by `cli::settings`)
-//! and never prints results (that is `cmd`'s job).
+//! and never prints results (that is `cmd`'s job). A pool is created (first
+//! use) or re-assembled with its activations (after a reboot) only in the
+//! named pool step, [`Ctx::prepare_pool`], before the runs that need it.
 
 pub mod activate;
-pub mod devices;
 pub mod gc;
 pub mod health;
 pub mod mount;
@@ -24,7 +25,7 @@ use crate::fetch::s3::S3Config;
 use crate::fetch::FetchOptions;
 use crate::journal::{self, Executor, Outcome, RetryPolicy, RunId, RunSpec};
 use crate::ops::lock::StateLock;
-use crate::poolctl::CreateRequest;
+use crate::pool::{CreateRequest, PoolManager, Prepared};
 use crate::store::Db;
 
 /// Options the steps need; part of [`Settings`] (defaults come from the
@@ -76,9 +77,12 @@ impl<T> Deferred<T> {
     }
 }
 
-/// Everything steps need besides the database connection. Mechanisms
-/// (the pool, the S3 client) are opened on first use, so commands that
-/// never touch them never fail for their sake.
+/// Everything steps need besides the database connection. The S3 client
+/// is made on first use, so commands that never touch it never fail for
+/// its sake. The pool is made usable only by the named pool step,
+/// [`Ctx::prepare_pool`], which [`Env`] runs before each run kind that
+/// needs the kernel (and `rm`, `sync` and `gc` before their pool work);
+/// steps then get it with [`Ctx::pool`].
 pub struct Ctx {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -86,8 +90,9 @@ pub struct Ctx {
     pub prefix: String,
     pub s3: Deferred<S3Config>,
     pub fetch: FetchOptions,
-    pool: CreateRequest,
-    devices: Option<devices::Devices>,
+    /// The pool [`Ctx::prepare_pool`] creates when none is recorded.
+    pool_request: CreateRequest,
+    pool: Option<PoolManager>,
 }
 
 impl Ctx {
@@ -99,8 +104,8 @@ impl Ctx {
             prefix: s.prefix.clone(),
             s3: s.s3.clone(),
             fetch: s.fetch.clone(),
-            pool: s.pool.clone(),
-            devices: None,
+            pool_request: s.pool.clone(),
+            pool: None,
         }
     }
 
@@ -114,18 +119,42 @@ impl Ctx {
             prefix: self.prefix.clone(),
             s3: self.s3.clone(),
             fetch: self.fetch.clone(),
-            pool: self.pool.clone(),
-            devices: None,
+            pool_request: self.pool_request.clone(),
+            pool: None,
         }
     }
 
-    /// The pool and its devices, assembled (or, if none is recorded, created
-    /// as a loop pool) on first use.
-    pub fn devices(&mut self, conn: &rusqlite::Connection) -> Result<&devices::Devices> {
-        if self.devices.is_none() {
-            self.devices = Some(devices::Devices::open(&self.state_dir, &self.run_dir, &self.pool, conn)?);
+    /// The pipeline's one step that makes the pool usable, called before
+    /// the runs that need it (never from inside a step): the recorded pool,
+    /// assembled when it is not in the kernel (after a reboot; then every
+    /// active activation is re-activated), or, when none is recorded, the
+    /// one the settings describe (`--data-dev`/`--meta-dev`, else the
+    /// default loop pool) created.
+    pub fn prepare_pool(&mut self, conn: &rusqlite::Connection) -> Result<&PoolManager> {
+        if self.pool.is_none() {
+            let (pool, what) = PoolManager::prepare(conn, &self.state_dir, &self.run_dir, &self.pool_request)?;
+            if what == Prepared::Assembled {
+                for r in pool.reactivate(conn)? {
+                    match r.result {
+                        Ok(p) => log::info!("re-activated {} at {}", r.name, p.display()),
+                        Err(e) => log::error!("re-activating {}: {}", r.name, e.full_message()),
+                    }
+                }
+            }
+            self.pool = Some(pool);
         }
-        self.devices.as_ref().ok_or_else(|| Error::software("pool vanished"))
+        self.pool.as_ref().ok_or_else(|| Error::software("pool vanished"))
+    }
+
+    /// The pool for a step: the one [`Ctx::prepare_pool`] made usable, or,
+    /// in a context that did not prepare it (a sync thread's), the
+    /// recorded pool opened as it is in the kernel. Opening creates,
+    /// assembles and re-activates nothing.
+    pub fn pool(&mut self, conn: &rusqlite::Connection) -> Result<&PoolManager> {
+        if self.pool.is_none() {
+            self.pool = Some(PoolManager::open(conn, &self.run_dir)?);
+        }
+        self.pool.as_ref().ok_or_else(|| Error::software("pool vanished"))
     }
 }
 
@@ -197,6 +226,7 @@ impl Env {
     pub fn run(&mut self, spec: &RunSpec) -> Result<(RunId, Outcome)> {
         if needs_kernel(&spec.kind) {
             require_kernel()?;
+            self.ctx.prepare_pool(&self.db.conn)?;
         }
         let (id, _) = journal::start(&mut self.db.conn, spec)?;
         let out = self.drive_existing(id)?;
@@ -205,6 +235,9 @@ impl Env {
 
     pub fn drive_existing(&mut self, id: RunId) -> Result<Outcome> {
         let kind = journal::kind_of(&self.db.conn, id)?;
+        if needs_kernel(&kind) {
+            self.ctx.prepare_pool(&self.db.conn)?;
+        }
         let policy = self.policy;
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
@@ -272,6 +305,7 @@ impl Executor for Remove<'_> {
                         ),
                     ));
                 }
+                self.ctx.prepare_pool(cx.conn)?;
                 for a in acts {
                     let spec = activate::deactivate_spec(&a.name, true);
                     let (id, _) = journal::start(cx.conn, &spec)?;

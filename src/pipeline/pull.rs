@@ -22,10 +22,11 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{devices::Devices, mount, Ctx};
+use super::{mount, Ctx};
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
+use crate::pool::PoolManager;
 use crate::store::images as q;
 
 /// What a pull run is asked for: the ref as given (the subject is the
@@ -144,7 +145,7 @@ impl Executor for Pull<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
         Ok(())
@@ -202,7 +203,7 @@ impl Pull<'_> {
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
 
@@ -213,7 +214,7 @@ impl Pull<'_> {
             for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
-                let dev = self.ctx.devices(cx.conn)?;
+                let dev = self.ctx.pool(cx.conn)?;
                 teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
                 crate::journal::clear_intent(cx.conn, run, idx)?;
             }
@@ -270,7 +271,7 @@ impl Pull<'_> {
         let size_sectors = self.ctx.opts.device_size / 512;
         let run_dir = self.ctx.run_dir.clone();
         let opts = self.ctx.opts.extract.clone();
-        let dev = self.ctx.devices(cx.conn)?;
+        let dev = self.ctx.pool(cx.conn)?;
         dev.check_usable()?;
         // Unpacked data takes about the blob's size; metadata is gated inside.
         dev.ensure_space(blob_size + blob_size / 4)?;
@@ -279,7 +280,7 @@ impl Pull<'_> {
         let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
         let mnt_root = run_dir.clone();
         cx.record_intent_with(|tx| {
-            let thin_id = super::devices::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
             q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
             crate::journal::intent_value(&BuildIntent {
                 thin_id,
@@ -298,7 +299,7 @@ impl Pull<'_> {
             None => dev.create_thin(thin_id),
             Some(p) => dev.snapshot(thin_id, p),
         };
-        if let Ok(super::devices::Created::Exists) = created {
+        if let Ok(crate::pool::Created::Exists) = created {
             // Not ours: never touched. Mark the attempt so no teardown (now
             // or after a crash) deletes it, drop its rows, and stop.
             let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
@@ -307,7 +308,7 @@ impl Pull<'_> {
             cx.record_intent(foreign.clone())?;
             teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
-            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
         }
         let result = created.and_then(|_| {
             build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob_path, &layer.key, &digests[idx], &opts)
@@ -376,7 +377,7 @@ fn short(id: &str) -> &str {
 /// The kernel and filesystem work of one chain build.
 #[allow(clippy::too_many_arguments)]
 fn build(
-    dev: &Devices,
+    dev: &PoolManager,
     run_dir: &Path,
     thin_id: u32,
     parent_thin: Option<u32>,
@@ -526,7 +527,7 @@ fn run_mkfs(program: &Path, opts: &[&str], node: &Path) -> Result<std::process::
 /// Undo whatever an attempt recorded in `intent`: unmount, deactivate,
 /// delete the thin id from the pool and its rows from the database.
 /// Every part tolerates "already gone".
-pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent: &Value) -> Result<()> {
+pub fn teardown_attempt(run_dir: &Path, dev: &PoolManager, conn: &Connection, intent: &Value) -> Result<()> {
     let Some(intent) = BuildIntent::read(intent)? else {
         return Ok(());
     };

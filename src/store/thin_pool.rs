@@ -153,7 +153,7 @@ pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, si
 }
 
 /// The pool's transaction id as the database recorded it, and the next
-/// value an interrupted bump was about to set (see `devices::Devices::open`).
+/// value an interrupted bump was about to set (see `pool::manager`'s transaction id check).
 pub fn transaction_ids(conn: &Connection) -> Result<(Option<u64>, Option<u64>)> {
     let get = |k: &str| -> Result<Option<u64>> {
         let v: Option<String> =
