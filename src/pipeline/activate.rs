@@ -106,7 +106,7 @@ impl Executor for Activate<'_> {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
                 let size = crate::store::thin_pool::thin_size(cx.conn, act.thin_id)?;
-                let dev = self.ctx.pool(cx.conn)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
                 cx.complete(move |tx| {
@@ -121,7 +121,7 @@ impl Executor for Activate<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if cx.step == "snapshot" {
             if let Some(intent) = cx.intent().cloned() {
-                let dev = self.ctx.pool(cx.conn)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 undo_snapshot(dev, cx.conn, &intent)?;
             }
         }
@@ -151,7 +151,7 @@ fn undo_snapshot(dev: &PoolManager, conn: &rusqlite::Connection, intent: &Value)
 impl Activate<'_> {
     fn snapshot(&mut self, cx: &mut StepCx<'_>, name: &str, image: &str) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
-            let dev = self.ctx.pool(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             undo_snapshot(dev, cx.conn, &intent)?;
         }
         if let Some(a) = q::activation(cx.conn, name)? {
@@ -172,7 +172,7 @@ impl Activate<'_> {
             )));
         }
         let size = crate::store::thin_pool::thin_size(cx.conn, origin)?;
-        let dev = self.ctx.pool(cx.conn)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
         let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
@@ -218,7 +218,7 @@ impl Executor for Deactivate<'_> {
         let Some(act) = q::activation(cx.conn, &name)? else {
             return Ok(()); // already gone: deleting is idempotent
         };
-        let dev = self.ctx.pool(cx.conn)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         match cx.step.as_str() {
             "remove" => {
                 dev.deactivate(&dev.activation_name(&name))?;

@@ -7,7 +7,8 @@
 //! never reads flags (it takes [`Settings`], typed once by `cli::settings`)
 //! and never prints results (that is `cmd`'s job). A pool is created (first
 //! use) or re-assembled with its activations (after a reboot) only in the
-//! named pool step, [`Ctx::prepare_pool`], before the runs that need it.
+//! named pool step, [`Ctx::prepare_pool`], which steps call where they
+//! first need the pool.
 
 pub mod activate;
 pub mod gc;
@@ -79,10 +80,8 @@ impl<T> Deferred<T> {
 
 /// Everything steps need besides the database connection. The S3 client
 /// is made on first use, so commands that never touch it never fail for
-/// its sake. The pool is made usable only by the named pool step,
-/// [`Ctx::prepare_pool`], which [`Env`] runs before each run kind that
-/// needs the kernel (and `rm`, `sync` and `gc` before their pool work);
-/// steps then get it with [`Ctx::pool`].
+/// its sake. The pool is created, assembled or its activations brought
+/// back only by the named pool step, [`Ctx::prepare_pool`].
 pub struct Ctx {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -124,12 +123,14 @@ impl Ctx {
         }
     }
 
-    /// The pipeline's one step that makes the pool usable, called before
-    /// the runs that need it (never from inside a step): the recorded pool,
-    /// assembled when it is not in the kernel (after a reboot; then every
-    /// active activation is re-activated), or, when none is recorded, the
-    /// one the settings describe (`--data-dev`/`--meta-dev`, else the
-    /// default loop pool) created.
+    /// The pipeline's one pool step, called by name where a step first
+    /// needs the pool (a chain build, a snapshot, a deactivation, gc,
+    /// `pool assemble`), once per context: the recorded pool, assembled
+    /// when it is not in the kernel (after a reboot; then every active
+    /// activation is re-activated, [`PoolManager::reactivate`]), or, when
+    /// none is recorded, the one the settings describe (`--data-dev`/
+    /// `--meta-dev`, else the default loop pool) created. A run that fails
+    /// before it needs a pool (a ref the bucket does not have) creates none.
     pub fn prepare_pool(&mut self, conn: &rusqlite::Connection) -> Result<&PoolManager> {
         if self.pool.is_none() {
             let (pool, what) = PoolManager::prepare(conn, &self.state_dir, &self.run_dir, &self.pool_request)?;
@@ -142,17 +143,6 @@ impl Ctx {
                 }
             }
             self.pool = Some(pool);
-        }
-        self.pool.as_ref().ok_or_else(|| Error::software("pool vanished"))
-    }
-
-    /// The pool for a step: the one [`Ctx::prepare_pool`] made usable, or,
-    /// in a context that did not prepare it (a sync thread's), the
-    /// recorded pool opened as it is in the kernel. Opening creates,
-    /// assembles and re-activates nothing.
-    pub fn pool(&mut self, conn: &rusqlite::Connection) -> Result<&PoolManager> {
-        if self.pool.is_none() {
-            self.pool = Some(PoolManager::open(conn, &self.run_dir)?);
         }
         self.pool.as_ref().ok_or_else(|| Error::software("pool vanished"))
     }
@@ -226,7 +216,6 @@ impl Env {
     pub fn run(&mut self, spec: &RunSpec) -> Result<(RunId, Outcome)> {
         if needs_kernel(&spec.kind) {
             require_kernel()?;
-            self.ctx.prepare_pool(&self.db.conn)?;
         }
         let (id, _) = journal::start(&mut self.db.conn, spec)?;
         let out = self.drive_existing(id)?;
@@ -235,9 +224,6 @@ impl Env {
 
     pub fn drive_existing(&mut self, id: RunId) -> Result<Outcome> {
         let kind = journal::kind_of(&self.db.conn, id)?;
-        if needs_kernel(&kind) {
-            self.ctx.prepare_pool(&self.db.conn)?;
-        }
         let policy = self.policy;
         let mut exec = executor_for(&kind, &mut self.ctx)?;
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
@@ -305,7 +291,6 @@ impl Executor for Remove<'_> {
                         ),
                     ));
                 }
-                self.ctx.prepare_pool(cx.conn)?;
                 for a in acts {
                     let spec = activate::deactivate_spec(&a.name, true);
                     let (id, _) = journal::start(cx.conn, &spec)?;

@@ -145,7 +145,7 @@ impl Executor for Pull<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.pool(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
         Ok(())
@@ -203,7 +203,7 @@ impl Pull<'_> {
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.pool(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
 
@@ -214,7 +214,7 @@ impl Pull<'_> {
             for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
-                let dev = self.ctx.pool(cx.conn)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
                 crate::journal::clear_intent(cx.conn, run, idx)?;
             }
@@ -271,7 +271,7 @@ impl Pull<'_> {
         let size_sectors = self.ctx.opts.device_size / 512;
         let run_dir = self.ctx.run_dir.clone();
         let opts = self.ctx.opts.extract.clone();
-        let dev = self.ctx.pool(cx.conn)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         dev.check_usable()?;
         // Unpacked data takes about the blob's size; metadata is gated inside.
         dev.ensure_space(blob_size + blob_size / 4)?;

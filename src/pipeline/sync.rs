@@ -229,23 +229,6 @@ pub fn sync(env: &mut Env, refs: Vec<Wanted>, unpack_jobs: usize, mode: PruneMod
         }
     }
 
-    // The pipeline's pool step, once, before the pulls (the threads' own
-    // contexts only open the pool it made usable). A pool that cannot be
-    // had fails every ref, as each pull would have; a host-fatal one ends
-    // the sync.
-    if !todo.is_empty() {
-        if let Err(e) = env.ctx.prepare_pool(&env.db.conn) {
-            if e.kind() == Kind::HostFatal {
-                return Err(e);
-            }
-            log::error!("{}", e.full_message());
-            for (idx, _, _) in todo.drain(..) {
-                if let Some(it) = items.get_mut(idx) {
-                    it.error = Some(failure(&e));
-                }
-            }
-        }
-    }
     let queue = Mutex::new(todo.into_iter().rev().collect::<Vec<_>>());
     let results: Mutex<Vec<(usize, Option<Error>)>> = Mutex::new(Vec::new());
     let jobs = unpack_jobs.max(1);

@@ -5,12 +5,12 @@
 //! - Lifecycle: [`create`] with the intent recorded first (a crash mid-way
 //!   is finished by a rerun), [`destroy`], [`assemble_recorded`] after a
 //!   reboot (a block pool only on its own devices).
-//! - [`PoolManager`]: an opened pool for the pipeline's steps. Every dm
-//!   call of the process goes through one lock; thin ids come from the
-//!   database; the pool's transaction id is cross-checked on every open.
-//!   Opening never creates, assembles or re-activates anything: the
-//!   pipeline does that in its named steps, [`PoolManager::prepare`] and
-//!   [`PoolManager::reactivate`].
+//! - [`PoolManager`]: the pool made usable for the pipeline's steps by
+//!   [`PoolManager::prepare`] (found, assembled after a reboot, or created
+//!   on first use; it says which), with [`PoolManager::reactivate`] as the
+//!   one way activations come back. Every dm call of the process goes
+//!   through one lock; thin ids come from the database; the pool's
+//!   transaction id is cross-checked on every prepare.
 //!
 //! It imports the store, never the pipeline or the command layer; device
 //! names come from [`super::names`].
@@ -364,23 +364,6 @@ pub struct PoolManager {
 }
 
 impl PoolManager {
-    /// The recorded pool as it is in the kernel, its transaction id
-    /// cross-checked. Creates, assembles and re-activates nothing: a pool
-    /// that is not recorded, not finished or not in the kernel is an error
-    /// (the pipeline prepares the pool before the runs that need it).
-    pub fn open(conn: &rusqlite::Connection, run_dir: &Path) -> Result<PoolManager> {
-        let _g = dm_lock();
-        let spec = spec(conn)?;
-        let pool = Pool::find(&spec, run_dir)?.ok_or_else(|| {
-            Error::new(
-                Kind::TempFail,
-                format!("thin-pool {} is not assembled (run `thinimg pool assemble`)", spec.dm_name),
-            )
-        })?;
-        check_transaction_id(conn, &pool)?;
-        Ok(PoolManager { names: Names::of_pool(pool.name()), pool })
-    }
-
     /// Make the pool usable: assemble the recorded pool when it is not in
     /// the kernel (after a reboot), or create the one `req` describes (the
     /// default loop pool unless --data-dev/--meta-dev) when none is
