@@ -9,14 +9,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use thinimg::dm::{DmName, Sectors, ThinId};
-use thinimg::pool::{self, Pool};
+use thinimg::pool::{spec, Pool};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cycles: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
     let base = PathBuf::from(format!("/tmp/bench-dm-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let name = DmName::new(format!("bench-{}-pool", std::process::id()))?;
-    let spec = pool::create_loop_files(&base.join("pool"), name, 256 << 20, 128)?;
+    let spec = spec::create_loop_files(&base.join("pool"), name, 256 << 20, 128)?;
     let p = Pool::create(&spec, &base.join("run"))?;
     let size = Sectors::from_bytes(64 << 20);
     let (o, s) = (DmName::new("bench-origin")?, DmName::new("bench-snap")?);

@@ -3,8 +3,10 @@
 //! Data flows one way: `cli` → `cmd` (one file per command, parsing only) →
 //! `pipeline` (journaled steps) → the mechanisms (`fetch`, `extract`,
 //! `dm`, `loopdev`, `pool`) → kernel and network. Mechanisms never call the
-//! pipeline or the CLI and never touch the database; `store` and `journal`
-//! own all SQL.
+//! pipeline or the CLI and never touch the database, except the two files
+//! that join a mechanism with its rows through `store`: the fetch driver
+//! (`fetch/mod.rs`) and the pool's manager (`pool/manager.rs`). `store` and
+//! `journal` own all SQL (`tests/layering.rs` checks all of this).
 
 pub mod cli;
 pub mod cmd;
@@ -18,7 +20,6 @@ pub mod magic;
 pub mod ops;
 pub mod pipeline;
 pub mod pool;
-pub mod poolctl;
 pub mod store;
 
 pub use error::{Error, Kind, Result};

@@ -228,14 +228,14 @@ fn relative_state_and_run_dirs_become_absolute() {
 #[test]
 fn gc_dry_run_never_creates_or_assembles_a_pool() {
     need_root();
-    for state_kind in [thinimg::store::pool::PoolState::Ready, thinimg::store::pool::PoolState::Creating] {
+    for state_kind in [thinimg::store::thin_pool::PoolState::Ready, thinimg::store::thin_pool::PoolState::Creating] {
         let d = tempdir(&format!("gcdry-{state_kind:?}"));
         let state = d.join("state");
         {
             let db = thinimg::store::Db::open(&state).unwrap();
-            let name = thinimg::pool::default_dm_name(&state).unwrap();
-            let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 1 << 30, 128).unwrap();
-            thinimg::store::pool::save(&db.conn, &spec, state_kind).unwrap();
+            let name = thinimg::pool::names::default_pool_name(&state).unwrap();
+            let spec = thinimg::pool::spec::loop_spec(&state.join("pool"), name, 1 << 30, 128).unwrap();
+            thinimg::store::thin_pool::save(&db.conn, &spec, state_kind).unwrap();
         }
         for control in [Control::Missing, Control::NoDriver] {
             let r = thinimg(&state, control, &["gc", "--dry-run"]);
@@ -244,18 +244,18 @@ fn gc_dry_run_never_creates_or_assembles_a_pool() {
         }
         assert!(!state.join("pool").exists(), "{state_kind:?}: a dry run made pool files");
         let db = thinimg::store::Db::open(&state).unwrap();
-        assert_eq!(thinimg::store::pool::load(&db.conn).unwrap().unwrap().1, state_kind);
+        assert_eq!(thinimg::store::thin_pool::load(&db.conn).unwrap().unwrap().1, state_kind);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
 
-fn record_loop_pool(state: &Path, st: thinimg::store::pool::PoolState, files: bool) -> thinimg::pool::PoolSpec {
+fn record_loop_pool(state: &Path, st: thinimg::store::thin_pool::PoolState, files: bool) -> thinimg::pool::PoolSpec {
     let db = thinimg::store::Db::open(state).unwrap();
-    let name = thinimg::pool::default_dm_name(state).unwrap();
-    let spec = thinimg::pool::loop_spec(&state.join("pool"), name, 64 << 20, 128).unwrap();
-    thinimg::store::pool::save(&db.conn, &spec, st).unwrap();
+    let name = thinimg::pool::names::default_pool_name(state).unwrap();
+    let spec = thinimg::pool::spec::loop_spec(&state.join("pool"), name, 64 << 20, 128).unwrap();
+    thinimg::store::thin_pool::save(&db.conn, &spec, st).unwrap();
     if files {
-        thinimg::pool::make_loop_files(&spec).unwrap();
+        thinimg::pool::spec::make_loop_files(&spec).unwrap();
     }
     spec
 }
@@ -273,16 +273,16 @@ fn loop_pools_fit_and_configured_devices_must_match_the_recorded_pool() {
     assert_eq!(r.code, 73, "{}", r.stderr);
     assert!(r.stderr.contains("does not fit"), "{}", r.stderr);
     let db = thinimg::store::Db::open(&state).unwrap();
-    assert!(thinimg::store::pool::load(&db.conn).unwrap().is_none(), "a refused pool was recorded");
+    assert!(thinimg::store::thin_pool::load(&db.conn).unwrap().is_none(), "a refused pool was recorded");
     assert!(!state.join("pool").exists(), "a refused pool made files");
     drop(db);
 
     // Without dm, a fitting pool is refused fast with 71, leaving nothing.
     let r = thinimg(&state, Control::Missing, &["pool", "create", "--data-size", "64M"]);
     assert_eq!(r.code, 71, "{}", r.stderr);
-    assert!(thinimg::store::pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_none());
+    assert!(thinimg::store::thin_pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_none());
 
-    for st in [thinimg::store::pool::PoolState::Ready, thinimg::store::pool::PoolState::Creating] {
+    for st in [thinimg::store::thin_pool::PoolState::Ready, thinimg::store::thin_pool::PoolState::Creating] {
         let spec = record_loop_pool(&state, st, false);
         std::fs::write(d.join("data"), "").unwrap();
         std::fs::write(d.join("meta"), "").unwrap();
@@ -311,7 +311,7 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
     let r = thinimg(&state, Control::Missing, &["pool", "destroy"]);
     assert_eq!(r.code, 66, "no pool: {}", r.stderr);
 
-    let spec = record_loop_pool(&state, thinimg::store::pool::PoolState::Creating, true);
+    let spec = record_loop_pool(&state, thinimg::store::thin_pool::PoolState::Creating, true);
     assert!(spec.data_path.exists() && spec.meta_path.exists());
     {
         let mut db = thinimg::store::Db::open(&state).unwrap();
@@ -321,7 +321,7 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
             ["b".repeat(64)],
         )
         .unwrap();
-        let id = thinimg::pipeline::devices::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
+        let id = thinimg::pool::manager::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
         thinimg::store::images::insert_chain_building(&tx, &"c".repeat(64), None, &"b".repeat(64), 1, id).unwrap();
         tx.commit().unwrap();
     }
@@ -331,7 +331,7 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
     let r = thinimg(&state, Control::Missing, &["pool", "destroy", "--force", "--dry-run"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(spec.data_path.exists(), "a dry run removed files");
-    assert!(thinimg::store::pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_some());
+    assert!(thinimg::store::thin_pool::load(&thinimg::store::Db::open(&state).unwrap().conn).unwrap().is_some());
     for control in [Control::NoDriver, Control::Missing] {
         let r = thinimg(&state, control, &["pool", "destroy", "--force"]);
         if control == Control::NoDriver {
@@ -341,8 +341,8 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
         }
     }
     let db = thinimg::store::Db::open(&state).unwrap();
-    assert!(thinimg::store::pool::load(&db.conn).unwrap().is_none());
-    assert_eq!(thinimg::store::pool::thin_count(&db.conn).unwrap(), 0);
+    assert!(thinimg::store::thin_pool::load(&db.conn).unwrap().is_none());
+    assert_eq!(thinimg::store::thin_pool::thin_count(&db.conn).unwrap(), 0);
     assert!(!spec.data_path.exists() && !spec.meta_path.exists(), "loop files left");
     std::fs::remove_dir_all(&d).unwrap();
 }
@@ -363,7 +363,7 @@ fn same_device_twice_and_a_half_made_pool_are_explained() {
     );
     assert_eq!(r.code, 64, "{}", r.stderr);
     assert!(r.stderr.contains("same device"), "{}", r.stderr);
-    record_loop_pool(&state, thinimg::store::pool::PoolState::Creating, false);
+    record_loop_pool(&state, thinimg::store::thin_pool::PoolState::Creating, false);
     let r = thinimg(&state, Control::Missing, &["pool", "status"]);
     assert_ne!(r.code, 75, "{}", r.stderr);
     assert!(r.stderr.contains("pool destroy") && r.stderr.contains("pool create"), "{}", r.stderr);

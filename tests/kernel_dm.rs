@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use thinimg::dm::{Dm, DmName, Sectors, ThinId};
-use thinimg::pool::{Created, Gone, Pool, PoolMode, PoolStatus, ThinStatus};
-use thinimg::poolctl::{self, CreateRequest};
+use thinimg::pool::manager;
+use thinimg::pool::{CreateRequest, Created, Gone, Names, Pool, PoolMode, PoolStatus, ThinStatus};
 use thinimg::store::Db;
 use thinimg::Kind;
 
@@ -24,7 +24,7 @@ fn need_dm() {
     }
 }
 
-/// A state dir with a loop pool made through `poolctl::create`, torn down on drop.
+/// A state dir with a loop pool made through `pool::manager::create`, torn down on drop.
 struct Fx {
     state: PathBuf,
     run: PathBuf,
@@ -43,7 +43,7 @@ impl Fx {
         std::fs::create_dir_all(&state).unwrap();
         let db = Db::open(&state).unwrap();
         let req = CreateRequest { devices: None, data_size, block_sectors: 128 };
-        let (pool, existed) = poolctl::create(&db.conn, &state, &run, &req).unwrap();
+        let (pool, existed) = manager::create(&db.conn, &state, &run, &req).unwrap();
         assert!(!existed);
         Fx { state, run, db, pool: Some(pool), mounts: Vec::new() }
     }
@@ -51,8 +51,8 @@ impl Fx {
         self.pool.as_ref().unwrap()
     }
     fn name(&self, n: &str) -> DmName {
-        // Prefix with the pool's unique tag so concurrent state dirs never clash.
-        self.pool().device_name(n).unwrap()
+        // Under the pool's prefix (its unique tag) so concurrent state dirs never clash.
+        DmName::new(format!("{}{n}", Names::of_pool(self.pool().name()).prefix())).unwrap()
     }
     fn mount(&mut self, dev: &Path, tag: &str) -> PathBuf {
         let mnt = self.state.parent().unwrap().join(format!("mnt-{tag}"));
@@ -152,7 +152,7 @@ fn version_list_and_pool_matches_dmsetup() {
     assert!(dm.try_info(&DmName::new("thinimg-no-such-device").unwrap()).unwrap().is_none());
     // A second create on the same state dir adopts, not duplicates.
     let req = CreateRequest { devices: None, data_size: 256 * MIB, block_sectors: 128 };
-    let (again, existed) = poolctl::create(&fx.db.conn, &fx.state, &fx.run, &req).unwrap();
+    let (again, existed) = manager::create(&fx.db.conn, &fx.state, &fx.run, &req).unwrap();
     assert!(existed);
     assert_eq!(again.dev(), p.dev());
 }
@@ -266,8 +266,9 @@ fn delete_missing_is_success_and_create_existing_is_reported() {
     Dm::open().unwrap().suspend(&n).unwrap();
     assert!(p.resume_if_suspended(&n).unwrap());
     assert!(!p.resume_if_suspended(&n).unwrap());
-    assert!(n.as_str().starts_with(&p.device_prefix()));
-    let ours = p.list_ours(&p.device_prefix()).unwrap();
+    let names = Names::of_pool(p.name());
+    assert!(names.is_ours(n.as_str()));
+    let ours = p.list_ours(&names).unwrap();
     assert_eq!(ours.len(), 1);
     assert_eq!((ours[0].1.major, ours[0].1.minor), (a.major, a.minor));
 }
@@ -343,7 +344,7 @@ fn teardown_like_reboot_then_reassemble_from_sqlite() {
     let _ = std::fs::remove_dir_all(&fx.run);
     // Back from the database alone.
     let db = Db::open(&fx.state).unwrap();
-    let pool = poolctl::open(&db.conn, &fx.run).unwrap();
+    let pool = manager::assemble_usable(&db.conn, &fx.run).unwrap();
     assert_eq!(pool.spec(), &spec);
     assert_eq!(usage(&pool).transaction_id, 0);
     let node = pool.activate(&name, id(0), size).unwrap();
@@ -351,7 +352,7 @@ fn teardown_like_reboot_then_reassemble_from_sqlite() {
     let m = fx.mount(&node.path, "b");
     assert_eq!(std::fs::read(m.join("keep")).unwrap(), b"survives reboot");
     // Assembling again while up adopts (no second loop binding, same dev).
-    let again = poolctl::open(&db.conn, &fx.run).unwrap();
+    let again = manager::assemble_usable(&db.conn, &fx.run).unwrap();
     assert_eq!(again.dev(), fx.pool().dev());
     let loops: Vec<_> = std::fs::read_dir("/sys/block")
         .unwrap()
@@ -458,7 +459,7 @@ fn cli_pool_create_and_status() {
     assert!(out.contains("exists"), "{out}");
     // Clean up through the library.
     let db = Db::open(&base.join("state")).unwrap();
-    let spec = poolctl::spec(&db.conn).unwrap();
+    let spec = manager::spec(&db.conn).unwrap();
     Pool::find(&spec, &base.join("run")).unwrap().unwrap().teardown().unwrap();
     let _ = std::fs::remove_dir_all(&base);
 }
@@ -485,7 +486,7 @@ fn crash_after_intent_is_finished_by_rerun() {
     let out = go(None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let db = Db::open(&base.join("state")).unwrap();
-    let spec = poolctl::spec(&db.conn).unwrap();
+    let spec = manager::spec(&db.conn).unwrap();
     let pool = Pool::find(&spec, &base.join("run")).unwrap().expect("pool assembled");
     assert_eq!(usage(&pool).transaction_id, 0);
     // Only one binding of each file, whatever the crashes did.

@@ -97,10 +97,9 @@ impl Host {
 
     /// dm devices of this state dir (by its name prefix), pool included.
     fn dm_devices(&self) -> Vec<String> {
-        let prefix = thinimg::pipeline::devices::prefix_for(&self.t.state);
+        let names = thinimg::pool::Names::for_state_dir(&self.t.state).unwrap();
         let dm = thinimg::dm::Dm::open().unwrap();
-        let mut v: Vec<String> =
-            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix)).collect();
+        let mut v: Vec<String> = dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| names.is_ours(n)).collect();
         v.sort();
         v
     }
@@ -117,7 +116,7 @@ impl Host {
     /// pool, its loop devices, and the run directory (a tmpfs).
     fn reboot(&self) {
         let db = self.db();
-        let (spec, _) = thinimg::store::pool::load(&db.conn).unwrap().expect("a pool");
+        let (spec, _) = thinimg::store::thin_pool::load(&db.conn).unwrap().expect("a pool");
         let pool = thinimg::pool::Pool::assemble(&spec, &self.run).unwrap();
         pool.teardown().unwrap();
         let _ = std::fs::remove_dir_all(&self.run);
@@ -126,7 +125,7 @@ impl Host {
 
     /// Everything gone at the end of a test: devices, loops.
     fn cleanup(&self) {
-        if let Ok(Some((spec, _))) = thinimg::store::pool::load(&self.db().conn) {
+        if let Ok(Some((spec, _))) = thinimg::store::thin_pool::load(&self.db().conn) {
             if let Ok(Some(pool)) = thinimg::pool::Pool::find(&spec, &self.run) {
                 for m in self.mounts_under_run() {
                     let _ = Command::new("umount").arg(&m).status();

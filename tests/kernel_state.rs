@@ -85,18 +85,24 @@ impl Host {
         self.db().conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
+    /// The names of this state dir's devices (the one rule, `pool::names`).
+    fn names(&self) -> thinimg::pool::Names {
+        let (spec, _) = thinimg::store::thin_pool::load(&self.db().conn).unwrap().expect("a pool");
+        thinimg::pool::Names::of_pool(&spec.dm_name)
+    }
+
     fn pool_name(&self) -> String {
-        let (spec, _) = thinimg::store::pool::load(&self.db().conn).unwrap().expect("a pool");
+        let (spec, _) = thinimg::store::thin_pool::load(&self.db().conn).unwrap().expect("a pool");
         spec.dm_name.as_str().to_string()
     }
 
     /// dm devices of this state dir other than the pool.
     fn devices(&self) -> Vec<String> {
         let pool = self.pool_name();
-        let prefix = pool.trim_end_matches("pool").to_string();
+        let names = self.names();
         let dm = thinimg::dm::Dm::open().unwrap();
         let mut v: Vec<String> =
-            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(&prefix) && *n != pool).collect();
+            dm.list().unwrap().into_iter().map(|(n, _)| n).filter(|n| names.is_ours(n) && *n != pool).collect();
         v.sort();
         v
     }
@@ -127,7 +133,7 @@ impl Host {
     }
 
     fn cleanup(&self) {
-        if let Ok(Some((spec, _))) = thinimg::store::pool::load(&self.db().conn) {
+        if let Ok(Some((spec, _))) = thinimg::store::thin_pool::load(&self.db().conn) {
             if let Ok(Some(pool)) = thinimg::pool::Pool::find(&spec, &self.run) {
                 for m in self.mounts() {
                     let _ = Command::new("umount").arg(&m).status();
@@ -205,7 +211,7 @@ fn state_layer_is_not_kept_when_the_pool_fills_during_its_build() {
         let ready = h.count("SELECT COUNT(*) FROM chains WHERE state = 'ready'");
         assert_eq!(ready, 1, "{dirs}: only base's chain may be ready:\n{}", r.stderr);
         assert_eq!(h.count("SELECT COUNT(*) FROM images WHERE name = 'dirs' AND state = 'ready'"), 0);
-        assert_eq!(h.devices(), vec![format!("{}a-filler", h.pool_name().trim_end_matches("pool"))], "leaked devices");
+        assert_eq!(h.devices(), vec![h.names().activation("filler")], "leaked devices");
         assert!(h.mounts().is_empty(), "{dirs}: stray mounts {:?}", h.mounts());
 
         // Space back: the same pull now builds the layer.
@@ -336,7 +342,7 @@ fn state_database_that_diverged_from_the_pool_stops_and_deletes_nothing() {
     let status = Command::new("dmsetup").args(["status", &h.pool_name()]).output().unwrap();
     let line = String::from_utf8_lossy(&status.stdout).to_string();
     let txn: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
-    thinimg::store::pool::set_transaction_id(&h.db().conn, txn).unwrap();
+    thinimg::store::thin_pool::set_transaction_id(&h.db().conn, txn).unwrap();
     let r = h.cmd(&["pull", "c"], &[]);
     assert_eq!(r.code, 71, "EEXIST must stop everything:\n{}", r.stderr);
     assert!(r.stderr.contains("diverged"), "{}", r.stderr);
@@ -399,7 +405,7 @@ fn state_block_pool_is_reassembled_only_on_its_own_devices() {
     h.ok(&["pull", "a"]);
     // Reboot: pool gone, loops gone; then the names come back swapped.
     {
-        let (spec, _) = thinimg::store::pool::load(&h.db().conn).unwrap().unwrap();
+        let (spec, _) = thinimg::store::thin_pool::load(&h.db().conn).unwrap().unwrap();
         thinimg::pool::Pool::find(&spec, &h.run).unwrap().unwrap().teardown().unwrap();
     }
     sh(&format!("losetup -d {ld} {lm}"));
@@ -418,7 +424,7 @@ fn state_block_pool_is_reassembled_only_on_its_own_devices() {
     sh(&format!("losetup {ld} {} && losetup {lm} {}", data.display(), meta.display()));
     h.ok(&["activate", "a", "--name", "vm"]);
     {
-        let (spec, _) = thinimg::store::pool::load(&h.db().conn).unwrap().unwrap();
+        let (spec, _) = thinimg::store::thin_pool::load(&h.db().conn).unwrap().unwrap();
         thinimg::pool::Pool::find(&spec, &h.run).unwrap().unwrap().teardown().unwrap();
     }
     sh(&format!("losetup -d {ld} {lm}"));

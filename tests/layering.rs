@@ -3,7 +3,11 @@
 //! - only the command layer (`main.rs`, `cli/`, `cmd/`) imports `cli`;
 //! - SQL text appears only in the store (`store/`) and the journal;
 //! - the mechanisms (fetch, extract, dm, loop devices, the pool's kernel
-//!   side, magic, ops) never import the pipeline or the command layer;
+//!   side, magic, ops) never import the store, the journal, the pipeline or
+//!   the command layer;
+//! - the pool's manager (`pool/manager.rs`, which joins the pool's rows and
+//!   the kernel) may import the store, never the pipeline, the journal or
+//!   the command layer;
 //! - README's "Where to read" table names every module under `src/`.
 //!
 //! It reads the source as text: a `use` or a path is an import whatever the
@@ -112,10 +116,36 @@ fn only_the_command_layer_imports_the_cli() {
 
 /// The mechanisms: they talk to the kernel, the network or a tar stream and
 /// know nothing of runs, rows or flags. (The fetch driver, `fetch/mod.rs`,
-/// records what it downloads and so uses the store; its parts do not.)
+/// records what it downloads and so uses the store; its parts do not. The
+/// pool's manager, `pool/manager.rs`, joins the pool's rows and the kernel
+/// and so uses the store; the rest of `pool/` does not.)
 fn is_mechanism(rel: &str) -> bool {
-    matches!(module_of(rel), "extract" | "dm" | "loopdev" | "pool" | "magic" | "ops" | "error")
+    matches!(module_of(rel), "extract" | "dm" | "loopdev" | "magic" | "ops" | "error")
         || (module_of(rel) == "fetch" && rel != "fetch/mod.rs")
+        || (module_of(rel) == "pool" && rel != "pool/manager.rs")
+}
+
+/// Files that join a mechanism with its rows: they use the store, and never
+/// the journal, the pipeline or the command layer.
+const ROW_JOINERS: &[&str] = &["pool/manager.rs"];
+
+#[test]
+fn the_pool_manager_never_imports_runs_or_commands() {
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    for (rel, code) in sources() {
+        if !ROW_JOINERS.contains(&rel.as_str()) {
+            continue;
+        }
+        seen += 1;
+        for up in ["pipeline", "cmd", "cli", "journal"] {
+            for l in imports(&code, up) {
+                bad.push(format!("src/{rel}: {l}"));
+            }
+        }
+    }
+    assert_eq!(seen, ROW_JOINERS.len(), "a file on ROW_JOINERS is gone: update the list");
+    assert!(bad.is_empty(), "row joiners import upward:\n{}", bad.join("\n"));
 }
 
 #[test]

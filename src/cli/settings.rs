@@ -97,7 +97,7 @@ pub fn pipeline(inv: &Invocation) -> Result<crate::pipeline::Settings> {
 /// is recorded: `--data-dev`/`--meta-dev` (both or neither; loop files
 /// otherwise), `--data-size`, `--block-size` (table defaults for a command
 /// without them).
-pub fn pool_request(inv: &Invocation) -> Result<crate::poolctl::CreateRequest> {
+pub fn pool_request(inv: &Invocation) -> Result<crate::pool::CreateRequest> {
     let devices = match (inv.path("data-dev"), inv.path("meta-dev")) {
         (Some(d), Some(m)) => Some((d, m)),
         (None, None) => None,
@@ -107,7 +107,7 @@ pub fn pool_request(inv: &Invocation) -> Result<crate::poolctl::CreateRequest> {
     if block_sectors % 128 != 0 {
         return Err(Error::usage(format!("--block-size {block_sectors} must be a multiple of 128 sectors (64 KiB)")));
     }
-    Ok(crate::poolctl::CreateRequest { devices, data_size: number_or_default(inv, "data-size")?, block_sectors })
+    Ok(crate::pool::CreateRequest { devices, data_size: number_or_default(inv, "data-size")?, block_sectors })
 }
 
 /// `--prefix` as the S3 listing and the ref names both read it: ending in

@@ -1,20 +1,22 @@
 //! `thinimg pool create`, `pool assemble`, `pool status` and `pool destroy`:
-//! parse flags, call `poolctl`/`pool`, print (`pool status` and `create`
-//! print `pipeline::views::PoolReport`).
+//! parse flags, call `pool::manager` (or the pipeline's pool step), print
+//! (`pool status` and `create` print `pipeline::views::PoolReport`).
+//! (Named after its command, like every file in `cmd/`; the pool itself is
+//! `src/pool/`.)
 
 use crate::cli::Invocation;
 use crate::error::{Error, Result};
 use crate::ops::output;
 use crate::pipeline::views;
+use crate::pool::manager;
 use crate::pool::{Pool, PoolStatus};
-use crate::poolctl;
 use crate::store::Db;
 
 pub fn create(inv: &Invocation) -> Result<u8> {
     let req = crate::cli::settings::pool_request(inv)?;
     // The state lock, and interrupted runs resumed first.
     let env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
-    let (pool, existed) = poolctl::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
+    let (pool, existed) = manager::create(&env.db.conn, &env.ctx.state_dir, &env.ctx.run_dir, &req)?;
     let status = pool.status()?;
     print(inv, &pool, Some(&status), &env.db, if existed { "exists" } else { "created" })?;
     Ok(0)
@@ -28,7 +30,7 @@ pub fn destroy(inv: &Invocation) -> Result<u8> {
     } else {
         crate::pipeline::Env::open(&settings)?
     };
-    let d = poolctl::destroy(&env.db.conn, &env.ctx.run_dir, inv.flag("force"), dry)?;
+    let d = manager::destroy(&env.db.conn, &env.ctx.run_dir, inv.flag("force"), dry)?;
     if inv.json() {
         output::json(&d)?;
     } else if !inv.flag("quiet") {
@@ -58,7 +60,7 @@ pub fn destroy(inv: &Invocation) -> Result<u8> {
 /// activation back in the kernel. Never creates a pool.
 pub fn assemble(inv: &Invocation) -> Result<u8> {
     let recorded = match Db::open_existing(&inv.state_dir())? {
-        Some(db) => crate::store::pool::load(&db.conn)?.is_some(),
+        Some(db) => crate::store::thin_pool::load(&db.conn)?.is_some(),
         None => false,
     };
     if !recorded {
@@ -69,7 +71,8 @@ pub fn assemble(inv: &Invocation) -> Result<u8> {
     let mut env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
     let (pool, present, missing) = {
         let env = &mut env;
-        let dev = env.ctx.devices(&env.db.conn)?;
+        // Assembled, and its activations re-activated, by the pipeline's pool step.
+        let dev = env.ctx.prepare_pool(&env.db.conn)?;
         let present = dev.list_ours()?;
         let missing: Vec<String> = crate::store::images::activations(&env.db.conn)?
             .into_iter()
@@ -96,8 +99,8 @@ pub fn assemble(inv: &Invocation) -> Result<u8> {
 }
 
 pub fn status(inv: &Invocation) -> Result<u8> {
-    let Some(db) = Db::open_existing(&inv.state_dir())? else { return Err(poolctl::no_pool()) };
-    let spec = poolctl::spec(&db.conn)?;
+    let Some(db) = Db::open_existing(&inv.state_dir())? else { return Err(manager::no_pool()) };
+    let spec = manager::spec(&db.conn)?;
     let Some(pool) = Pool::find(&spec, &inv.run_dir())? else {
         if inv.json() {
             output::json(&serde_json::json!({ "dm_name": spec.dm_name, "kind": spec.kind, "assembled": false }))?;

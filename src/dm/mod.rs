@@ -453,6 +453,11 @@ pub fn parse_versions(data: &[u8]) -> Vec<(String, [u32; 3])> {
     out
 }
 
+/// Where the node of dm device `name` is made: `<run-dir>/dev/<name>`.
+pub fn node_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("dev").join(name)
+}
+
 /// A block device node for `dev` at `<run_dir>/dev/<name>` (nothing else
 /// names dm devices without udev). Where the kernel's devtmpfs has the
 /// device's own node, `/dev/dm-<minor>`, this is a symlink to it: on a
@@ -462,9 +467,9 @@ pub fn parse_versions(data: &[u8]) -> Vec<(String, [u32; 3])> {
 /// already leads to `dev` the chosen way is kept; anything else is replaced.
 pub fn make_node(run_dir: &Path, name: &DmName, dev: DevId) -> Result<PathBuf> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let path = node_path(run_dir, name.as_str());
     let dir = run_dir.join("dev");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    let path = dir.join(name.as_str());
     let is_dev = |m: &std::fs::Metadata| m.file_type().is_block_device() && DevId::from_rdev(m.rdev()) == dev;
     let kernel_node = PathBuf::from(format!("/dev/dm-{}", dev.minor));
     let via_devtmpfs = std::fs::metadata(&kernel_node).is_ok_and(|m| is_dev(&m));
@@ -496,7 +501,7 @@ pub fn make_node(run_dir: &Path, name: &DmName, dev: DevId) -> Result<PathBuf> {
 
 /// Remove the node made by [`make_node`]; missing is fine.
 pub fn remove_node(run_dir: &Path, name: &DmName) -> Result<()> {
-    let path = run_dir.join("dev").join(name.as_str());
+    let path = node_path(run_dir, name.as_str());
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -6,7 +6,7 @@
 //!
 //! Owns: the limits (checked before bytes are written), the lexical rules
 //! (`rules`), the tar block walk (`stream`), in-root creation through
-//! openat2 (`root`) and the bounded writer pool (`pool`). It must never
+//! openat2 (`root`) and the bounded file writers (`writers`). It must never
 //! write outside the root it was given, never follow a final-component
 //! symlink, never look up user or group names, never feed compressed or
 //! non-tar data to the parser, and never panic on input.
@@ -17,10 +17,10 @@
 //! holds uncompressed tars only. Refusing is safer than a hand-written
 //! inflater and keeps every limit meaningful.
 
-pub mod pool;
 pub mod root;
 pub mod rules;
 pub mod stream;
+pub mod writers;
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -34,10 +34,10 @@ use nix::errno::Errno;
 use nix::sys::stat::SFlag;
 
 use crate::error::{Error, Kind, Result};
-use pool::{PendingFile, Pool, CHUNK};
 use root::{Meta, Root};
 use rules::{CleanPath, Reject, Whiteout};
 use stream::{Member, MemberKind, TarStream};
+use writers::{PendingFile, Writers, CHUNK};
 
 /// Hard limits for one layer. Defaults are the flag table's defaults.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -199,7 +199,7 @@ fn io_fail(e: Errno, what: String) -> Fail {
     }
 }
 
-/// The same for an `std::io::Error` (file data written by the pool).
+/// The same for an `std::io::Error` (file data written by the writers).
 pub fn target_error(what: String, e: std::io::Error) -> Error {
     match e.raw_os_error().map(Errno::from_raw).and_then(target_rule) {
         Some(rule) => Error::bad_data(format!("rule {rule}: {what}: {e}")),
@@ -247,11 +247,11 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
     }
     let mut chained = std::io::Cursor::new(head).chain(src);
     let mut rootdir = Root::open(root).map_err(|e| Error::io(format!("opening {}", root.display()), e))?;
-    let pool = Pool::new(opts.jobs)?;
+    let writers = Writers::new(opts.jobs)?;
     let mut a = Applier {
         root: &mut rootdir,
         limits: opts.limits,
-        pool: &pool,
+        writers: &writers,
         report: Report { layer: layer.to_string(), ..Report::default() },
         policy: opts.policy,
         paths: PathSet::new(),
@@ -272,7 +272,7 @@ pub fn apply_layer(root: &Path, src: &mut dyn Read, layer: &str, opts: &Options)
     let mut report = std::mem::take(&mut a.report);
     let dir_meta = std::mem::take(&mut a.dir_meta);
     drop(a);
-    let finished = pool.finish();
+    let finished = writers.finish();
     if res.is_ok() {
         res = finished.map(|b| report.bytes_written = b + inline_bytes).map_err(Fail::Err);
     }
@@ -413,7 +413,7 @@ const XATTR_MIN_COST: u64 = 64;
 struct Applier<'a> {
     root: &'a mut Root,
     limits: Limits,
-    pool: &'a Pool,
+    writers: &'a Writers,
     report: Report,
     policy: Policy,
     /// Paths this layer created (whiteouts never remove them) and the
@@ -448,7 +448,7 @@ impl Applier<'_> {
         while let Some(m) = stream.next_member()? {
             *current = Some(m.display());
             self.report.entries += 1;
-            self.pool.check()?;
+            self.writers.check()?;
             crate::ops::signals::check()?;
             self.entry(&m, stream)?;
             self.applied += 1;
@@ -724,7 +724,7 @@ impl Applier<'_> {
         };
         let pf = PendingFile::new(file, meta, m.display());
         let res = self.stream_data(&pf, &segments, stream);
-        self.pool.done(&pf);
+        self.writers.done(&pf);
         res
     }
 
@@ -766,7 +766,7 @@ impl Applier<'_> {
             let mut done = 0u64;
             while done < len {
                 crate::ops::signals::check()?;
-                let mut buf = self.pool.buffer();
+                let mut buf = self.writers.buffer();
                 let want = (len - done).min(CHUNK as u64) as usize;
                 buf.resize(want, 0);
                 let mut got = 0;
@@ -777,7 +777,7 @@ impl Applier<'_> {
                     }
                     got += n;
                 }
-                self.pool.write(pf, off + done, buf)?;
+                self.writers.write(pf, off + done, buf)?;
                 done += want as u64;
             }
         }

@@ -15,7 +15,9 @@ use super::Ctx;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
-use crate::store::images::{self as q, ActivationState, ChainState, ImageState, ThinState};
+use crate::pool::PoolManager;
+use crate::store::images::{self as q, ActivationState, ChainState, ImageState};
+use crate::store::thin_pool::ThinState;
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -101,8 +103,8 @@ impl Executor for Activate<'_> {
             "device" => {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
-                let size = q::thin_size(cx.conn, act.thin_id)?;
-                let dev = self.ctx.devices(cx.conn)?;
+                let size = crate::store::thin_pool::thin_size(cx.conn, act.thin_id)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 dev.activate(&dev.activation_name(&name), act.thin_id, size)?;
                 fault::point("activate:device");
                 cx.complete(move |tx| {
@@ -117,7 +119,7 @@ impl Executor for Activate<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if cx.step == "snapshot" {
             if let Some(intent) = cx.intent().cloned() {
-                let dev = self.ctx.devices(cx.conn)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 undo_snapshot(dev, cx.conn, &intent)?;
             }
         }
@@ -125,14 +127,14 @@ impl Executor for Activate<'_> {
     }
 }
 
-fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
+fn undo_snapshot(dev: &PoolManager, conn: &rusqlite::Connection, intent: &Value) -> Result<()> {
     let Some(intent) = SnapshotIntent::read(intent)? else {
         return Ok(());
     };
     let (thin_id, name) = (intent.thin_id, intent.name.as_str());
     // A failed read stops here: it must not read as "nothing to undo" or
     // as "undo it".
-    match crate::store::pool::thin_state(conn, thin_id)? {
+    match crate::store::thin_pool::thin_state(conn, thin_id)? {
         None | Some(ThinState::Ready) => return Ok(()),
         Some(ThinState::Creating | ThinState::Deleting) => {}
     }
@@ -147,7 +149,7 @@ fn undo_snapshot(dev: &super::devices::Devices, conn: &rusqlite::Connection, int
 impl Activate<'_> {
     fn snapshot(&mut self, cx: &mut StepCx<'_>, name: &str, image: &str) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             undo_snapshot(dev, cx.conn, &intent)?;
         }
         if let Some(a) = q::activation(cx.conn, name)? {
@@ -162,18 +164,18 @@ impl Activate<'_> {
         let top = img.top_chain.ok_or_else(|| Error::software(format!("image {image} has no top chain")))?;
         let chain = q::chain(cx.conn, &top)?.ok_or_else(|| Error::software(format!("chain {top} missing")))?;
         let origin = chain.thin_id.ok_or_else(|| Error::software("top chain has no thin device"))?;
-        if chain.state != ChainState::Ready || !crate::store::pool::thin_ready(cx.conn, origin)? {
+        if chain.state != ChainState::Ready || !crate::store::thin_pool::thin_ready(cx.conn, origin)? {
             return Err(Error::software(format!(
                 "image {image}: its top chain's thin device {origin} is not ready; refusing to snapshot it"
             )));
         }
-        let size = q::thin_size(cx.conn, origin)?;
-        let dev = self.ctx.devices(cx.conn)?;
+        let size = crate::store::thin_pool::thin_size(cx.conn, origin)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         dev.check_usable()?;
         dev.ensure_space(0)?;
         let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
         cx.record_intent_with(|tx| {
-            let thin_id = super::devices::alloc_thin_id(tx, true, Some(origin), size)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, true, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
             crate::journal::intent_value(&SnapshotIntent { thin_id, name: n, origin, foreign: false })
         })?;
@@ -183,7 +185,7 @@ impl Activate<'_> {
         fault::point("snapshot:intent");
         // The origin is an image chain, never active (read-only once built),
         // so no suspend is needed; the pool layer suspends if it finds it active.
-        if dev.snapshot(thin_id, origin)? == super::devices::Created::Exists {
+        if dev.snapshot(thin_id, origin)? == crate::pool::Created::Exists {
             // Not ours (database and pool diverged): never delete it.
             let foreign = crate::journal::intent_value(&SnapshotIntent {
                 thin_id,
@@ -194,11 +196,11 @@ impl Activate<'_> {
             cx.record_intent(foreign.clone())?;
             undo_snapshot(dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
-            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
         }
         fault::point("snapshot:created");
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, ThinState::Ready)?;
+            crate::store::thin_pool::set_thin_state(tx, thin_id, ThinState::Ready)?;
             Ok(Completion::with_outcome(json!({ "thin_id": thin_id, "origin": origin })))
         })
     }
@@ -214,7 +216,7 @@ impl Executor for Deactivate<'_> {
         let Some(act) = q::activation(cx.conn, &name)? else {
             return Ok(()); // already gone: deleting is idempotent
         };
-        let dev = self.ctx.devices(cx.conn)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         match cx.step.as_str() {
             "remove" => {
                 dev.deactivate(&dev.activation_name(&name))?;
@@ -227,14 +229,14 @@ impl Executor for Deactivate<'_> {
             "delete" => {
                 let thin_id = act.thin_id;
                 cx.record_intent_with(|tx| {
-                    q::set_thin_state(tx, thin_id, ThinState::Deleting)?;
+                    crate::store::thin_pool::set_thin_state(tx, thin_id, ThinState::Deleting)?;
                     Ok(json!({ "thin_id": thin_id }))
                 })?;
                 dev.delete_thin(thin_id)?;
                 fault::point("deactivate:deleted");
                 cx.complete(move |tx| {
                     q::delete_activation(tx, &name)?;
-                    q::delete_thin_row(tx, thin_id)?;
+                    crate::store::thin_pool::delete_thin_row(tx, thin_id)?;
                     Ok(Completion::default())
                 })
             }

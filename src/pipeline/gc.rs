@@ -36,7 +36,7 @@ pub struct GcReport {
 /// and without device-mapper, or with the pool not assembled, there is
 /// nothing in the kernel to compare.
 fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) -> Result<()> {
-    use crate::store::pool::{self as spool, PoolState};
+    use crate::store::thin_pool::{self as spool, PoolState};
     let Some((spec, state)) = spool::load(conn)? else { return Ok(()) };
     if state != PoolState::Ready {
         return Ok(());
@@ -53,18 +53,15 @@ fn dry_run_kernel(ctx: &Ctx, conn: &rusqlite::Connection, rep: &mut GcReport) ->
         }
         Err(e) => return Err(e),
     };
-    let prefix = pool.device_prefix();
-    let present: Vec<String> = pool.list_ours(&prefix)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
+    let names = crate::pool::Names::of_pool(pool.name());
+    let present: Vec<String> = pool.list_ours(&names)?.into_iter().map(|(n, _)| n.as_str().to_string()).collect();
     let acts = q::activations(conn)?;
-    let wanted: Vec<String> = acts
-        .iter()
-        .filter(|a| a.state == q::ActivationState::Active)
-        .map(|a| format!("{prefix}a-{}", a.name))
-        .collect();
+    let wanted: Vec<String> =
+        acts.iter().filter(|a| a.state == q::ActivationState::Active).map(|a| names.activation(&a.name)).collect();
     rep.unknown_devices = present.iter().filter(|n| !wanted.contains(n)).cloned().collect();
     rep.missing_devices = acts
         .iter()
-        .filter(|a| a.state == q::ActivationState::Active && !present.contains(&format!("{prefix}a-{}", a.name)))
+        .filter(|a| a.state == q::ActivationState::Active && !present.contains(&names.activation(&a.name)))
         .map(|a| a.name.clone())
         .collect();
     Ok(())
@@ -83,11 +80,13 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
         }
     }
 
-    let has_pool = crate::store::pool::load(conn)?.is_some();
+    let has_pool = crate::store::thin_pool::load(conn)?.is_some();
     if has_pool && dry_run {
         dry_run_kernel(ctx, conn, &mut rep)?;
     } else if has_pool {
-        let dev = ctx.devices(conn)?;
+        // Assembled after a reboot (and its activations re-activated), or
+        // an interrupted creation finished, as before any run.
+        let dev = ctx.prepare_pool(conn)?;
         // 2. Kernel -> database: our-prefixed dm devices nothing accounts for.
         let acts = q::activations(conn)?;
         let wanted: Vec<String> = acts
@@ -106,16 +105,11 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             }
         }
         // 3. Database -> kernel: active activations whose device is gone.
-        let present = dev.list_ours()?;
-        for a in acts.iter().filter(|a| a.state == q::ActivationState::Active) {
-            let n = dev.activation_name(&a.name);
-            if !present.contains(&n) {
-                rep.missing_devices.push(a.name.clone());
-                let size = q::thin_size(conn, a.thin_id)?;
-                match dev.activate(&n, a.thin_id, size) {
-                    Ok(_) => rep.reactivated.push(a.name.clone()),
-                    Err(e) => rep.errors.push(e.full_message()),
-                }
+        for r in dev.reactivate(conn)? {
+            rep.missing_devices.push(r.name.clone());
+            match r.result {
+                Ok(_) => rep.reactivated.push(r.name),
+                Err(e) => rep.errors.push(e.full_message()),
             }
         }
         // 4. Unused chains, deepest first so a parent is only freed after its children.
@@ -132,7 +126,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 // chain without a device for a pull to share.
                 let tx = conn.transaction()?;
                 if let Some(t) = c.thin_id {
-                    q::set_thin_state(&tx, t, q::ThinState::Deleting)?;
+                    crate::store::thin_pool::set_thin_state(&tx, t, crate::store::thin_pool::ThinState::Deleting)?;
                 }
                 q::delete_chain(&tx, &c.chain_id)?;
                 tx.commit()?;
@@ -145,7 +139,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                         continue;
                     }
                     fault::point("gc:thin-deleted");
-                    q::delete_thin_row(conn, t)?;
+                    crate::store::thin_pool::delete_thin_row(conn, t)?;
                 }
             }
             if !progressed {
@@ -153,10 +147,10 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
             }
         }
         // 5. Thin rows no chain or activation owns (e.g. a failed deletion).
-        for t in q::unowned_thin_ids(conn)? {
+        for t in crate::store::thin_pool::unowned_thin_ids(conn)? {
             rep.dead_thin_ids.push(t);
             match dev.delete_thin(t) {
-                Ok(()) => q::delete_thin_row(conn, t)?,
+                Ok(()) => crate::store::thin_pool::delete_thin_row(conn, t)?,
                 Err(e) => rep.errors.push(e.full_message()),
             }
         }
@@ -169,7 +163,7 @@ pub fn run(ctx: &mut Ctx, conn: &mut rusqlite::Connection, dry_run: bool) -> Res
                 rep.unused_chains.push(c.chain_id.clone());
             }
         }
-        rep.dead_thin_ids = q::unowned_thin_ids(conn)?;
+        rep.dead_thin_ids = crate::store::thin_pool::unowned_thin_ids(conn)?;
     }
 
     // 6. Blobs no image layer references, and files the store does not know.

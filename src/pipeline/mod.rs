@@ -5,11 +5,13 @@
 //! Owns: the order of work and the domain writes that go with each step.
 //! Calls the mechanisms (s3/fetch, extract, dm/pool); never parses argv,
 //! never reads flags (it takes [`Settings`], typed once by `cli::settings`)
-//! and never prints results (that is `cmd`'s job).
+//! and never prints results (that is `cmd`'s job). A pool is created (first
+//! use) or re-assembled with its activations (after a reboot) only in the
+//! named pool step, [`Ctx::prepare_pool`], which steps call where they
+//! first need the pool.
 
 pub mod activate;
 pub mod batch;
-pub mod devices;
 pub mod gc;
 pub mod health;
 pub mod mount;
@@ -28,7 +30,7 @@ use crate::fetch::FetchOptions;
 use crate::journal::{self, Executor, Outcome, RunId, RunSpec};
 use crate::ops::lock::StateLock;
 use crate::ops::retry::RetryPolicy;
-use crate::poolctl::CreateRequest;
+use crate::pool::{CreateRequest, PoolManager, Prepared};
 use crate::store::Db;
 
 pub use remove::rm_spec;
@@ -84,9 +86,10 @@ impl<T> Deferred<T> {
     }
 }
 
-/// Everything steps need besides the database connection. Mechanisms
-/// (the pool, the S3 client) are opened on first use, so commands that
-/// never touch them never fail for their sake.
+/// Everything steps need besides the database connection. The S3 client
+/// is made on first use, so commands that never touch it never fail for
+/// its sake. The pool is created, assembled or its activations brought
+/// back only by the named pool step, [`Ctx::prepare_pool`].
 pub struct Ctx {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -94,8 +97,9 @@ pub struct Ctx {
     pub prefix: String,
     pub s3: Deferred<S3Config>,
     pub fetch: FetchOptions,
-    pool: CreateRequest,
-    devices: Option<devices::Devices>,
+    /// The pool [`Ctx::prepare_pool`] creates when none is recorded.
+    pool_request: CreateRequest,
+    pool: Option<PoolManager>,
     /// Blobs downloading in the background for the pulls of this command
     /// (`pull`, `sync`); `None` when a step must fetch for itself (a
     /// resumed run, `fetch`).
@@ -111,8 +115,8 @@ impl Ctx {
             prefix: s.prefix.clone(),
             s3: s.s3.clone(),
             fetch: s.fetch.clone(),
-            pool: s.pool.clone(),
-            devices: None,
+            pool_request: s.pool.clone(),
+            pool: None,
             feed: None,
         }
     }
@@ -127,19 +131,34 @@ impl Ctx {
             prefix: self.prefix.clone(),
             s3: self.s3.clone(),
             fetch: self.fetch.clone(),
-            pool: self.pool.clone(),
-            devices: None,
+            pool_request: self.pool_request.clone(),
+            pool: None,
             feed: self.feed.clone(),
         }
     }
 
-    /// The pool and its devices, assembled (or, if none is recorded, created
-    /// as a loop pool) on first use.
-    pub fn devices(&mut self, conn: &rusqlite::Connection) -> Result<&devices::Devices> {
-        if self.devices.is_none() {
-            self.devices = Some(devices::Devices::open(&self.state_dir, &self.run_dir, &self.pool, conn)?);
+    /// The pipeline's one pool step, called by name where a step first
+    /// needs the pool (a chain build, a snapshot, a deactivation, gc,
+    /// `pool assemble`), once per context: the recorded pool, assembled
+    /// when it is not in the kernel (after a reboot; then every active
+    /// activation is re-activated, [`PoolManager::reactivate`]), or, when
+    /// none is recorded, the one the settings describe (`--data-dev`/
+    /// `--meta-dev`, else the default loop pool) created. A run that fails
+    /// before it needs a pool (a ref the bucket does not have) creates none.
+    pub fn prepare_pool(&mut self, conn: &rusqlite::Connection) -> Result<&PoolManager> {
+        if self.pool.is_none() {
+            let (pool, what) = PoolManager::prepare(conn, &self.state_dir, &self.run_dir, &self.pool_request)?;
+            if what == Prepared::Assembled {
+                for r in pool.reactivate(conn)? {
+                    match r.result {
+                        Ok(p) => log::info!("re-activated {} at {}", r.name, p.display()),
+                        Err(e) => log::error!("re-activating {}: {}", r.name, e.full_message()),
+                    }
+                }
+            }
+            self.pool = Some(pool);
         }
-        self.devices.as_ref().ok_or_else(|| Error::software("pool vanished"))
+        self.pool.as_ref().ok_or_else(|| Error::software("pool vanished"))
     }
 }
 

@@ -22,10 +22,11 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{devices::Devices, mount, Ctx};
+use super::{mount, Ctx};
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
+use crate::pool::PoolManager;
 use crate::store::images as q;
 
 /// What a pull run is asked for: the ref as given (the subject is the
@@ -134,7 +135,7 @@ impl Executor for Pull<'_> {
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
         Ok(())
@@ -211,7 +212,7 @@ impl Pull<'_> {
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
             let run_dir = self.ctx.run_dir.clone();
-            let dev = self.ctx.devices(cx.conn)?;
+            let dev = self.ctx.prepare_pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
 
@@ -222,7 +223,7 @@ impl Pull<'_> {
             for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
-                let dev = self.ctx.devices(cx.conn)?;
+                let dev = self.ctx.prepare_pool(cx.conn)?;
                 teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
                 crate::journal::clear_intent(cx.conn, run, idx)?;
             }
@@ -231,7 +232,7 @@ impl Pull<'_> {
         if let Some(c) = q::chain(cx.conn, chain_id)? {
             if c.state == q::ChainState::Ready {
                 let thin_ok = match c.thin_id {
-                    Some(t) => crate::store::pool::thin_ready(cx.conn, t)?,
+                    Some(t) => crate::store::thin_pool::thin_ready(cx.conn, t)?,
                     None => false,
                 };
                 if !thin_ok {
@@ -265,7 +266,7 @@ impl Pull<'_> {
                     Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
                 })?;
                 let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
-                if !crate::store::pool::thin_ready(cx.conn, t)? {
+                if !crate::store::thin_pool::thin_ready(cx.conn, t)? {
                     return Err(Error::software(format!(
                         "image {image}: the thin device {t} of layer {pos}'s parent chain is not ready; refusing to snapshot it"
                     )));
@@ -282,7 +283,7 @@ impl Pull<'_> {
         let size_sectors = self.ctx.opts.device_size / 512;
         let run_dir = self.ctx.run_dir.clone();
         let opts = self.ctx.opts.extract.clone();
-        let dev = self.ctx.devices(cx.conn)?;
+        let dev = self.ctx.prepare_pool(cx.conn)?;
         dev.check_usable()?;
         // Unpacked data takes about the blob's size; metadata is gated inside.
         dev.ensure_space(blob_size + blob_size / 4)?;
@@ -291,7 +292,7 @@ impl Pull<'_> {
         let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
         let mnt_root = run_dir.clone();
         cx.record_intent_with(|tx| {
-            let thin_id = super::devices::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
             q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
             crate::journal::intent_value(&BuildIntent {
                 thin_id,
@@ -310,7 +311,7 @@ impl Pull<'_> {
             None => dev.create_thin(thin_id),
             Some(p) => dev.snapshot(thin_id, p),
         };
-        if let Ok(super::devices::Created::Exists) = created {
+        if let Ok(crate::pool::Created::Exists) = created {
             // Not ours: never touched. Mark the attempt so no teardown (now
             // or after a crash) deletes it, drop its rows, and stop.
             let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
@@ -319,7 +320,7 @@ impl Pull<'_> {
             cx.record_intent(foreign.clone())?;
             teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
             cx.record_intent(Value::Null)?;
-            return Err(super::devices::diverged(&dev.pool_name(), thin_id));
+            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
         }
         let result = created.and_then(|_| {
             let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
@@ -343,7 +344,7 @@ impl Pull<'_> {
         fault::point("chain:built");
         let (img, cid) = (image.clone(), chain_id.clone());
         cx.complete(move |tx| {
-            q::set_thin_state(tx, thin_id, q::ThinState::Ready)?;
+            crate::store::thin_pool::set_thin_state(tx, thin_id, crate::store::thin_pool::ThinState::Ready)?;
             q::set_chain_ready(tx, &cid, &report)?;
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
@@ -405,7 +406,7 @@ struct Blob<'a> {
 
 /// The kernel and filesystem work of one chain build.
 fn build(
-    dev: &Devices,
+    dev: &PoolManager,
     run_dir: &Path,
     thin_id: u32,
     parent_thin: Option<u32>,
@@ -562,7 +563,7 @@ fn run_mkfs(program: &Path, opts: &[&str], node: &Path) -> Result<std::process::
 /// Undo whatever an attempt recorded in `intent`: unmount, deactivate,
 /// delete the thin id from the pool and its rows from the database.
 /// Every part tolerates "already gone".
-pub fn teardown_attempt(run_dir: &Path, dev: &Devices, conn: &Connection, intent: &Value) -> Result<()> {
+pub fn teardown_attempt(run_dir: &Path, dev: &PoolManager, conn: &Connection, intent: &Value) -> Result<()> {
     let Some(intent) = BuildIntent::read(intent)? else {
         return Ok(());
     };

@@ -92,8 +92,8 @@ pub struct PoolView {
 
 /// The recorded pool and, if its dm device is up, its status. Never assembles.
 pub fn pool_view(db: &Db, run_dir: &Path) -> Result<Option<PoolView>> {
-    let Some((spec, _)) = crate::store::pool::load(&db.conn)? else { return Ok(None) };
-    let thin = crate::store::pool::thin_count(&db.conn)?;
+    let Some((spec, _)) = crate::store::thin_pool::load(&db.conn)? else { return Ok(None) };
+    let thin = crate::store::thin_pool::thin_count(&db.conn)?;
     let mut v = PoolView {
         name: spec.dm_name.as_str().to_string(),
         kind: spec.kind,
@@ -309,23 +309,23 @@ impl ActivationView {
 /// exactly that name. A stale node, or one whose minor was reused by
 /// another device, is not an answer.
 pub fn activation(state_dir: &Path, run_dir: &Path, conn: &Connection, name: &str) -> Result<Option<ActivationView>> {
-    use super::devices;
     let Some(a) = q::activation(conn, name)? else { return Ok(None) };
-    let dm_name = match devices::recorded_prefix(conn)? {
-        Some(prefix) => format!("{prefix}a-{name}"),
-        None => devices::activation_name_for(state_dir, name),
+    let names = match crate::pool::manager::recorded_names(conn)? {
+        Some(names) => names,
+        None => crate::pool::Names::for_state_dir(state_dir)?,
     };
-    let path = devices::node_path(run_dir, &dm_name);
-    let (major, minor) = match devices::node_numbers(&path) {
+    let dm_name = names.activation(name);
+    let path = crate::pool::names::node_path(run_dir, &dm_name);
+    let (major, minor) = match crate::pool::node_numbers(&path) {
         Some((ma, mi))
             if a.state == ActivationState::Active
-                && devices::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
+                && crate::pool::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
         {
             (Some(ma), Some(mi))
         }
         _ => (None, None),
     };
-    let size = q::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    let size = crate::store::thin_pool::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
     Ok(Some(ActivationView {
         name: a.name,
         image: a.image,
@@ -497,7 +497,7 @@ pub fn pool_report(conn: &Connection, pool: &Pool, st: Option<&PoolStatus>, what
         data_path: spec.data_path.clone(),
         meta_path: spec.meta_path.clone(),
         block_bytes: block,
-        thin_devices: crate::store::pool::thin_count(conn)?,
+        thin_devices: crate::store::thin_pool::thin_count(conn)?,
         data_used_pct: None,
         meta_used_pct: None,
         data_bytes: None,

@@ -1,5 +1,6 @@
-//! Typed queries over images, image layers, chains, activations and the
-//! thin devices they own. Callers pass a `Connection` or a `Transaction`
+//! Typed queries over images, image layers, chains and activations, and
+//! the attempts that drop a chain's or an activation's row together with
+//! its thin device's (the thin rows themselves are `thin_pool`'s). Callers pass a `Connection` or a `Transaction`
 //! (which derefs to one), so a step can group these writes with its
 //! journal completion.
 
@@ -8,7 +9,6 @@ use serde::Serialize;
 
 use crate::error::{Error, Kind, Result};
 use crate::ops::output::now;
-pub use crate::store::pool::ThinState;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
@@ -290,41 +290,6 @@ pub fn delete_activation(c: &Connection, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Thin device rows.
-#[derive(Debug, Clone, Serialize)]
-pub struct ThinRow {
-    pub thin_id: u32,
-    pub role: String,
-    pub state: ThinState,
-    pub origin: Option<u32>,
-    pub size_sectors: u64,
-}
-
-pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
-    let mut st = c.prepare("SELECT thin_id, role, state, origin, size_sectors FROM thin_devices ORDER BY thin_id")?;
-    let rows = st.query_map([], |r| {
-        Ok(ThinRow {
-            thin_id: r.get(0)?,
-            role: r.get(1)?,
-            state: r.get(2)?,
-            origin: r.get(3)?,
-            size_sectors: r.get::<_, i64>(4)?.max(0) as u64,
-        })
-    })?;
-    rows.map(|r| r.map_err(Error::from)).collect()
-}
-
-/// Virtual size of a thin device, in sectors.
-pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
-    let n: i64 = c.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))?;
-    Ok(n.max(0) as u64)
-}
-
-pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
-    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
-    Ok(())
-}
-
 /// Whether a build attempt's thin id (from its intent) is still that
 /// attempt's to undo: its row exists, is not `ready`, and no activation or
 /// other chain owns it (a finished teardown deleted the rows last, and the
@@ -352,23 +317,6 @@ pub fn drop_build_attempt(c: &Connection, chain_id: Option<&str>, thin_id: u32) 
     Ok(())
 }
 
-/// Thin ids no chain and no activation owns (e.g. a failed deletion).
-pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
-    let mut st = c.prepare(
-        "SELECT thin_id FROM thin_devices t
-         WHERE NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = t.thin_id)
-           AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = t.thin_id)
-         ORDER BY thin_id",
-    )?;
-    let rows = st.query_map([], |r| r.get(0))?;
-    rows.map(|r| r.map_err(Error::from)).collect()
-}
-
-pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
-    c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
-    Ok(())
-}
-
 /// Mark a blob as rejected (hostile or invalid) with the reason.
 pub fn reject_blob(c: &Connection, digest: &str, reason: &str) -> Result<()> {
     c.execute("UPDATE blobs SET state = 'rejected', reason = ?1 WHERE digest = ?2", params![reason, digest])?;
@@ -387,7 +335,7 @@ pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
 mod tests {
     use super::*;
     use crate::dm::Sectors;
-    use crate::store::pool::{alloc_thin_id, thin_state, ThinRole};
+    use crate::store::thin_pool::{alloc_thin_id, delete_thin_row, set_thin_state, thin_state, ThinRole, ThinState};
 
     fn db() -> Connection {
         crate::store::memory_db()

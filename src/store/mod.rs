@@ -54,9 +54,9 @@ macro_rules! column_enum {
 
 pub mod blobs;
 pub mod images;
-pub mod pool;
 pub mod schema;
 pub mod stats;
+pub mod thin_pool;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! The bounded file-writer pool.
+//! The bounded file writers: a fixed set of threads that write file
+//! data for the tar reader (`Writers`; the extract module's only thread pool).
 //!
 //! The tar stream is read once, by one thread; file bytes are written by a
 //! fixed number of workers. In-flight memory is bounded: chunks are at most
@@ -8,7 +9,7 @@
 //! or removes the path cannot redirect a pending write: it goes to the inode
 //! the entry created. A file's metadata (owner, xattrs, mode, times) is
 //! applied by whichever thread finishes its last chunk, after all its data.
-//! The pool never resolves a path. Files of at most 32 KiB are written by
+//! The writers never resolve a path. Files of at most 32 KiB are written by
 //! the reader itself (see `Applier::small_file`): for them the hand-off
 //! costs more than the write.
 
@@ -72,7 +73,7 @@ impl Shared {
     }
 }
 
-pub struct Pool {
+pub struct Writers {
     tx: Option<SyncSender<Chunk>>,
     workers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -117,8 +118,8 @@ fn worker(rx: Arc<Mutex<Receiver<Chunk>>>, shared: Arc<Shared>) {
     }
 }
 
-impl Pool {
-    pub fn new(jobs: usize) -> Result<Pool> {
+impl Writers {
+    pub fn new(jobs: usize) -> Result<Writers> {
         let jobs = jobs.max(1);
         let (tx, rx) = sync_channel::<Chunk>(2 * jobs);
         let rx = Arc::new(Mutex::new(rx));
@@ -138,7 +139,7 @@ impl Pool {
                 .map_err(|e| Error::io("starting a file-writer thread", e))?;
             workers.push(h);
         }
-        Ok(Pool { tx: Some(tx), workers, shared })
+        Ok(Writers { tx: Some(tx), workers, shared })
     }
 
     /// An empty buffer with capacity [`CHUNK`]: a recycled one, a new one
@@ -207,7 +208,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl Drop for Writers {
     fn drop(&mut self) {
         self.shared.failed.store(true, Ordering::SeqCst);
         self.tx = None;
@@ -223,28 +224,28 @@ mod tests {
 
     #[test]
     fn buffers_are_bounded_whatever_the_job_count() {
-        let pool = Pool::new(256).unwrap();
-        let held: Vec<Vec<u8>> = (0..MAX_BUFFERS).map(|_| pool.buffer()).collect();
-        let path = std::env::temp_dir().join(format!("thinimg-pool-test-{}", std::process::id()));
+        let writers = Writers::new(256).unwrap();
+        let held: Vec<Vec<u8>> = (0..MAX_BUFFERS).map(|_| writers.buffer()).collect();
+        let path = std::env::temp_dir().join(format!("thinimg-writers-test-{}", std::process::id()));
         let file = File::create(&path).unwrap();
         let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
         let meta = Meta { uid, gid, mode: 0o600, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() };
         let pf = PendingFile::new(file, meta, "t".into());
         std::thread::scope(|s| {
-            let waiter = s.spawn(|| pool.buffer());
+            let waiter = s.spawn(|| writers.buffer());
             std::thread::sleep(std::time::Duration::from_millis(200));
             assert!(!waiter.is_finished(), "a buffer beyond MAX_BUFFERS was handed out");
             // Writing one chunk returns its buffer, which the waiter gets.
             let mut it = held.into_iter();
             let mut b = it.next().unwrap();
             b.extend_from_slice(b"x");
-            pool.write(&pf, 0, b).unwrap();
+            writers.write(&pf, 0, b).unwrap();
             let got = waiter.join().unwrap();
             assert!(got.capacity() >= CHUNK);
-            assert_eq!(pool.shared.free.lock().unwrap().1, MAX_BUFFERS);
+            assert_eq!(writers.shared.free.lock().unwrap().1, MAX_BUFFERS);
         });
-        pool.done(&pf);
-        pool.finish().unwrap();
+        writers.done(&pf);
+        writers.finish().unwrap();
         let _ = std::fs::remove_file(&path);
     }
 }

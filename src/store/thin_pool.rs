@@ -1,10 +1,12 @@
-//! Typed queries for the `pool` table (the one thin-pool's parameters, so it
-//! can be re-assembled after a reboot) and thin id allocation in
-//! `thin_devices`. Thin ids come from here only: the smallest id not in the
+//! The thin pool's rows: the `pool` table (the one thin-pool's parameters,
+//! so it can be re-assembled after a reboot), the pool's keys in `meta`
+//! (transaction id, device identities) and the `thin_devices` table (thin
+//! id allocation, state, size, deletion). Thin ids come from here only: the smallest id not in the
 //! table, never hashed or random, so ids stay small and a crash cannot hand
 //! out one id twice (the row is the reservation).
 
 use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
 
 use crate::dm::{DmName, Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
@@ -151,7 +153,7 @@ pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, si
 }
 
 /// The pool's transaction id as the database recorded it, and the next
-/// value an interrupted bump was about to set (see `devices::Devices::open`).
+/// value an interrupted bump was about to set (see `pool::manager`'s transaction id check).
 pub fn transaction_ids(conn: &Connection) -> Result<(Option<u64>, Option<u64>)> {
     let get = |k: &str| -> Result<Option<u64>> {
         let v: Option<String> =
@@ -258,6 +260,58 @@ pub fn thin_count(conn: &Connection) -> Result<u64> {
     Ok(n as u64)
 }
 
+/// Thin device rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThinRow {
+    pub thin_id: u32,
+    pub role: String,
+    pub state: ThinState,
+    pub origin: Option<u32>,
+    pub size_sectors: u64,
+}
+
+pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
+    let mut st = c.prepare("SELECT thin_id, role, state, origin, size_sectors FROM thin_devices ORDER BY thin_id")?;
+    let rows = st.query_map([], |r| {
+        Ok(ThinRow {
+            thin_id: r.get(0)?,
+            role: r.get(1)?,
+            state: r.get(2)?,
+            origin: r.get(3)?,
+            size_sectors: r.get::<_, i64>(4)?.max(0) as u64,
+        })
+    })?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+/// Virtual size of a thin device, in sectors.
+pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
+    let n: i64 = c.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))?;
+    Ok(n.max(0) as u64)
+}
+
+pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
+    c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
+    Ok(())
+}
+
+/// Thin ids no chain and no activation owns (e.g. a failed deletion).
+pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
+    let mut st = c.prepare(
+        "SELECT thin_id FROM thin_devices t
+         WHERE NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = t.thin_id)
+           AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = t.thin_id)
+         ORDER BY thin_id",
+    )?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    rows.map(|r| r.map_err(Error::from)).collect()
+}
+
+pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
+    c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,10 +374,10 @@ mod tests {
         tx.commit().unwrap();
         assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Creating));
         assert!(!thin_ready(&db.conn, a.get()).unwrap());
-        crate::store::images::set_thin_state(&db.conn, a.get(), ThinState::Ready).unwrap();
+        set_thin_state(&db.conn, a.get(), ThinState::Ready).unwrap();
         assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Ready));
         assert!(thin_ready(&db.conn, a.get()).unwrap());
-        crate::store::images::set_thin_state(&db.conn, a.get(), ThinState::Deleting).unwrap();
+        set_thin_state(&db.conn, a.get(), ThinState::Deleting).unwrap();
         assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Deleting));
         assert_eq!(thin_state(&db.conn, a.get() + 1).unwrap(), None);
         // A read that fails (here: no such table) is an error, not "no row".
