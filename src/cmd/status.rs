@@ -160,19 +160,7 @@ mod tests {
     #[test]
     fn status_text_never_prints_a_raw_null() {
         // A half-made pool: recorded, not assembled, every kernel figure unknown.
-        let pool = PoolView {
-            name: "p".into(),
-            kind: crate::pool::PoolKind::Loop,
-            present: false,
-            mode: None,
-            needs_check: None,
-            data_used_pct: None,
-            meta_used_pct: None,
-            data_used_bytes: None,
-            data_total_bytes: None,
-            thin_devices: 0,
-            error: None,
-        };
+        let pool = PoolView::recorded("p", crate::pool::PoolKind::Loop, 0);
         let space = SpaceView { partial_downloads: 1, partial_bytes: 5, ..SpaceView::default() };
         let mut v = StatusView {
             state_dir: "/x".into(),

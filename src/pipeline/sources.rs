@@ -141,10 +141,10 @@ pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<S
             return Ok(d.as_str().to_string());
         }
     }
+    let listed = catalog(ctx)?;
     let client = s3(ctx)?;
     let store = BlobStore::open(&ctx.state_dir)?;
-    let (catalog, _) = fetch::resolve_refs(&client, &[])?;
-    let layer = catalog
+    let layer = listed
         .families
         .values()
         .flat_map(|f| f.layers.iter())

@@ -90,23 +90,31 @@ pub struct PoolView {
     pub error: Option<String>,
 }
 
+impl PoolView {
+    /// A recorded pool whose kernel state is not known (yet): not assembled,
+    /// every kernel figure unknown.
+    pub fn recorded(name: &str, kind: crate::pool::PoolKind, thin_devices: u64) -> PoolView {
+        PoolView {
+            name: name.to_string(),
+            kind,
+            present: false,
+            mode: None,
+            needs_check: None,
+            data_used_pct: None,
+            meta_used_pct: None,
+            data_used_bytes: None,
+            data_total_bytes: None,
+            thin_devices,
+            error: None,
+        }
+    }
+}
+
 /// The recorded pool and, if its dm device is up, its status. Never assembles.
 pub fn pool_view(db: &Db, run_dir: &Path) -> Result<Option<PoolView>> {
     let Some((spec, _)) = crate::store::thin_pool::load(&db.conn)? else { return Ok(None) };
     let thin = crate::store::thin_pool::thin_count(&db.conn)?;
-    let mut v = PoolView {
-        name: spec.dm_name.as_str().to_string(),
-        kind: spec.kind,
-        present: false,
-        mode: None,
-        needs_check: None,
-        data_used_pct: None,
-        meta_used_pct: None,
-        data_used_bytes: None,
-        data_total_bytes: None,
-        thin_devices: thin,
-        error: None,
-    };
+    let mut v = PoolView::recorded(spec.dm_name.as_str(), spec.kind, thin);
     match Pool::find(&spec, run_dir) {
         Ok(Some(p)) => {
             v.present = true;
