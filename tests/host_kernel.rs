@@ -321,8 +321,16 @@ fn pool_destroy_refuses_with_chains_and_rolls_back_an_unfinished_creation() {
             ["b".repeat(64)],
         )
         .unwrap();
-        let id = thinimg::pool::manager::alloc_thin_id(&tx, false, None, 1 << 17).unwrap();
-        thinimg::store::images::insert_chain_building(&tx, &"c".repeat(64), None, &"b".repeat(64), 1, id).unwrap();
+        let id = thinimg::pool::manager::alloc_thin_id(
+            &tx,
+            thinimg::store::thin_pool::ThinRole::Chain,
+            None,
+            thinimg::dm::Sectors(1 << 17),
+        )
+        .unwrap();
+        let chain = thinimg::store::ids::ChainId::parse(&"c".repeat(64)).unwrap();
+        let blob = thinimg::fetch::blobstore::BlobDigest::parse(&"b".repeat(64)).unwrap();
+        thinimg::store::images::insert_chain_building(&tx, &chain, None, &blob, 1, id).unwrap();
         tx.commit().unwrap();
     }
     let r = thinimg(&state, Control::Missing, &["pool", "destroy"]);

@@ -11,7 +11,7 @@ use crate::store::{blobs as q, Db};
 
 #[derive(serde::Serialize)]
 struct BlobOut {
-    digest: String,
+    digest: BlobDigest,
     size: u64,
     state: q::BlobState,
     /// Why a rejected blob was rejected.
@@ -44,7 +44,7 @@ pub fn run(inv: &Invocation) -> Result<u8> {
         .iter()
         .map(|b| {
             vec![
-                b.digest.clone(),
+                b.digest.to_string(),
                 output::bytes(b.size),
                 match &b.reason {
                     Some(r) => format!("{} ({})", b.state, crate::fetch::s3::printable(r, 200)),
@@ -63,7 +63,7 @@ fn clear_rejection(inv: &Invocation, d: &str) -> Result<u8> {
         Error::usage(format!("--clear-rejection {:?}: not a SHA-256 digest (64 lower-case hex digits)", show_key(d)))
     })?;
     let env = crate::pipeline::Env::open(&crate::cli::settings::pipeline(inv)?)?;
-    if !q::blob_clear_rejection(&env.db.conn, digest.as_str())? {
+    if !q::blob_clear_rejection(&env.db.conn, &digest)? {
         return Err(Error::new(Kind::NoSuchImage, format!("blob {digest} is not rejected")));
     }
     if !inv.flag("quiet") {

@@ -64,7 +64,7 @@ pub fn pull(inv: &Invocation) -> Result<u8> {
 
 /// The first 12 hex digits of the image's top chain, or `-`.
 fn short_chain(i: &ImageView) -> &str {
-    i.top_chain.as_deref().map(|c| &c[..12.min(c.len())]).unwrap_or("-")
+    i.top_chain.as_ref().map(|c| &c.as_str()[..12]).unwrap_or("-")
 }
 
 pub fn activate(inv: &Invocation) -> Result<u8> {

@@ -78,7 +78,19 @@ impl DmUuid {
 
 /// A thin device id inside a pool: 24 bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u64", into = "u32")]
 pub struct ThinId(u32);
+impl TryFrom<u64> for ThinId {
+    type Error = String;
+    fn try_from(v: u64) -> std::result::Result<ThinId, String> {
+        ThinId::new(v).map_err(|e| e.message().to_string())
+    }
+}
+impl From<ThinId> for u32 {
+    fn from(t: ThinId) -> u32 {
+        t.0
+    }
+}
 impl ThinId {
     pub const MAX: u32 = (1 << 24) - 1;
     pub fn new(v: u64) -> Result<ThinId> {

@@ -17,9 +17,22 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, IoContext, Result};
 
 /// A SHA-256 digest as 64 lower-case hex digits: the name of a blob.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct BlobDigest(String);
+
+impl TryFrom<String> for BlobDigest {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<BlobDigest, String> {
+        BlobDigest::parse(&s).map_err(|e| e.message().to_string())
+    }
+}
+
+impl From<BlobDigest> for String {
+    fn from(d: BlobDigest) -> String {
+        d.0
+    }
+}
 
 impl BlobDigest {
     pub fn parse(s: &str) -> Result<BlobDigest> {

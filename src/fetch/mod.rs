@@ -207,10 +207,10 @@ pub fn fetch_refs(
 /// the next fetch downloads it again; returns whether it is intact.
 pub fn verify_blob(db: &Db, store: &BlobStore, digest: &BlobDigest) -> Result<bool> {
     if store.verify(digest)? {
-        q::blob_mark_verified(&db.conn, digest.as_str())?;
+        q::blob_mark_verified(&db.conn, digest)?;
         Ok(true)
     } else {
-        q::blob_mark_missing(&db.conn, digest.as_str())?;
+        q::blob_mark_missing(&db.conn, digest)?;
         Ok(false)
     }
 }
@@ -290,7 +290,7 @@ pub fn fetch_layers_notify(
     for (i, l) in layers.iter().enumerate() {
         // A rejected object is not downloaded (nor unpacked) again.
         if let Some((digest, why)) = q::object_rejection(conn, bucket, &l.key, &l.etag, l.size)? {
-            plans.push(Plan::Refused(rejected_error(bucket, &l.key, &digest, &why)));
+            plans.push(Plan::Refused(rejected_error(bucket, &l.key, digest.as_str(), &why)));
             continue;
         }
         if let Some(done) = already_stored(conn, store, endpoint, bucket, l, opts.verify)? {
@@ -444,7 +444,7 @@ fn refuse_if_rejected(
     key: &str,
     d: &BlobDigest,
 ) -> Result<()> {
-    if let Some(why) = q::blob_rejection(conn, d.as_str())? {
+    if let Some(why) = q::blob_rejection(conn, d)? {
         // Its bytes are not needed: the rejection is what is kept.
         store.remove_blob(d)?;
         return Err(rejected_error(bucket, key, d.as_str(), &why));
@@ -463,12 +463,12 @@ fn already_stored(
     l: &Layer,
     verify: bool,
 ) -> Result<Option<LayerFetch>> {
-    let usable = |conn: &rusqlite::Connection, d: &str| -> Result<Option<BlobDigest>> {
+    let usable = |conn: &rusqlite::Connection, d: &BlobDigest| -> Result<Option<BlobDigest>> {
         let Some(b) = q::blob_get(conn, d)? else { return Ok(None) };
         if b.state != q::BlobState::Present || b.size != l.size {
             return Ok(None);
         }
-        let digest = BlobDigest::parse(d)?;
+        let digest = d.clone();
         let ok = store.size_ok(&digest, l.size)? && (!verify || store.verify(&digest)?);
         if !ok {
             log::warn!("blob {d} (for s3://{bucket}/{}) is missing or corrupt; fetching it again", l.key);
@@ -496,7 +496,7 @@ fn already_stored(
     // (An empty ETag, as a read-through cache may list, identifies nothing.)
     if let Some(o) = q::object_get(conn, endpoint, bucket, &l.key)? {
         if !l.etag.is_empty() && o.etag == l.etag && o.size == l.size {
-            if let Some(d) = o.digest.as_deref() {
+            if let Some(d) = o.digest.as_ref() {
                 if let Some(digest) = usable(conn, d)? {
                     return Ok(Some(done(digest, Source::Cached)));
                 }
@@ -508,7 +508,7 @@ fn already_stored(
     if etag_is_plain_md5(&l.etag) {
         if let Some(d) = q::digest_by_etag(conn, endpoint, bucket, &l.etag, l.size)? {
             if let Some(digest) = usable(conn, &d)? {
-                q::object_record(conn, endpoint, bucket, &l.key, &l.etag, l.size, &l.last_modified, d.as_str(), false)?;
+                q::object_record(conn, endpoint, bucket, &l.key, &l.etag, l.size, &l.last_modified, &d, false)?;
                 return Ok(Some(done(digest, Source::Deduped)));
             }
         }
@@ -548,7 +548,7 @@ fn download_group(
                         &fl.etag,
                         fl.size,
                         &fl.last_modified,
-                        f.digest.as_str(),
+                        &f.digest,
                         false,
                     )
                     .map(|()| LayerFetch {
@@ -604,8 +604,8 @@ fn download_one(
     let mut row = q::download_get(&db.conn, bucket, &l.key)?;
     // A download that a crash cut off after verifying it: finish it.
     if let Some(r) = row.as_ref().filter(|r| r.endpoint == endpoint) {
-        if let Some(d) = r.digest.as_deref() {
-            let digest = BlobDigest::parse(d)?;
+        if let Some(d) = r.digest.as_ref() {
+            let digest = d.clone();
             if store.adopt_verified(&r.partial, &digest, r.size)? {
                 log::info!("adopting the finished download of s3://{bucket}/{}", l.key);
                 q::download_commit(
@@ -658,7 +658,7 @@ fn download_one(
     let id = row.id;
     let res = store.download(s3, &job, &mut |p| match p {
         Progress::Durable { offset, etag, size } => q::download_checkpoint(conn, id, offset, etag, size),
-        Progress::Verified { digest, size } => q::download_verified(conn, id, digest.as_str(), size),
+        Progress::Verified { digest, size } => q::download_verified(conn, id, digest, size),
     });
     let d = match res {
         Ok(d) => d,
@@ -680,7 +680,7 @@ fn download_one(
         &d.etag,
         d.size,
         &l.last_modified,
-        d.digest.as_str(),
+        &d.digest,
     )?;
     refuse_if_rejected(&db.conn, store, bucket, &l.key, &d.digest)?;
     Ok(LayerFetch {

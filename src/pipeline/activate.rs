@@ -12,12 +12,13 @@
 use serde_json::{json, Value};
 
 use super::Ctx;
+use crate::dm::ThinId;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
 use crate::pool::PoolManager;
 use crate::store::images::{self as q, ActivationState, ChainState, ImageState};
-use crate::store::thin_pool::ThinState;
+use crate::store::thin_pool::{ThinRole, ThinState};
 
 /// Activation names become dm names and file names: keep them boring.
 pub fn check_name(name: &str) -> Result<()> {
@@ -65,9 +66,9 @@ pub struct ActivateRequest {
 /// pool (EEXIST), so nothing of it in the kernel is this attempt's.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotIntent {
-    pub thin_id: u32,
+    pub thin_id: ThinId,
     pub name: String,
-    pub origin: u32,
+    pub origin: ThinId,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub foreign: bool,
 }
@@ -175,7 +176,7 @@ impl Activate<'_> {
         dev.ensure_space(0)?;
         let (n, i, t) = (name.to_string(), image.to_string(), top.clone());
         cx.record_intent_with(|tx| {
-            let thin_id = crate::pool::manager::alloc_thin_id(tx, true, Some(origin), size)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, ThinRole::Activation, Some(origin), size)?;
             q::insert_activation(tx, &n, &i, &t, thin_id)?;
             crate::journal::intent_value(&SnapshotIntent { thin_id, name: n, origin, foreign: false })
         })?;
@@ -251,7 +252,8 @@ mod tests {
 
     #[test]
     fn snapshot_intents_read_back_and_refuse_what_they_cannot_read() {
-        let i = SnapshotIntent { thin_id: 3, name: "vm1".into(), origin: 1, foreign: false };
+        let id = |n| ThinId::new(n).unwrap();
+        let i = SnapshotIntent { thin_id: id(3), name: "vm1".into(), origin: id(1), foreign: false };
         let v = crate::journal::intent_value(&i).unwrap();
         // The JSON earlier versions wrote, key for key.
         assert_eq!(v, json!({"thin_id": 3, "name": "vm1", "origin": 1}));
@@ -261,6 +263,9 @@ mod tests {
         assert_eq!(SnapshotIntent::read(&Value::Null).unwrap(), None);
         // Not "nothing to undo", and not another device's id after truncation.
         assert!(SnapshotIntent::read(&json!({"thin_id": (1u64 << 32) + 3, "name": "vm1", "origin": 1})).is_err());
+        // Nor an id the kernel cannot hold (24 bits), nor a negative one.
+        assert!(SnapshotIntent::read(&json!({"thin_id": 1u64 << 24, "name": "vm1", "origin": 1})).is_err());
+        assert!(SnapshotIntent::read(&json!({"thin_id": 3, "name": "vm1", "origin": -1})).is_err());
         assert!(SnapshotIntent::read(&json!({"thin_id": 3, "origin": 1})).is_err(), "no name: which activation?");
     }
 

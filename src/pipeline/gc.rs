@@ -12,8 +12,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{mount, Ctx};
+use crate::dm::ThinId;
 use crate::error::Result;
+use crate::fetch::blobstore::BlobDigest;
 use crate::ops::fault;
+use crate::store::ids::ChainId;
 use crate::store::images as q;
 
 #[derive(Debug, Default, Serialize)]
@@ -23,9 +26,9 @@ pub struct GcReport {
     pub unknown_devices: Vec<String>,
     pub missing_devices: Vec<String>,
     pub reactivated: Vec<String>,
-    pub unused_chains: Vec<String>,
-    pub dead_thin_ids: Vec<u32>,
-    pub unused_blobs: Vec<String>,
+    pub unused_chains: Vec<ChainId>,
+    pub dead_thin_ids: Vec<ThinId>,
+    pub unused_blobs: Vec<BlobDigest>,
     pub stray_files: Vec<String>,
     pub freed_blob_bytes: u64,
     pub errors: Vec<String>,

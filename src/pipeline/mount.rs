@@ -13,7 +13,7 @@ pub fn mount_root(run_dir: &Path) -> PathBuf {
     run_dir.join("mnt")
 }
 
-pub fn mount_point(run_dir: &Path, thin_id: u32) -> PathBuf {
+pub fn mount_point(run_dir: &Path, thin_id: crate::dm::ThinId) -> PathBuf {
     mount_root(run_dir).join(thin_id.to_string())
 }
 

@@ -23,11 +23,15 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{mount, Ctx};
+use crate::dm::{Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
+use crate::fetch::blobstore::BlobDigest;
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
 use crate::pool::PoolManager;
+use crate::store::ids::ChainId;
 use crate::store::images as q;
+use crate::store::thin_pool::ThinRole;
 
 /// What a pull run is asked for: the ref as given (the subject is the
 /// normalized image name). Runs recorded without one pull their subject.
@@ -77,33 +81,14 @@ pub fn spec(image: &str, reference: &str) -> RunSpec {
     }
 }
 
-/// OCI chain ids for an ordered list of layer digests (hex, uncompressed
-/// tar = DiffID): ChainID(L1) = DiffID(L1); ChainID(L1..n) =
-/// sha256(ChainID(L1..n-1) + " " + DiffID(Ln)), ids written as "sha256:<hex>".
-pub fn chain_ids(digests: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(digests.len());
-    for d in digests {
-        let id = match out.last() {
-            None => d.clone(),
-            Some(parent) => {
-                let mut h = Sha256::new();
-                h.update(format!("sha256:{parent} sha256:{d}").as_bytes());
-                crate::ops::encode::hex(&h.finalize())
-            }
-        };
-        out.push(id);
-    }
-    out
-}
-
 /// What a chain build records before any kernel work: enough to undo the
 /// attempt after a crash. `foreign`: the thin id already existed in the
 /// pool (EEXIST), so nothing of it in the kernel is this attempt's.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BuildIntent {
-    pub thin_id: u32,
+    pub thin_id: ThinId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chain_id: Option<String>,
+    pub chain_id: Option<ChainId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dm_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,7 +146,7 @@ impl Pull<'_> {
         }
         let n = fetched.layers.len();
         cx.complete(|tx| {
-            let rows: Vec<(i64, String, Option<String>)> =
+            let rows: Vec<(i64, String, Option<BlobDigest>)> =
                 fetched.layers.iter().map(|l| (l.position, l.key.clone(), l.digest.clone())).collect();
             q::put_image_pulling(tx, &image, &fetched.family, &rows)?;
             let mut append: Vec<String> = (1..=n as i64).map(|i| PullStep::Chain(i).name()).collect();
@@ -184,7 +169,7 @@ impl Pull<'_> {
         // yet (its blob was still downloading) is learned here, waiting for
         // that blob only, and recorded at once: it is a fact about the
         // listed object's content, true whatever this step does next.
-        let mut digests: Vec<String> = Vec::with_capacity(idx + 1);
+        let mut digests: Vec<BlobDigest> = Vec::with_capacity(idx + 1);
         for l in layers.iter().take(idx + 1) {
             let d = match &l.digest {
                 Some(d) => d.clone(),
@@ -199,7 +184,7 @@ impl Pull<'_> {
             };
             digests.push(d);
         }
-        let ids = chain_ids(&digests);
+        let ids = ChainId::of_layers(&digests);
         let (Some(layer), Some(chain_id)) = (layers.get(idx), ids.get(idx)) else {
             return Err(Error::software(format!("image {image}: no layer {pos}")));
         };
@@ -220,7 +205,7 @@ impl Pull<'_> {
         // or was cancelled after its teardown failed) is finished off here,
         // so one bad attempt does not block this chain for every image.
         if q::chain(cx.conn, chain_id)?.is_some_and(|c| c.state == q::ChainState::Building) {
-            for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id)? {
+            for (run, idx, intent) in crate::journal::dead_intents(cx.conn, "chain_id", chain_id.as_str())? {
                 log::info!("chain {}: finishing the teardown of run {run}'s failed attempt", short(chain_id));
                 let run_dir = self.ctx.run_dir.clone();
                 let dev = self.ctx.prepare_pool(cx.conn)?;
@@ -280,7 +265,7 @@ impl Pull<'_> {
         // one stored earlier is hashed again while it is unpacked.
         let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&layer.key, &digests[idx]));
         let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
-        let size_sectors = self.ctx.opts.device_size / 512;
+        let size = Sectors::from_bytes(self.ctx.opts.device_size);
         let run_dir = self.ctx.run_dir.clone();
         let opts = self.ctx.opts.extract.clone();
         let dev = self.ctx.prepare_pool(cx.conn)?;
@@ -292,8 +277,8 @@ impl Pull<'_> {
         let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
         let mnt_root = run_dir.clone();
         cx.record_intent_with(|tx| {
-            let thin_id = crate::pool::manager::alloc_thin_id(tx, false, parent_thin, size_sectors)?;
-            q::insert_chain_building(tx, &cid, par.as_deref(), &blob, pos, thin_id)?;
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, ThinRole::Chain, parent_thin, size)?;
+            q::insert_chain_building(tx, &cid, par.as_ref(), &blob, pos, thin_id)?;
             crate::journal::intent_value(&BuildIntent {
                 thin_id,
                 chain_id: Some(cid),
@@ -324,7 +309,7 @@ impl Pull<'_> {
         }
         let result = created.and_then(|_| {
             let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
-            build(dev, &run_dir, thin_id, parent_thin, size_sectors, &blob, &opts)
+            build(dev, &run_dir, thin_id, parent_thin, size, &blob, &opts)
         });
         let report = match result {
             Ok(r) => r,
@@ -336,7 +321,7 @@ impl Pull<'_> {
                 }
                 cx.record_intent(Value::Null)?;
                 if e.kind() == Kind::BadData {
-                    q::reject_blob(cx.conn, &digests[idx], e.message())?;
+                    crate::store::blobs::reject_blob(cx.conn, &digests[idx], e.message())?;
                 }
                 return Err(e.context(format!("image {image}: layer {}", layer.key)));
             }
@@ -353,8 +338,8 @@ impl Pull<'_> {
 }
 
 /// A layer rejected before is not unpacked again until its content changes.
-fn refuse_rejected(conn: &rusqlite::Connection, image: &str, key: &str, digest: &str) -> Result<()> {
-    match q::blob_rejection(conn, digest)? {
+fn refuse_rejected(conn: &rusqlite::Connection, image: &str, key: &str, digest: &BlobDigest) -> Result<()> {
+    match crate::store::blobs::blob_rejection(conn, digest)? {
         Some(reason) => Err(Error::bad_data(format!("image {image}: layer {key}: rejected earlier: {reason}"))),
         None => Ok(()),
     }
@@ -362,13 +347,13 @@ fn refuse_rejected(conn: &rusqlite::Connection, image: &str, key: &str, digest: 
 
 /// An in-process claim on building one chain (the state lock already
 /// keeps other processes out).
-struct ChainClaim(String);
+struct ChainClaim(ChainId);
 
-static CLAIMS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static CLAIMS: std::sync::Mutex<Vec<ChainId>> = std::sync::Mutex::new(Vec::new());
 static CLAIM_FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 impl ChainClaim {
-    fn acquire(id: &str) -> Result<ChainClaim> {
+    fn acquire(id: &ChainId) -> Result<ChainClaim> {
         let mut held = CLAIMS.lock().map_err(|_| Error::software("chain claim lock poisoned"))?;
         while held.iter().any(|h| h == id) {
             crate::ops::signals::check()?;
@@ -377,8 +362,8 @@ impl ChainClaim {
                 .map_err(|_| Error::software("chain claim lock poisoned"))?
                 .0;
         }
-        held.push(id.to_string());
-        Ok(ChainClaim(id.to_string()))
+        held.push(id.clone());
+        Ok(ChainClaim(id.clone()))
     }
 }
 
@@ -391,8 +376,8 @@ impl Drop for ChainClaim {
     }
 }
 
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
+fn short(id: &ChainId) -> &str {
+    &id.as_str()[..12]
 }
 
 /// The blob a chain build unpacks. `hash`: hash every byte while
@@ -400,7 +385,7 @@ fn short(id: &str) -> &str {
 struct Blob<'a> {
     path: &'a Path,
     key: &'a str,
-    digest: &'a str,
+    digest: &'a BlobDigest,
     hash: bool,
 }
 
@@ -408,14 +393,14 @@ struct Blob<'a> {
 fn build(
     dev: &PoolManager,
     run_dir: &Path,
-    thin_id: u32,
-    parent_thin: Option<u32>,
-    size_sectors: u64,
+    thin_id: ThinId,
+    parent_thin: Option<ThinId>,
+    size: Sectors,
     blob: &Blob<'_>,
     opts: &crate::extract::Options,
 ) -> Result<Value> {
     fault::point("chain:thin-created");
-    let node = dev.activate(&dev.build_name(thin_id), thin_id, size_sectors)?;
+    let node = dev.activate(&dev.build_name(thin_id), thin_id, size)?;
     if parent_thin.is_none() {
         mkfs_ext4(&node)?;
     }
@@ -434,7 +419,7 @@ fn build(
     drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
     if let Some(h) = reader.hasher.take() {
         let got = crate::ops::encode::hex(&h.finalize());
-        if got != digest {
+        if got != digest.as_str() {
             let _ = std::fs::remove_file(blob.path);
             return Err(Error::new(
                 Kind::Io,
@@ -567,7 +552,7 @@ pub fn teardown_attempt(run_dir: &Path, dev: &PoolManager, conn: &Connection, in
     let Some(intent) = BuildIntent::read(intent)? else {
         return Ok(());
     };
-    let (thin_id, cid) = (intent.thin_id, intent.chain_id.as_deref());
+    let (thin_id, cid) = (intent.thin_id, intent.chain_id.as_ref());
     if !q::build_attempt_pending(conn, thin_id, cid)? {
         // Completed and committed, or already torn down (its rows go last;
         // the id may belong to another device by now): nothing to undo.
@@ -613,19 +598,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chain_ids_follow_oci() {
-        let a = "a".repeat(64);
-        let b = "b".repeat(64);
-        let ids = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(ids[0], a);
-        let mut h = Sha256::new();
-        h.update(format!("sha256:{a} sha256:{b}"));
-        assert_eq!(ids[1], crate::ops::encode::hex(&h.finalize()));
-        // Same prefix, same ids: that is what makes chains shareable.
-        assert_eq!(chain_ids(std::slice::from_ref(&a))[0], ids[0]);
-    }
-
-    #[test]
     fn pull_steps_and_requests_read_back() {
         for s in [PullStep::Fetch, PullStep::Chain(1), PullStep::Chain(12), PullStep::Finish] {
             assert_eq!(PullStep::parse(&s.name()).unwrap(), s);
@@ -644,8 +616,8 @@ mod tests {
     #[test]
     fn build_intents_read_back_and_refuse_what_they_cannot_read() {
         let i = BuildIntent {
-            thin_id: 7,
-            chain_id: Some("c".repeat(64)),
+            thin_id: ThinId::new(7).unwrap(),
+            chain_id: Some(ChainId::parse(&"c".repeat(64)).unwrap()),
             dm_name: Some("x-c7".into()),
             mount: Some("/run/thinimg/mnt/7".into()),
             foreign: false,
@@ -667,6 +639,9 @@ mod tests {
         assert!(BuildIntent::read(&json!({"thin_id": (1u64 << 32) + 7})).is_err());
         assert!(BuildIntent::read(&json!({"thin_id": "7"})).is_err());
         assert!(BuildIntent::read(&json!({"thin_id": 7, "foreign": "yes"})).is_err());
+        // Nor an id past the kernel's 24 bits, nor a chain id that is not one.
+        assert!(BuildIntent::read(&json!({"thin_id": 1u64 << 24})).is_err());
+        assert!(BuildIntent::read(&json!({"thin_id": 7, "chain_id": "x"})).is_err());
     }
 
     /// A scratch dir of this test under the system temp dir.

@@ -52,7 +52,7 @@ pub struct FetchedLayer {
     pub position: i64,
     pub key: String,
     /// `None`: still downloading (a [`Feed`] delivers it to the chain step).
-    pub digest: Option<String>,
+    pub digest: Option<BlobDigest>,
     pub size: u64,
     pub how: String,
 }
@@ -96,7 +96,7 @@ pub fn fetch_image(ctx: &mut Ctx, conn: &mut Connection, reference: &str) -> Res
             .map(|l| FetchedLayer {
                 position: i64::from(l.n),
                 key: l.key,
-                digest: Some(l.digest.as_str().to_string()),
+                digest: Some(l.digest.clone()),
                 size: l.size,
                 how: serde_json::to_value(l.source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             })
@@ -123,7 +123,7 @@ pub fn plan_image(ctx: &mut Ctx, conn: &mut Connection, feed: &Feed, reference: 
         layers.push(FetchedLayer {
             position: i64::from(l.n),
             key: l.key.clone(),
-            digest: digest.map(|d| d.as_str().to_string()),
+            digest,
             size: l.size,
             how: how.to_string(),
         });
@@ -135,10 +135,10 @@ pub fn plan_image(ctx: &mut Ctx, conn: &mut Connection, feed: &Feed, reference: 
 /// feed (waiting for its download) if the feed fetches it, else fetched
 /// now with a listing of its own (a resumed run; a retry after the feed's
 /// attempt failed).
-pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<String> {
+pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<BlobDigest> {
     if let Some(feed) = ctx.feed.clone() {
         if let Some(d) = feed.wait(key)? {
-            return Ok(d.as_str().to_string());
+            return Ok(d);
         }
     }
     let listed = catalog(ctx)?;
@@ -153,7 +153,7 @@ pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<S
         .ok_or_else(|| Error::new(Kind::NoSuchImage, format!("{key} is no longer in the bucket")))?;
     let mut results = fetch::fetch_layers(conn, &ctx.state_dir, &client, &store, &[layer], &ctx.fetch)?;
     let fetched = results.pop().ok_or_else(|| Error::software(format!("no fetch result for {key}")))??;
-    Ok(fetched.digest.as_str().to_string())
+    Ok(fetched.digest.clone())
 }
 
 /// A failure kept to hand to whoever waits for that key.
@@ -273,9 +273,9 @@ impl Feed {
     /// Whether this feed downloaded `key` as `digest` in this command: its
     /// bytes were hashed as they were written, moments ago, so the build
     /// need not hash them again (a blob stored by an earlier command is).
-    pub fn downloaded_now(&self, key: &str, digest: &str) -> bool {
+    pub fn downloaded_now(&self, key: &str, digest: &BlobDigest) -> bool {
         let st = self.lock();
-        st.downloaded.contains(key) && matches!(st.results.get(key), Some(Ok(d)) if d.as_str() == digest)
+        st.downloaded.contains(key) && matches!(st.results.get(key), Some(Ok(d)) if d == digest)
     }
 
     /// Wait for `key`'s blob. `Ok(None)`: this feed does not fetch it. A
@@ -303,26 +303,22 @@ impl Feed {
 
 /// The blob's path, fetching it again if it went missing or changed size.
 /// (Content corruption is caught while unpacking, which hashes every byte.)
-pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &str) -> Result<PathBuf> {
+pub fn ensure_blob(ctx: &mut Ctx, conn: &mut Connection, key: &str, digest: &BlobDigest) -> Result<PathBuf> {
     let store = BlobStore::open(&ctx.state_dir)?;
-    let d = BlobDigest::parse(digest)?;
+    let d = digest;
     // A database error here is an error, never "absent" (which would fetch again).
     if let Some(b) = q::blob_get(conn, digest)?.filter(|b| b.state == q::BlobState::Present) {
-        if store.size_ok(&d, b.size)? {
-            return Ok(store.blob_path(&d));
+        if store.size_ok(d, b.size)? {
+            return Ok(store.blob_path(d));
         }
     }
     log::warn!("blob {digest} of {key} is missing from the store; fetching it again");
     let client = s3(ctx)?;
     // The key as listed now must still hold the same content.
     let report = fetch::fetch_refs(conn, &ctx.state_dir, &client, &store, &[key.to_string()], &ctx.fetch)?;
-    let got = report
-        .images
-        .first()
-        .and_then(|i| i.layers.iter().find(|l| l.key == key))
-        .map(|l| l.digest.as_str().to_string());
+    let got = report.images.first().and_then(|i| i.layers.iter().find(|l| l.key == key)).map(|l| l.digest.clone());
     match got {
-        Some(g) if g == digest => Ok(store.blob_path(&d)),
+        Some(g) if &g == digest => Ok(store.blob_path(d)),
         Some(g) => Err(Error::new(
             Kind::TempFail,
             format!("{key} changed in the bucket while being pulled (now sha256 {g}, was {digest}); pull again"),
@@ -341,13 +337,13 @@ pub const FETCH_RETENTION_SECS: i64 = 7 * 24 * 3600;
 /// within [`FETCH_RETENTION_SECS`], partial downloads no unfinished run owns, and
 /// store files nothing knows. A rejected blob's file is removed but its row
 /// (the rejection) is kept. Returns (digests removed, bytes freed, strays).
-pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(Vec<String>, u64, Vec<String>)> {
+pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(Vec<BlobDigest>, u64, Vec<String>)> {
     let store = BlobStore::open(&ctx.state_dir)?;
     let rows = q::unused_blobs(conn, crate::ops::output::now() - FETCH_RETENTION_SECS)?;
     let mut removed = Vec::new();
     let mut bytes = 0u64;
     for (d, size, state) in rows {
-        let digest = BlobDigest::parse(&d)?;
+        let digest = d.clone();
         if state == q::BlobState::Rejected {
             if !dry_run {
                 store.remove_blob(&digest)?;

@@ -20,9 +20,12 @@ use std::path::{Path, PathBuf};
 use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::dm::ThinId;
 use crate::error::{Error, Kind, Result};
+use crate::fetch::blobstore::BlobDigest;
 use crate::journal::{Outcome, RunId, RunState};
 use crate::pool::{Pool, PoolMode, PoolStatus};
+use crate::store::ids::ChainId;
 use crate::store::images::{self as q, ActivationState, ImageState, LayerRow};
 use crate::store::Db;
 
@@ -232,7 +235,7 @@ pub fn counts(db: &Db) -> Result<Counts> {
 pub struct RejectedLayer {
     pub position: i64,
     pub key: String,
-    pub digest: String,
+    pub digest: BlobDigest,
     pub reason: String,
 }
 
@@ -243,7 +246,7 @@ pub struct ImageView {
     pub family: String,
     pub state: ImageState,
     pub top_layer: i64,
-    pub top_chain: Option<String>,
+    pub top_chain: Option<ChainId>,
     pub layers: Vec<LayerRow>,
     /// Names of its activations.
     pub activations: Vec<String>,
@@ -291,7 +294,7 @@ pub struct ActivationView {
     pub name: String,
     pub image: String,
     pub state: ActivationState,
-    pub thin_id: u32,
+    pub thin_id: ThinId,
     pub dm_name: String,
     /// Stable path under the run directory.
     pub path: String,
@@ -333,7 +336,8 @@ pub fn activation(state_dir: &Path, run_dir: &Path, conn: &Connection, name: &st
         }
         _ => (None, None),
     };
-    let size = crate::store::thin_pool::thin_size(conn, a.thin_id).unwrap_or(0) * 512;
+    // The row exists (a foreign key); failing to read it is an error, not a size of 0.
+    let size = crate::store::thin_pool::thin_size(conn, a.thin_id)?.bytes();
     Ok(Some(ActivationView {
         name: a.name,
         image: a.image,

@@ -265,17 +265,15 @@ pub fn assemble_recorded(conn: &rusqlite::Connection, spec: &PoolSpec, run_dir: 
 /// Reserve a thin id (row in state `creating`) inside the caller's transaction.
 pub fn alloc_thin_id(
     tx: &rusqlite::Connection,
-    activation: bool,
-    origin: Option<u32>,
-    size_sectors: u64,
-) -> Result<u32> {
-    let role = if activation { ThinRole::Activation } else { ThinRole::Chain };
-    let origin = origin.map(thin).transpose()?;
-    Ok(rows::alloc_thin_id(tx, role, origin, Sectors(size_sectors))?.get())
+    role: ThinRole,
+    origin: Option<ThinId>,
+    size: Sectors,
+) -> Result<ThinId> {
+    rows::alloc_thin_id(tx, role, origin, size)
 }
 
 /// EEXIST for a thin id the database just allocated as free.
-pub fn diverged(pool: &str, id: u32) -> Error {
+pub fn diverged(pool: &str, id: ThinId) -> Error {
     Error::new(
         Kind::HostFatal,
         format!(
@@ -299,10 +297,6 @@ fn dm_lock() -> std::sync::MutexGuard<'static, ()> {
 
 fn name(s: &str) -> Result<DmName> {
     DmName::new(s.to_string())
-}
-
-fn thin(id: u32) -> Result<ThinId> {
-    ThinId::new(u64::from(id))
 }
 
 /// Keep the pool's transaction id in step with the database: compare it on
@@ -425,7 +419,7 @@ impl PoolManager {
         self.pool.name().as_str().to_string()
     }
 
-    pub fn build_name(&self, thin_id: u32) -> String {
+    pub fn build_name(&self, thin_id: ThinId) -> String {
         self.names.build(thin_id)
     }
 
@@ -459,28 +453,28 @@ impl PoolManager {
     /// `Created::Exists` means the database and the pool diverged (state.db
     /// restored from a backup, rows lost): that device may be a live VM's
     /// disk. The caller must never delete it and stops with [`diverged`].
-    pub fn create_thin(&self, id: u32) -> Result<Created> {
+    pub fn create_thin(&self, id: ThinId) -> Result<Created> {
         let _g = dm_lock();
-        self.pool.create_thin(thin(id)?)
+        self.pool.create_thin(id)
     }
 
     /// A snapshot of `origin`; suspends the origin if it happens to be
     /// active. `Created::Exists` as for [`PoolManager::create_thin`].
-    pub fn snapshot(&self, id: u32, origin: u32) -> Result<Created> {
+    pub fn snapshot(&self, id: ThinId, origin: ThinId) -> Result<Created> {
         let _g = dm_lock();
         let origin_dev = name(&self.build_name(origin))?;
         let active = matches!(self.pool.dm().try_info(&origin_dev), Ok(Some(_))).then_some(origin_dev);
-        self.pool.snapshot(thin(id)?, thin(origin)?, active.as_ref())
+        self.pool.snapshot(id, origin, active.as_ref())
     }
 
-    pub fn delete_thin(&self, id: u32) -> Result<()> {
+    pub fn delete_thin(&self, id: ThinId) -> Result<()> {
         let _g = dm_lock();
-        self.pool.delete_thin(thin(id)?).map(|_| ())
+        self.pool.delete_thin(id).map(|_| ())
     }
 
-    pub fn activate(&self, dm_name: &str, id: u32, size_sectors: u64) -> Result<PathBuf> {
+    pub fn activate(&self, dm_name: &str, id: ThinId, size: Sectors) -> Result<PathBuf> {
         let _g = dm_lock();
-        Ok(self.pool.activate(&name(dm_name)?, thin(id)?, Sectors(size_sectors))?.path)
+        Ok(self.pool.activate(&name(dm_name)?, id, size)?.path)
     }
 
     pub fn deactivate(&self, dm_name: &str) -> Result<()> {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::dm::DmName;
+use crate::dm::{DmName, ThinId};
 use crate::error::{Error, Result};
 
 /// The names of one pool's dm devices.
@@ -58,7 +58,7 @@ impl Names {
     }
 
     /// The device a chain is built on (active only during its build).
-    pub fn build(&self, thin_id: u32) -> String {
+    pub fn build(&self, thin_id: ThinId) -> String {
         format!("{}c{thin_id}", self.prefix)
     }
 
@@ -103,14 +103,14 @@ mod tests {
         assert_eq!(Names::of_pool(&n.pool().unwrap()), n);
         let p = n.prefix().to_string();
         assert!(p.starts_with("thinimg-") && p.ends_with('-'));
-        assert_eq!(n.build(7), format!("{p}c7"));
+        assert_eq!(n.build(ThinId::new(7).unwrap()), format!("{p}c7"));
         assert_eq!(n.activation("vm1"), format!("{p}a-vm1"));
         assert!(n.is_ours(&n.activation("vm1")) && n.is_ours(n.pool().unwrap().as_str()));
         assert!(!n.is_ours("thinimg-00000000-a-vm1") || p == "thinimg-00000000-");
         // A recorded pool's name decides, wherever the state dir is now.
         let rec = Names::of_pool(&DmName::new("thinimg-0123abcd-pool").unwrap());
         assert_eq!(rec.activation("x"), "thinimg-0123abcd-a-x");
-        assert_eq!(rec.build(0), "thinimg-0123abcd-c0");
+        assert_eq!(rec.build(ThinId::new(0).unwrap()), "thinimg-0123abcd-c0");
         assert_eq!(rec.pool().unwrap().as_str(), "thinimg-0123abcd-pool");
         assert_eq!(Names::of_pool(&DmName::new("mypool").unwrap()).prefix(), "mypool-");
     }

@@ -12,6 +12,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::error::Result;
+use crate::fetch::blobstore::BlobDigest;
 use crate::ops::output::now;
 
 column_enum! {
@@ -24,7 +25,7 @@ column_enum! {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BlobRow {
-    pub digest: String,
+    pub digest: BlobDigest,
     pub size: u64,
     pub state: BlobState,
     /// Why a rejected blob was rejected.
@@ -40,7 +41,7 @@ pub struct ObjectRow {
     pub key: String,
     pub etag: String,
     pub size: u64,
-    pub digest: Option<String>,
+    pub digest: Option<BlobDigest>,
     /// The digest comes from bytes downloaded from this key (not an ETag match).
     pub downloaded: bool,
 }
@@ -55,7 +56,7 @@ pub struct DownloadRow {
     pub size: u64,
     pub offset: u64,
     pub partial: String,
-    pub digest: Option<String>,
+    pub digest: Option<BlobDigest>,
 }
 
 fn blob_from(r: &rusqlite::Row) -> rusqlite::Result<BlobRow> {
@@ -69,7 +70,7 @@ fn blob_from(r: &rusqlite::Row) -> rusqlite::Result<BlobRow> {
     })
 }
 
-pub fn blob_get(c: &Connection, digest: &str) -> Result<Option<BlobRow>> {
+pub fn blob_get(c: &Connection, digest: &BlobDigest) -> Result<Option<BlobRow>> {
     Ok(c.query_row(
         "SELECT digest, size, state, created_at, verified_at, reason FROM blobs WHERE digest = ?1",
         [digest],
@@ -96,7 +97,7 @@ pub fn blobs_with_keys(c: &Connection) -> Result<Vec<(BlobRow, ObjectKeys)>> {
 
 /// The blob file was found corrupt or absent and has been removed. A
 /// rejected blob stays rejected.
-pub fn blob_mark_missing(c: &Connection, digest: &str) -> Result<()> {
+pub fn blob_mark_missing(c: &Connection, digest: &BlobDigest) -> Result<()> {
     c.execute(
         "UPDATE blobs SET state = 'missing', verified_at = NULL WHERE digest = ?1 AND state != 'rejected'",
         [digest],
@@ -104,7 +105,7 @@ pub fn blob_mark_missing(c: &Connection, digest: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn blob_mark_verified(c: &Connection, digest: &str) -> Result<()> {
+pub fn blob_mark_verified(c: &Connection, digest: &BlobDigest) -> Result<()> {
     c.execute("UPDATE blobs SET verified_at = ?2 WHERE digest = ?1", params![digest, now()])?;
     Ok(())
 }
@@ -134,7 +135,13 @@ pub fn object_get(c: &Connection, endpoint: &str, bucket: &str, key: &str) -> Re
 /// A present blob that another key with this plain-MD5 ETag and size holds,
 /// in the same endpoint and bucket, known from bytes downloaded from that
 /// key (and checked against its ETag), never from an ETag match.
-pub fn digest_by_etag(c: &Connection, endpoint: &str, bucket: &str, etag: &str, size: u64) -> Result<Option<String>> {
+pub fn digest_by_etag(
+    c: &Connection,
+    endpoint: &str,
+    bucket: &str,
+    etag: &str,
+    size: u64,
+) -> Result<Option<BlobDigest>> {
     Ok(c.query_row(
         "SELECT o.digest FROM objects o JOIN blobs b ON b.digest = o.digest
          WHERE o.endpoint = ?1 AND o.bucket = ?2 AND o.etag = ?3 AND o.size = ?4 AND o.downloaded = 1
@@ -154,7 +161,7 @@ pub fn object_rejection(
     key: &str,
     etag: &str,
     size: u64,
-) -> Result<Option<(String, String)>> {
+) -> Result<Option<(BlobDigest, String)>> {
     Ok(c.query_row(
         "SELECT b.digest, COALESCE(b.reason, 'rejected') FROM objects o JOIN blobs b ON b.digest = o.digest
          WHERE o.bucket = ?1 AND o.key = ?2 AND o.etag = ?3 AND o.size = ?4 AND b.state = 'rejected'",
@@ -165,7 +172,7 @@ pub fn object_rejection(
 }
 
 /// Why a blob was rejected, if it was.
-pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
+pub fn blob_rejection(c: &Connection, digest: &BlobDigest) -> Result<Option<String>> {
     Ok(c.query_row(
         "SELECT COALESCE(reason, 'rejected') FROM blobs WHERE digest = ?1 AND state = 'rejected'",
         [digest],
@@ -177,7 +184,7 @@ pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
 /// Operator command: forget a rejection. The blob becomes 'missing' (its
 /// file may be gone), so the next fetch downloads and checks it again.
 /// Returns whether the blob was rejected.
-pub fn blob_clear_rejection(c: &Connection, digest: &str) -> Result<bool> {
+pub fn blob_clear_rejection(c: &Connection, digest: &BlobDigest) -> Result<bool> {
     let n = c.execute(
         "UPDATE blobs SET state = 'missing', reason = NULL, verified_at = NULL WHERE digest = ?1 AND state = 'rejected'",
         [digest],
@@ -197,7 +204,7 @@ pub fn object_record(
     etag: &str,
     size: u64,
     last_modified: &str,
-    digest: &str,
+    digest: &BlobDigest,
     downloaded: bool,
 ) -> Result<()> {
     c.execute(
@@ -222,7 +229,7 @@ pub fn object_mark_fetched(c: &Connection, bucket: &str, key: &str) -> Result<()
 /// `thinimg fetch` has not stored or used since `fetched_before` (unix
 /// seconds): what gc may collect. Blobs only pulled are collectable as soon
 /// as no image uses them.
-pub fn unused_blobs(c: &Connection, fetched_before: i64) -> Result<Vec<(String, u64, BlobState)>> {
+pub fn unused_blobs(c: &Connection, fetched_before: i64) -> Result<Vec<(BlobDigest, u64, BlobState)>> {
     let mut st = c.prepare(
         "SELECT digest, size, state FROM blobs b
          WHERE NOT EXISTS (SELECT 1 FROM image_layers l WHERE l.digest = b.digest)
@@ -238,7 +245,7 @@ pub fn unused_blobs(c: &Connection, fetched_before: i64) -> Result<Vec<(String, 
 
 /// Forget a blob whose file was removed (never a rejected one: its
 /// rejection outlives its bytes).
-pub fn blob_delete(c: &Connection, digest: &str) -> Result<()> {
+pub fn blob_delete(c: &Connection, digest: &BlobDigest) -> Result<()> {
     c.execute("DELETE FROM blobs WHERE digest = ?1 AND state != 'rejected'", [digest])?;
     Ok(())
 }
@@ -321,7 +328,7 @@ pub fn download_checkpoint(c: &Connection, id: i64, offset: u64, etag: &str, siz
 }
 
 /// The partial is complete, fsynced and hashes to `digest`.
-pub fn download_verified(c: &Connection, id: i64, digest: &str, size: u64) -> Result<()> {
+pub fn download_verified(c: &Connection, id: i64, digest: &BlobDigest, size: u64) -> Result<()> {
     c.execute(
         "UPDATE downloads SET offset = ?3, size = ?3, digest = ?2, updated_at = ?4 WHERE id = ?1",
         params![id, digest, size as i64, now()],
@@ -347,7 +354,7 @@ pub fn download_commit(
     etag: &str,
     size: u64,
     last_modified: &str,
-    digest: &str,
+    digest: &BlobDigest,
 ) -> Result<()> {
     let tx = c.transaction()?;
     blob_present(&tx, digest, size)?;
@@ -361,7 +368,7 @@ pub fn download_commit(
 
 /// Insert the blob as present, or bring a 'missing' one back. A rejected
 /// blob stays rejected: storing its bytes again changes nothing about it.
-pub fn blob_present(c: &Connection, digest: &str, size: u64) -> Result<()> {
+pub fn blob_present(c: &Connection, digest: &BlobDigest, size: u64) -> Result<()> {
     c.execute(
         "INSERT INTO blobs (digest, size, state, created_at, verified_at) VALUES (?1, ?2, 'present', ?3, ?3)
          ON CONFLICT (digest) DO UPDATE SET
@@ -369,6 +376,12 @@ pub fn blob_present(c: &Connection, digest: &str, size: u64) -> Result<()> {
              size = excluded.size, verified_at = excluded.verified_at",
         params![digest, size as i64, now()],
     )?;
+    Ok(())
+}
+
+/// Mark a blob as rejected (hostile or invalid) with the reason.
+pub fn reject_blob(c: &Connection, digest: &BlobDigest, reason: &str) -> Result<()> {
+    c.execute("UPDATE blobs SET state = 'rejected', reason = ?1 WHERE digest = ?2", params![reason, digest])?;
     Ok(())
 }
 
@@ -383,7 +396,7 @@ mod tests {
     #[test]
     fn download_lifecycle_and_dedupe_lookup() {
         let mut c = db();
-        let d = "a".repeat(64);
+        let d = BlobDigest::parse(&"a".repeat(64)).unwrap();
         let etag = "0123456789abcdef0123456789abcdef";
         let ep = "http://e";
         let r1 = download_begin(&mut c, ep, "b", "k/1.tar", etag, 100).unwrap();
@@ -396,7 +409,7 @@ mod tests {
         download_verified(&c, r2.id, &d, 100).unwrap();
         download_commit(&mut c, Some(r2.id), ep, "b", "k/1.tar", etag, 100, "", &d).unwrap();
         assert!(downloads_all(&c).unwrap().is_empty());
-        assert_eq!(digest_by_etag(&c, ep, "b", etag, 100).unwrap().as_deref(), Some(d.as_str()));
+        assert_eq!(digest_by_etag(&c, ep, "b", etag, 100).unwrap().as_ref(), Some(&d));
         assert_eq!(digest_by_etag(&c, ep, "b", etag, 101).unwrap(), None);
         // Another bucket or another endpoint: nothing is reused.
         assert_eq!(digest_by_etag(&c, ep, "other", etag, 100).unwrap(), None);
@@ -417,11 +430,11 @@ mod tests {
     #[test]
     fn a_rejected_blob_stays_rejected() {
         let mut c = db();
-        let d = "b".repeat(64);
+        let d = BlobDigest::parse(&"b".repeat(64)).unwrap();
         let etag = "0123456789abcdef0123456789abcdef";
         download_commit(&mut c, None, "http://e", "b", "k/1.tar", etag, 100, "", &d).unwrap();
         assert_eq!(object_rejection(&c, "b", "k/1.tar", etag, 100).unwrap(), None);
-        crate::store::images::reject_blob(&c, &d, "rule xyz: hostile").unwrap();
+        reject_blob(&c, &d, "rule xyz: hostile").unwrap();
         // Stored again, marked missing, collected: still rejected.
         blob_present(&c, &d, 100).unwrap();
         download_commit(&mut c, None, "http://e", "b", "k/1.tar", etag, 100, "", &d).unwrap();

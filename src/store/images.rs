@@ -7,15 +7,18 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::dm::ThinId;
 use crate::error::{Error, Kind, Result};
+use crate::fetch::blobstore::BlobDigest;
 use crate::ops::output::now;
+use crate::store::ids::ChainId;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageRow {
     pub name: String,
     pub family: String,
     pub top_layer: i64,
-    pub top_chain: Option<String>,
+    pub top_chain: Option<ChainId>,
     pub state: ImageState,
     pub updated_at: i64,
 }
@@ -24,17 +27,17 @@ pub struct ImageRow {
 pub struct LayerRow {
     pub position: i64,
     pub key: String,
-    pub digest: Option<String>,
-    pub chain_id: Option<String>,
+    pub digest: Option<BlobDigest>,
+    pub chain_id: Option<ChainId>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChainRow {
-    pub chain_id: String,
-    pub parent: Option<String>,
-    pub blob: String,
+    pub chain_id: ChainId,
+    pub parent: Option<ChainId>,
+    pub blob: BlobDigest,
     pub depth: i64,
-    pub thin_id: Option<u32>,
+    pub thin_id: Option<ThinId>,
     pub state: ChainState,
     pub report: Option<serde_json::Value>,
 }
@@ -61,8 +64,8 @@ column_enum! {
 pub struct ActivationRow {
     pub name: String,
     pub image: String,
-    pub chain_id: String,
-    pub thin_id: u32,
+    pub chain_id: ChainId,
+    pub thin_id: ThinId,
     pub state: ActivationState,
     pub created_at: i64,
 }
@@ -101,7 +104,7 @@ pub fn put_image_pulling(
     c: &Connection,
     name: &str,
     family: &str,
-    layers: &[(i64, String, Option<String>)],
+    layers: &[(i64, String, Option<BlobDigest>)],
 ) -> Result<()> {
     let top = layers.len() as i64;
     c.execute(
@@ -130,17 +133,17 @@ pub fn layers(c: &Connection, image: &str) -> Result<Vec<LayerRow>> {
 }
 
 /// A layer's digest, learned when its download finished.
-pub fn set_layer_digest(c: &Connection, image: &str, pos: i64, digest: &str) -> Result<()> {
+pub fn set_layer_digest(c: &Connection, image: &str, pos: i64, digest: &BlobDigest) -> Result<()> {
     c.execute("UPDATE image_layers SET digest = ?1 WHERE image = ?2 AND position = ?3", params![digest, image, pos])?;
     Ok(())
 }
 
-pub fn set_layer_chain(c: &Connection, image: &str, pos: i64, chain: &str) -> Result<()> {
+pub fn set_layer_chain(c: &Connection, image: &str, pos: i64, chain: &ChainId) -> Result<()> {
     c.execute("UPDATE image_layers SET chain_id = ?1 WHERE image = ?2 AND position = ?3", params![chain, image, pos])?;
     Ok(())
 }
 
-pub fn set_image_ready(c: &Connection, image: &str, top_chain: &str) -> Result<()> {
+pub fn set_image_ready(c: &Connection, image: &str, top_chain: &ChainId) -> Result<()> {
     c.execute(
         "UPDATE images SET state = 'ready', top_chain = ?1, updated_at = ?2 WHERE name = ?3",
         params![top_chain, now(), image],
@@ -166,7 +169,7 @@ fn chain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChainRow> {
     })
 }
 
-pub fn chain(c: &Connection, id: &str) -> Result<Option<ChainRow>> {
+pub fn chain(c: &Connection, id: &ChainId) -> Result<Option<ChainRow>> {
     Ok(c.query_row(
         "SELECT chain_id, parent, blob, depth, thin_id, state, report FROM chains WHERE chain_id = ?1",
         [id],
@@ -184,11 +187,11 @@ pub fn chains(c: &Connection) -> Result<Vec<ChainRow>> {
 
 pub fn insert_chain_building(
     c: &Connection,
-    id: &str,
-    parent: Option<&str>,
-    blob: &str,
+    id: &ChainId,
+    parent: Option<&ChainId>,
+    blob: &BlobDigest,
     depth: i64,
-    thin_id: u32,
+    thin_id: ThinId,
 ) -> Result<()> {
     c.execute(
         "INSERT INTO chains (chain_id, parent, blob, depth, thin_id, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, 'building', ?6)",
@@ -197,12 +200,12 @@ pub fn insert_chain_building(
     Ok(())
 }
 
-pub fn set_chain_ready(c: &Connection, id: &str, report: &serde_json::Value) -> Result<()> {
+pub fn set_chain_ready(c: &Connection, id: &ChainId, report: &serde_json::Value) -> Result<()> {
     c.execute("UPDATE chains SET state = 'ready', report = ?1 WHERE chain_id = ?2", params![report.to_string(), id])?;
     Ok(())
 }
 
-pub fn delete_chain(c: &Connection, id: &str) -> Result<()> {
+pub fn delete_chain(c: &Connection, id: &ChainId) -> Result<()> {
     c.execute("DELETE FROM chains WHERE chain_id = ?1", [id])?;
     Ok(())
 }
@@ -220,7 +223,7 @@ pub fn unused_chains(c: &Connection) -> Result<Vec<ChainRow>> {
     rows.map(|r| r.map_err(Error::from)).collect()
 }
 
-pub fn has_children(c: &Connection, id: &str) -> Result<bool> {
+pub fn has_children(c: &Connection, id: &ChainId) -> Result<bool> {
     Ok(c.query_row("SELECT EXISTS (SELECT 1 FROM chains WHERE parent = ?1)", [id], |r| r.get(0))?)
 }
 
@@ -255,7 +258,7 @@ pub fn activations_of(c: &Connection, image: &str) -> Result<Vec<ActivationRow>>
     Ok(activations(c)?.into_iter().filter(|a| a.image == image).collect())
 }
 
-pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &str, thin_id: u32) -> Result<()> {
+pub fn insert_activation(c: &Connection, name: &str, image: &str, chain: &ChainId, thin_id: ThinId) -> Result<()> {
     c.execute(
         "INSERT INTO activations (name, image, chain_id, thin_id, state, created_at) VALUES (?1, ?2, ?3, ?4, 'creating', ?5)",
         params![name, image, chain, thin_id, now()],
@@ -274,7 +277,7 @@ pub fn set_activation_state(c: &Connection, name: &str, state: ActivationState) 
 /// Forget an interrupted snapshot attempt, in one transaction: activation
 /// `name`'s row if it is still `creating` on `thin_id`, and `thin_id`'s row
 /// unless it is `ready` (a finished device is never dropped here).
-pub fn drop_snapshot_attempt(c: &Connection, name: &str, thin_id: u32) -> Result<()> {
+pub fn drop_snapshot_attempt(c: &Connection, name: &str, thin_id: ThinId) -> Result<()> {
     let tx = c.unchecked_transaction()?;
     tx.execute(
         "DELETE FROM activations WHERE name = ?1 AND state = 'creating' AND thin_id = ?2",
@@ -294,7 +297,7 @@ pub fn delete_activation(c: &Connection, name: &str) -> Result<()> {
 /// attempt's to undo: its row exists, is not `ready`, and no activation or
 /// other chain owns it (a finished teardown deleted the rows last, and the
 /// id may have been handed out again since).
-pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str>) -> Result<bool> {
+pub fn build_attempt_pending(c: &Connection, thin_id: ThinId, chain_id: Option<&ChainId>) -> Result<bool> {
     Ok(c.query_row(
         "SELECT EXISTS (SELECT 1 FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready')
             AND NOT EXISTS (SELECT 1 FROM activations WHERE thin_id = ?1)
@@ -307,7 +310,7 @@ pub fn build_attempt_pending(c: &Connection, thin_id: u32, chain_id: Option<&str
 /// Forget a torn-down build attempt, in one transaction: chain `chain_id`'s
 /// row if it is still `building`, and `thin_id`'s row unless it is `ready`
 /// (a finished chain or device is never dropped here).
-pub fn drop_build_attempt(c: &Connection, chain_id: Option<&str>, thin_id: u32) -> Result<()> {
+pub fn drop_build_attempt(c: &Connection, chain_id: Option<&ChainId>, thin_id: ThinId) -> Result<()> {
     let tx = c.unchecked_transaction()?;
     if let Some(cid) = chain_id {
         tx.execute("DELETE FROM chains WHERE chain_id = ?1 AND state = 'building'", [cid])?;
@@ -315,20 +318,6 @@ pub fn drop_build_attempt(c: &Connection, chain_id: Option<&str>, thin_id: u32) 
     tx.execute("DELETE FROM thin_devices WHERE thin_id = ?1 AND state <> 'ready'", [thin_id])?;
     tx.commit()?;
     Ok(())
-}
-
-/// Mark a blob as rejected (hostile or invalid) with the reason.
-pub fn reject_blob(c: &Connection, digest: &str, reason: &str) -> Result<()> {
-    c.execute("UPDATE blobs SET state = 'rejected', reason = ?1 WHERE digest = ?2", params![reason, digest])?;
-    Ok(())
-}
-
-pub fn blob_rejection(c: &Connection, digest: &str) -> Result<Option<String>> {
-    Ok(c.query_row("SELECT reason FROM blobs WHERE digest = ?1 AND state = 'rejected'", [digest], |r| {
-        r.get::<_, Option<String>>(0)
-    })
-    .optional()?
-    .map(|r| r.unwrap_or_else(|| "rejected".to_string())))
 }
 
 #[cfg(test)]
@@ -344,16 +333,16 @@ mod tests {
     #[test]
     fn a_dropped_snapshot_attempt_keeps_what_finished() {
         let c = db();
-        let blob = "a".repeat(64);
-        let chain = "c".repeat(64);
+        let blob = BlobDigest::parse(&"a".repeat(64)).unwrap();
+        let chain = ChainId::parse(&"c".repeat(64)).unwrap();
         crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
         put_image_pulling(&c, "img", "img", &[(1, "img/1".into(), Some(blob.clone()))]).unwrap();
-        let origin = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        let origin = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap();
         insert_chain_building(&c, &chain, None, &blob, 1, origin).unwrap();
-        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap();
         insert_activation(&c, "a1", "img", &chain, t).unwrap();
         // Another activation's id, or a row no longer `creating`, is not this attempt's.
-        drop_snapshot_attempt(&c, "a1", t + 1).unwrap();
+        drop_snapshot_attempt(&c, "a1", ThinId::new(u64::from(t.get()) + 1).unwrap()).unwrap();
         assert!(activation(&c, "a1").unwrap().is_some());
         set_activation_state(&c, "a1", ActivationState::Active).unwrap();
         set_thin_state(&c, t, ThinState::Ready).unwrap();
@@ -363,7 +352,7 @@ mod tests {
         // An interrupted one goes, rows together.
         delete_activation(&c, "a1").unwrap();
         delete_thin_row(&c, t).unwrap();
-        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap().get();
+        let t = alloc_thin_id(&c, ThinRole::Activation, None, Sectors(8)).unwrap();
         insert_activation(&c, "a2", "img", &chain, t).unwrap();
         drop_snapshot_attempt(&c, "a2", t).unwrap();
         assert!(activation(&c, "a2").unwrap().is_none());
@@ -395,10 +384,10 @@ mod tests {
     #[test]
     fn a_dropped_build_attempt_keeps_what_finished() {
         let c = db();
-        let blob = "a".repeat(64);
-        let (c1, c2) = ("1".repeat(64), "2".repeat(64));
+        let blob = BlobDigest::parse(&"a".repeat(64)).unwrap();
+        let (c1, c2) = (ChainId::parse(&"1".repeat(64)).unwrap(), ChainId::parse(&"2".repeat(64)).unwrap());
         crate::store::blobs::blob_present(&c, &blob, 1).unwrap();
-        let t1 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        let t1 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap();
         insert_chain_building(&c, &c1, None, &blob, 1, t1).unwrap();
         set_thin_state(&c, t1, ThinState::Ready).unwrap();
         set_chain_ready(&c, &c1, &serde_json::json!({})).unwrap();
@@ -407,9 +396,7 @@ mod tests {
         assert_eq!(chain(&c, &c1).unwrap().unwrap().state, ChainState::Ready);
         assert_eq!(thin_state(&c, t1).unwrap(), Some(ThinState::Ready));
         // A building one goes with its thin row.
-        let t2 = alloc_thin_id(&c, ThinRole::Chain, Some(crate::dm::ThinId::new(t1.into()).unwrap()), Sectors(8))
-            .unwrap()
-            .get();
+        let t2 = alloc_thin_id(&c, ThinRole::Chain, Some(t1), Sectors(8)).unwrap();
         insert_chain_building(&c, &c2, Some(&c1), &blob, 2, t2).unwrap();
         assert!(build_attempt_pending(&c, t2, Some(&c2)).unwrap());
         drop_build_attempt(&c, Some(&c2), t2).unwrap();
@@ -417,7 +404,7 @@ mod tests {
         assert_eq!(thin_state(&c, t2).unwrap(), None);
         assert!(!build_attempt_pending(&c, t2, Some(&c2)).unwrap());
         // Without a chain id (an intent from before the row): only the thin row.
-        let t3 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap().get();
+        let t3 = alloc_thin_id(&c, ThinRole::Chain, None, Sectors(8)).unwrap();
         drop_build_attempt(&c, None, t3).unwrap();
         assert_eq!(thin_state(&c, t3).unwrap(), None);
         assert!(chain(&c, &c1).unwrap().is_some());

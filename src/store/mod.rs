@@ -53,6 +53,7 @@ macro_rules! column_enum {
 }
 
 pub mod blobs;
+pub mod ids;
 pub mod images;
 pub mod schema;
 pub mod stats;

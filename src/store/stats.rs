@@ -63,11 +63,11 @@ mod tests {
     fn counts_see_each_state() {
         let mut c = db();
         assert_eq!(counts(&c).unwrap(), Counts::default());
-        let (a, b, r) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        let [a, b, r] = ["a", "b", "c"].map(|x| crate::fetch::blobstore::BlobDigest::parse(&x.repeat(64)).unwrap());
         crate::store::blobs::blob_present(&c, &a, 100).unwrap();
         crate::store::blobs::blob_present(&c, &b, 20).unwrap();
         crate::store::blobs::blob_present(&c, &r, 7).unwrap();
-        crate::store::images::reject_blob(&c, &r, "hostile").unwrap();
+        crate::store::blobs::reject_blob(&c, &r, "hostile").unwrap();
         crate::store::images::put_image_pulling(&c, "x", "x", &[(1, "x/1".into(), Some(a.clone()))]).unwrap();
         crate::store::images::put_image_pulling(&c, "y", "y", &[]).unwrap();
         let spec = RunSpec {

@@ -120,11 +120,10 @@ pub fn load(conn: &Connection) -> Result<Option<(PoolSpec, PoolState)>> {
     Ok(Some((spec, state)))
 }
 
-/// Role of a thin device, as the `thin_devices.role` column spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThinRole {
-    Chain,
-    Activation,
+column_enum! {
+    /// Role of a thin device (`thin_devices.role`): a chain's (a built,
+    /// shareable layer stack) or an activation's (a VM's writable snapshot).
+    ThinRole, "thin device row" { Chain = "chain", Activation = "activation" }
 }
 
 /// Reserve the smallest unused thin id, recording the intent (state
@@ -140,14 +139,10 @@ pub fn alloc_thin_id(tx: &Connection, role: ThinRole, origin: Option<ThinId>, si
         |r| r.get(0),
     )?;
     let id = ThinId::new(id as u64).map_err(|_| Error::new(Kind::TempFail, "all 2^24 thin ids are in use"))?;
-    let role = match role {
-        ThinRole::Chain => "chain",
-        ThinRole::Activation => "activation",
-    };
     tx.execute(
         "INSERT INTO thin_devices (thin_id, role, state, origin, size_sectors, created_at)
          VALUES (?1, ?2, 'creating', ?3, ?4, ?5)",
-        params![id.get(), role, origin.map(|o| o.get()), size.0 as i64, crate::ops::output::now()],
+        params![id, role, origin, size.0 as i64, crate::ops::output::now()],
     )?;
     Ok(id)
 }
@@ -203,13 +198,13 @@ column_enum! {
 /// The recorded state of thin device `id`, `None` if no row has it. A
 /// database error is an error, never "no row": callers decide teardowns
 /// from this.
-pub fn thin_state(conn: &Connection, id: u32) -> Result<Option<ThinState>> {
+pub fn thin_state(conn: &Connection, id: ThinId) -> Result<Option<ThinState>> {
     Ok(conn.query_row("SELECT state FROM thin_devices WHERE thin_id = ?1", [id], |r| r.get(0)).optional()?)
 }
 
 /// Whether thin device `id` is recorded and `ready` (fully created and not
 /// being deleted): only such a device may be shared or snapshotted.
-pub fn thin_ready(conn: &Connection, id: u32) -> Result<bool> {
+pub fn thin_ready(conn: &Connection, id: ThinId) -> Result<bool> {
     Ok(thin_state(conn, id)? == Some(ThinState::Ready))
 }
 
@@ -263,10 +258,10 @@ pub fn thin_count(conn: &Connection) -> Result<u64> {
 /// Thin device rows.
 #[derive(Debug, Clone, Serialize)]
 pub struct ThinRow {
-    pub thin_id: u32,
-    pub role: String,
+    pub thin_id: ThinId,
+    pub role: ThinRole,
     pub state: ThinState,
-    pub origin: Option<u32>,
+    pub origin: Option<ThinId>,
     pub size_sectors: u64,
 }
 
@@ -285,18 +280,18 @@ pub fn thin_devices(c: &Connection) -> Result<Vec<ThinRow>> {
 }
 
 /// Virtual size of a thin device, in sectors.
-pub fn thin_size(c: &Connection, thin_id: u32) -> Result<u64> {
+pub fn thin_size(c: &Connection, thin_id: ThinId) -> Result<Sectors> {
     let n: i64 = c.query_row("SELECT size_sectors FROM thin_devices WHERE thin_id = ?1", [thin_id], |r| r.get(0))?;
-    Ok(n.max(0) as u64)
+    Ok(Sectors(n.max(0) as u64))
 }
 
-pub fn set_thin_state(c: &Connection, thin_id: u32, state: ThinState) -> Result<()> {
+pub fn set_thin_state(c: &Connection, thin_id: ThinId, state: ThinState) -> Result<()> {
     c.execute("UPDATE thin_devices SET state = ?1 WHERE thin_id = ?2", params![state, thin_id])?;
     Ok(())
 }
 
 /// Thin ids no chain and no activation owns (e.g. a failed deletion).
-pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
+pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<ThinId>> {
     let mut st = c.prepare(
         "SELECT thin_id FROM thin_devices t
          WHERE NOT EXISTS (SELECT 1 FROM chains WHERE thin_id = t.thin_id)
@@ -307,7 +302,7 @@ pub fn unowned_thin_ids(c: &Connection) -> Result<Vec<u32>> {
     rows.map(|r| r.map_err(Error::from)).collect()
 }
 
-pub fn delete_thin_row(c: &Connection, thin_id: u32) -> Result<()> {
+pub fn delete_thin_row(c: &Connection, thin_id: ThinId) -> Result<()> {
     c.execute("DELETE FROM thin_devices WHERE thin_id = ?1", [thin_id])?;
     Ok(())
 }
@@ -372,18 +367,18 @@ mod tests {
         let tx = db.conn.transaction().unwrap();
         let a = alloc_thin_id(&tx, ThinRole::Chain, None, Sectors(8)).unwrap();
         tx.commit().unwrap();
-        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Creating));
-        assert!(!thin_ready(&db.conn, a.get()).unwrap());
-        set_thin_state(&db.conn, a.get(), ThinState::Ready).unwrap();
-        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Ready));
-        assert!(thin_ready(&db.conn, a.get()).unwrap());
-        set_thin_state(&db.conn, a.get(), ThinState::Deleting).unwrap();
-        assert_eq!(thin_state(&db.conn, a.get()).unwrap(), Some(ThinState::Deleting));
-        assert_eq!(thin_state(&db.conn, a.get() + 1).unwrap(), None);
+        assert_eq!(thin_state(&db.conn, a).unwrap(), Some(ThinState::Creating));
+        assert!(!thin_ready(&db.conn, a).unwrap());
+        set_thin_state(&db.conn, a, ThinState::Ready).unwrap();
+        assert_eq!(thin_state(&db.conn, a).unwrap(), Some(ThinState::Ready));
+        assert!(thin_ready(&db.conn, a).unwrap());
+        set_thin_state(&db.conn, a, ThinState::Deleting).unwrap();
+        assert_eq!(thin_state(&db.conn, a).unwrap(), Some(ThinState::Deleting));
+        assert_eq!(thin_state(&db.conn, ThinId::new(u64::from(a.get()) + 1).unwrap()).unwrap(), None);
         // A read that fails (here: no such table) is an error, not "no row".
         let bare = Connection::open_in_memory().unwrap();
-        assert!(thin_state(&bare, 0).is_err());
-        assert!(thin_ready(&bare, 0).is_err());
+        assert!(thin_state(&bare, a).is_err());
+        assert!(thin_ready(&bare, a).is_err());
         for s in [ThinState::Creating, ThinState::Ready, ThinState::Deleting] {
             assert_eq!(ThinState::parse(s.as_str()).unwrap(), s);
         }
