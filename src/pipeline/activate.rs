@@ -11,7 +11,7 @@
 
 use serde_json::{json, Value};
 
-use super::Ctx;
+use super::{Ctx, RunKind};
 use crate::dm::ThinId;
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
@@ -35,21 +35,56 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
+named_enum! {
+    /// An activate run's steps: pull the image if needed (a nested run),
+    /// take the writable snapshot, create its dm device.
+    ActivateStep, "activate step" { Image = "image", Snapshot = "snapshot", Device = "device" }
+}
+
+named_enum! {
+    /// A deactivate run's steps: remove the dm device, then (with
+    /// `--delete`) delete the snapshot and the activation.
+    DeactivateStep, "deactivate step" { Remove = "remove", Delete = "delete" }
+}
+
 pub fn spec(name: &str, image: &str, reference: &str) -> RunSpec {
+    let request = ActivateRequest { image: image.into(), reference: Some(reference.into()) };
     RunSpec {
-        kind: "activate".into(),
+        kind: RunKind::Activate.as_str().into(),
         subject: name.into(),
-        request: json!({ "image": image, "ref": reference }),
-        steps: vec!["image".into(), "snapshot".into(), "device".into()],
+        request: json!(request),
+        steps: [ActivateStep::Image, ActivateStep::Snapshot, ActivateStep::Device]
+            .iter()
+            .map(|s| s.as_str().into())
+            .collect(),
     }
 }
 
 pub fn deactivate_spec(name: &str, delete: bool) -> RunSpec {
-    let mut steps = vec!["remove".to_string()];
+    let mut steps = vec![DeactivateStep::Remove.as_str().to_string()];
     if delete {
-        steps.push("delete".into());
+        steps.push(DeactivateStep::Delete.as_str().into());
     }
-    RunSpec { kind: "deactivate".into(), subject: name.into(), request: json!({ "delete": delete }), steps }
+    RunSpec {
+        kind: RunKind::Deactivate.as_str().into(),
+        subject: name.into(),
+        request: json!(DeactivateRequest { delete }),
+        steps,
+    }
+}
+
+/// What a deactivate run is asked for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeactivateRequest {
+    /// Also delete the snapshot and the activation.
+    pub delete: bool,
+}
+
+/// What a deactivate run's `delete` step records before deleting the
+/// snapshot: the thin device it is deleting (its row is `deleting`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeleteIntent {
+    pub thin_id: ThinId,
 }
 
 /// What an activate run is asked for: the image (normalized name) and the
@@ -90,8 +125,8 @@ impl Executor for Activate<'_> {
         let req: ActivateRequest = cx.request_as()?;
         let image = req.image;
         let reference = req.reference.unwrap_or_else(|| image.clone());
-        match cx.step.as_str() {
-            "image" => {
+        match ActivateStep::parse(&cx.step)? {
+            ActivateStep::Image => {
                 let ready = q::image(cx.conn, &image)?.map(|i| i.state == ImageState::Ready && i.top_chain.is_some());
                 if ready != Some(true) {
                     // A nested run on its own subject: resumable on its own.
@@ -100,8 +135,8 @@ impl Executor for Activate<'_> {
                 }
                 Ok(())
             }
-            "snapshot" => self.snapshot(cx, &name, &image),
-            "device" => {
+            ActivateStep::Snapshot => self.snapshot(cx, &name, &image),
+            ActivateStep::Device => {
                 let act = q::activation(cx.conn, &name)?
                     .ok_or_else(|| Error::software(format!("activation {name}: row missing after snapshot")))?;
                 let size = crate::store::thin_pool::thin_size(cx.conn, act.thin_id)?;
@@ -113,12 +148,11 @@ impl Executor for Activate<'_> {
                     Ok(Completion::default())
                 })
             }
-            other => Err(Error::software(format!("activate: unknown step {other:?}"))),
         }
     }
 
     fn abort(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
-        if cx.step == "snapshot" {
+        if ActivateStep::parse(&cx.step)? == ActivateStep::Snapshot {
             if let Some(intent) = cx.intent().cloned() {
                 let dev = self.ctx.prepare_pool(cx.conn)?;
                 undo_snapshot(dev, cx.conn, &intent)?;
@@ -218,8 +252,8 @@ impl Executor for Deactivate<'_> {
             return Ok(()); // already gone: deleting is idempotent
         };
         let dev = self.ctx.prepare_pool(cx.conn)?;
-        match cx.step.as_str() {
-            "remove" => {
+        match DeactivateStep::parse(&cx.step)? {
+            DeactivateStep::Remove => {
                 dev.deactivate(&dev.activation_name(&name))?;
                 fault::point("deactivate:removed");
                 cx.complete(move |tx| {
@@ -227,11 +261,11 @@ impl Executor for Deactivate<'_> {
                     Ok(Completion::default())
                 })
             }
-            "delete" => {
+            DeactivateStep::Delete => {
                 let thin_id = act.thin_id;
                 cx.record_intent_with(|tx| {
                     crate::store::thin_pool::set_thin_state(tx, thin_id, ThinState::Deleting)?;
-                    Ok(json!({ "thin_id": thin_id }))
+                    crate::journal::intent_value(&DeleteIntent { thin_id })
                 })?;
                 dev.delete_thin(thin_id)?;
                 fault::point("deactivate:deleted");
@@ -241,7 +275,6 @@ impl Executor for Deactivate<'_> {
                     Ok(Completion::default())
                 })
             }
-            other => Err(Error::software(format!("deactivate: unknown step {other:?}"))),
         }
     }
 }

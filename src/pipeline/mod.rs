@@ -10,6 +10,38 @@
 //! named pool step, [`Ctx::prepare_pool`], which steps call where they
 //! first need the pool.
 
+/// A name the journal stores as text (a run kind, a step), as an enum:
+/// `as_str` spells it as the journal does, `parse` refuses any other
+/// spelling with an error naming `$what` (a run written by a newer
+/// version is an error, never a default).
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal { $($var:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($var),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$var => $s),+
+                }
+            }
+
+            pub fn parse(s: &str) -> crate::error::Result<$name> {
+                match s {
+                    $($s => Ok($name::$var),)+
+                    _ => Err(crate::error::Error::software(format!(
+                        "unknown {} {s:?} in the journal (written by a newer thinimg?)",
+                        $what
+                    ))),
+                }
+            }
+        }
+    };
+}
+
 pub mod activate;
 pub mod batch;
 pub mod gc;
@@ -210,7 +242,8 @@ impl Env {
             // Without device-mapper a kernel run cannot progress: leave it
             // for a later invocation instead of failing it (or making this
             // command, maybe about another subject, pay for it).
-            if needs_kernel(&kind) {
+            // (A kind this version does not know fails in drive_existing, below.)
+            if RunKind::parse(&kind).is_ok_and(RunKind::needs_kernel) {
                 if let Err(e) = kernel.get_or_insert_with(require_kernel) {
                     log::info!("run {id} ({kind} {subject}) waits for device-mapper: {}", e.message());
                     continue;
@@ -228,7 +261,7 @@ impl Env {
 
     /// Start (or join the active) run for the spec and drive it to the end.
     pub fn run(&mut self, spec: &RunSpec) -> Result<(RunId, Outcome)> {
-        if needs_kernel(&spec.kind) {
+        if RunKind::parse(&spec.kind)?.needs_kernel() {
             require_kernel()?;
         }
         let (id, _) = journal::start(&mut self.db.conn, spec)?;
@@ -237,16 +270,24 @@ impl Env {
     }
 
     pub fn drive_existing(&mut self, id: RunId) -> Result<Outcome> {
-        let kind = journal::kind_of(&self.db.conn, id)?;
+        let kind = RunKind::parse(&journal::kind_of(&self.db.conn, id)?)?;
         let policy = self.policy;
-        let mut exec = executor_for(&kind, &mut self.ctx)?;
+        let mut exec = executor_for(kind, &mut self.ctx);
         journal::drive(&mut self.db.conn, id, exec.as_mut(), &policy)
     }
 }
 
-/// Run kinds whose steps need device-mapper.
-fn needs_kernel(kind: &str) -> bool {
-    matches!(kind, "pull" | "activate" | "deactivate")
+named_enum! {
+    /// The kinds of journaled runs (`runs.kind`); each has one executor.
+    RunKind, "run kind" { Pull = "pull", Activate = "activate", Deactivate = "deactivate", Rm = "rm" }
+}
+
+impl RunKind {
+    /// Whether its steps need device-mapper (`rm` only edits rows, and
+    /// runs nested `deactivate` runs, which check for themselves).
+    fn needs_kernel(self) -> bool {
+        matches!(self, RunKind::Pull | RunKind::Activate | RunKind::Deactivate)
+    }
 }
 
 /// Fail fast, before any run is started, on a host without device-mapper:
@@ -255,16 +296,52 @@ pub fn require_kernel() -> Result<()> {
     crate::dm::Dm::open().map(|_| ())
 }
 
-fn executor_for<'a>(kind: &str, ctx: &'a mut Ctx) -> Result<Box<dyn Executor + 'a>> {
-    Ok(match kind {
-        "pull" => Box::new(pull::Pull { ctx }),
-        "activate" => Box::new(activate::Activate { ctx }),
-        "deactivate" => Box::new(activate::Deactivate { ctx }),
-        "rm" => Box::new(remove::Remove { ctx }),
-        _ => {
-            return Err(Error::software(format!(
-                "unknown run kind {kind:?} in the journal (written by a newer thinimg?)"
-            )))
+fn executor_for<'a>(kind: RunKind, ctx: &'a mut Ctx) -> Box<dyn Executor + 'a> {
+    match kind {
+        RunKind::Pull => Box::new(pull::Pull { ctx }),
+        RunKind::Activate => Box::new(activate::Activate { ctx }),
+        RunKind::Deactivate => Box::new(activate::Deactivate { ctx }),
+        RunKind::Rm => Box::new(remove::Remove { ctx }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::activate::{ActivateStep, DeactivateStep};
+    use super::remove::RemoveStep;
+    use super::*;
+
+    #[test]
+    fn run_kinds_and_steps_read_back_and_refuse_other_spellings() {
+        for k in [RunKind::Pull, RunKind::Activate, RunKind::Deactivate, RunKind::Rm] {
+            assert_eq!(RunKind::parse(k.as_str()).unwrap(), k);
         }
-    })
+        assert!(!RunKind::Rm.needs_kernel() && RunKind::Pull.needs_kernel());
+        for bad in ["Pull", "", "gc", "pull "] {
+            let e = RunKind::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), Kind::Software);
+            assert!(e.message().contains("run kind"), "{}", e.message());
+        }
+        for s in [ActivateStep::Image, ActivateStep::Snapshot, ActivateStep::Device] {
+            assert_eq!(ActivateStep::parse(s.as_str()).unwrap(), s);
+        }
+        for s in [DeactivateStep::Remove, DeactivateStep::Delete] {
+            assert_eq!(DeactivateStep::parse(s.as_str()).unwrap(), s);
+        }
+        for s in [RemoveStep::Activations, RemoveStep::Forget] {
+            assert_eq!(RemoveStep::parse(s.as_str()).unwrap(), s);
+        }
+        assert!(ActivateStep::parse("remove").is_err() && DeactivateStep::parse("snapshot").is_err());
+        // The specs are spelled with the same names the executors parse.
+        let spec = activate::deactivate_spec("vm1", true);
+        assert_eq!(RunKind::parse(&spec.kind).unwrap(), RunKind::Deactivate);
+        assert_eq!(spec.steps, ["remove", "delete"]);
+        assert_eq!(spec.request, serde_json::json!({"delete": true}));
+        let spec = rm_spec("golang", false);
+        assert_eq!((spec.kind.as_str(), spec.request.clone()), ("rm", serde_json::json!({"force": false})));
+        let spec = activate::spec("vm1", "golang", "golang/3");
+        assert_eq!(spec.steps, ["image", "snapshot", "device"]);
+        assert_eq!(spec.request, serde_json::json!({"image": "golang", "ref": "golang/3"}));
+        assert_eq!(pull::spec("golang", "golang").request, serde_json::json!({"ref": "golang"}));
+    }
 }

@@ -74,9 +74,9 @@ impl PullStep {
 /// The run spec for pulling `image` (a normalized ref).
 pub fn spec(image: &str, reference: &str) -> RunSpec {
     RunSpec {
-        kind: "pull".into(),
+        kind: super::RunKind::Pull.as_str().into(),
         subject: image.into(),
-        request: json!({ "ref": reference }),
+        request: json!(PullRequest { reference: Some(reference.into()) }),
         steps: vec![PullStep::Fetch.name()],
     }
 }

@@ -3,9 +3,9 @@
 //! `deactivate` run; without it, refuse while any exists) and `forget`
 //! (delete the image row; its chains become unused and `gc` frees them).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::{activate, Ctx};
+use super::{activate, Ctx, RunKind};
 use crate::error::{Error, Kind, Result};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::store::images as q;
@@ -18,15 +18,20 @@ pub struct Remove<'a> {
 /// The run `rm IMAGE [--force]`.
 pub fn rm_spec(image: &str, force: bool) -> RunSpec {
     RunSpec {
-        kind: "rm".into(),
+        kind: RunKind::Rm.as_str().into(),
         subject: image.into(),
-        request: serde_json::json!({ "force": force }),
-        steps: vec!["activations".into(), "forget".into()],
+        request: serde_json::json!(RemoveRequest { force }),
+        steps: vec![RemoveStep::Activations.as_str().into(), RemoveStep::Forget.as_str().into()],
     }
 }
 
+named_enum! {
+    /// An `rm` run's steps.
+    RemoveStep, "rm step" { Activations = "activations", Forget = "forget" }
+}
+
 /// The request of an `rm` run.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct RemoveRequest {
     /// Deactivate and delete the image's activations (else refuse).
     #[serde(default)]
@@ -36,8 +41,8 @@ struct RemoveRequest {
 impl Executor for Remove<'_> {
     fn step(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
         let image = cx.subject.clone();
-        match cx.step.as_str() {
-            "activations" => {
+        match RemoveStep::parse(&cx.step)? {
+            RemoveStep::Activations => {
                 let acts = q::activations_of(cx.conn, &image)?;
                 if acts.is_empty() {
                     return Ok(());
@@ -58,11 +63,10 @@ impl Executor for Remove<'_> {
                 }
                 Ok(())
             }
-            "forget" => cx.complete(move |tx| {
+            RemoveStep::Forget => cx.complete(move |tx| {
                 q::delete_image(tx, &image)?;
                 Ok(Completion::default())
             }),
-            other => Err(Error::software(format!("rm: unknown step {other:?}"))),
         }
     }
 }

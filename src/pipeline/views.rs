@@ -29,6 +29,8 @@ use crate::store::ids::ChainId;
 use crate::store::images::{self as q, ActivationState, ImageState, LayerRow};
 use crate::store::Db;
 
+pub use crate::store::stats::Counts;
+
 /// What state a pool is in, as `status` and `pool status` print it: its
 /// kernel mode when it runs, else its health. Serialized (and printed) in
 /// the spelling the man page documents, which is `pool status --json`'s
@@ -222,8 +224,6 @@ pub fn space(state_dir: &Path, counts: Option<&Counts>, pool: Option<&PoolView>)
     }
     v
 }
-
-pub use crate::store::stats::Counts;
 
 /// How many of each thing the database records.
 pub fn counts(db: &Db) -> Result<Counts> {
