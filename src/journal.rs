@@ -69,6 +69,39 @@ impl RunState {
     }
 }
 
+/// Where a step stands (`steps.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+        }
+    }
+}
+
+impl rusqlite::types::FromSql for StepState {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(match v.as_str()? {
+            "pending" => StepState::Pending,
+            "running" => StepState::Running,
+            "done" => StepState::Done,
+            "failed" => StepState::Failed,
+            other => return Err(rusqlite::types::FromSqlError::Other(format!("unknown step state {other:?}").into())),
+        })
+    }
+}
+
 /// Does the work of one run kind. Every step must be idempotent: after a
 /// crash it is called again, with [`StepCx::intent`] holding what the dead
 /// attempt recorded.
@@ -290,7 +323,7 @@ impl Outcome {
 struct StepRow {
     idx: i64,
     name: String,
-    state: String,
+    state: StepState,
     attempts: u32,
     intent: Option<String>,
 }
@@ -404,7 +437,7 @@ pub fn drive(conn: &mut Connection, run: RunId, exec: &mut dyn Executor, policy:
             return Err(crate::ops::signals::interrupted_error());
         }
         let attempt = row.attempts + 1;
-        if row.state == "running" {
+        if row.state == StepState::Running {
             log::info!("run {run} ({kind} {subject}): resuming step {} after an interruption", row.name);
         }
         conn.execute(
@@ -566,8 +599,11 @@ pub struct RunInfo {
 pub struct StepInfo {
     pub idx: i64,
     pub name: String,
-    pub state: String,
+    pub state: StepState,
     pub attempts: u32,
+    /// When its last attempt started and when it ended (seconds since the epoch).
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
     pub error_kind: Option<String>,
     pub error: Option<String>,
     pub intent: Option<Value>,
@@ -676,7 +712,8 @@ fn query_runs(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<
 
 fn steps_of(conn: &Connection, run: RunId) -> Result<Vec<StepInfo>> {
     let mut st = conn.prepare(
-        "SELECT idx, name, state, attempts, error_kind, error, intent, outcome FROM steps WHERE run_id = ?1 ORDER BY idx",
+        "SELECT idx, name, state, attempts, error_kind, error, intent, outcome, started_at, finished_at
+         FROM steps WHERE run_id = ?1 ORDER BY idx",
     )?;
     let rows = st.query_map([run], |r| {
         let intent: Option<String> = r.get(6)?;
@@ -686,6 +723,8 @@ fn steps_of(conn: &Connection, run: RunId) -> Result<Vec<StepInfo>> {
             name: r.get(1)?,
             state: r.get(2)?,
             attempts: r.get(3)?,
+            started_at: r.get(8)?,
+            finished_at: r.get(9)?,
             error_kind: r.get(4)?,
             error: r.get(5)?,
             intent: intent.and_then(|s| serde_json::from_str(&s).ok()),

@@ -11,7 +11,11 @@ use crate::pipeline::Env;
 use crate::store::Db;
 
 fn current_step(r: &RunInfo) -> String {
-    r.steps.iter().find(|s| s.state != "done").map(|s| s.name.clone()).unwrap_or_else(|| "-".into())
+    r.steps
+        .iter()
+        .find(|s| s.state != crate::journal::StepState::Done)
+        .map(|s| s.name.clone())
+        .unwrap_or_else(|| "-".into())
 }
 
 pub fn list(inv: &Invocation) -> Result<u8> {
@@ -26,7 +30,7 @@ pub fn list(inv: &Invocation) -> Result<u8> {
     let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
-            let done = r.steps.iter().filter(|s| s.state == "done").count();
+            let done = r.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
             let state = match r.superseded_by {
                 Some(l) => format!("{} (superseded by {l})", r.state.as_str()),
                 None => r.state.as_str().to_string(),
@@ -106,7 +110,7 @@ pub fn explain(r: &RunInfo) -> String {
             1 => " (1 attempt)".to_string(),
             n => format!(" ({n} attempts)"),
         };
-        let _ = write!(s, "  {:>2}. {:<14} {}{attempts}", st.idx + 1, st.name, st.state);
+        let _ = write!(s, "  {:>2}. {:<14} {}{attempts}", st.idx + 1, st.name, st.state.as_str());
         if let Some(e) = &st.error {
             let _ = write!(s, ": {}{e}", st.error_kind.as_deref().map(|k| format!("[{k}] ")).unwrap_or_default());
         }
