@@ -363,6 +363,38 @@ fn state_idempotent_activate_answer_is_checked_against_the_kernel() {
     let path = PathBuf::from(first["path"].as_str().unwrap());
     let (ma, mi) = (first["major"].as_u64().unwrap(), first["minor"].as_u64().unwrap());
     assert_eq!(first["dev_path"], format!("/dev/dm-{mi}"));
+    // A re-run answers from the database and keeps that answer; the next
+    // one answers from it (no database open) with the same bytes.
+    let kept = h.run.join("answers/activate-vm.json");
+    let from = |r: &common::Run| {
+        if r.stderr.contains("answered from the kept answer") {
+            "kept"
+        } else if r.stderr.contains("answered from the database") {
+            "database"
+        } else {
+            "run"
+        }
+    };
+    let r = h.cmd(&["activate", "a", "--name", "vm", "--json", "-vv"], &[]);
+    assert_eq!((r.code, from(&r)), (0, "database"), "{}", r.stderr);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(), first);
+    assert!(kept.exists(), "no answer kept at {}", kept.display());
+    let r = h.cmd(&["activate", "a", "--name", "vm", "--json", "-vv"], &[]);
+    assert_eq!((r.code, from(&r)), (0, "kept"), "{}", r.stderr);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(), first);
+    // It never outlives a change of the database, even with the device up
+    // as it was: an interrupted run (here: a pull killed mid-way) must be
+    // resumed by the next command, not skipped by an answer from before.
+    let saved = std::fs::read(&kept).unwrap();
+    h.upload(&[("b/1.tar", fixture("golang/2.tar"))]);
+    let r = h.cmd(&["pull", "b"], &[("THINIMG_FAULT", "after:fetch")]);
+    assert_eq!(r.code, -1, "expected death by SIGKILL, got exit {}: {}", r.code, r.stderr);
+    assert_eq!(h.count("SELECT COUNT(*) FROM runs WHERE state = 'active'"), 1, "no interrupted run");
+    std::fs::write(&kept, &saved).unwrap();
+    let r = h.cmd(&["activate", "a", "--name", "vm", "--json", "-vv"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(from(&r), "run", "answered without resuming the interrupted pull: {}", r.stderr);
+    assert_eq!(h.count("SELECT COUNT(*) FROM runs WHERE state = 'active'"), 0, "the pull was not resumed");
     // Replace the node with one for another block device (a loop device).
     std::fs::remove_file(&path).unwrap();
     let other = std::fs::metadata("/dev/loop0").map(|m| m.rdev()).unwrap_or(nix::sys::stat::makedev(7, 0));

@@ -77,12 +77,25 @@ pub fn activate(inv: &Invocation) -> Result<u8> {
     let image = sources::image_name(&crate::cli::settings::prefix(inv), reference)?;
     // The idempotent answer, from a read-only look: when the activation is
     // active with its node in place and no interrupted run waits to be
-    // resumed, there is nothing to lock, resume or do.
-    if let Some(db) = Db::open_existing(&inv.state_dir())? {
+    // resumed, there is nothing to lock, resume or do. First the answer an
+    // earlier re-run kept, valid while the database is unchanged (no
+    // database open at all); then the database, read only.
+    let (state_dir, run_dir) = (inv.state_dir(), inv.run_dir());
+    if let Some(info) = views::remembered_activation(&state_dir, &run_dir, &name, &image) {
+        log::debug!(
+            "activation {name}: up, and the database unchanged since it was read: answered from the kept answer"
+        );
+        return print_activation(inv, &info);
+    }
+    let before = crate::store::stamp(&state_dir);
+    if let Some(db) = Db::open_existing(&state_dir)? {
         if crate::journal::unfinished(&db.conn)?.is_empty() {
-            let ready = views::activation(&inv.state_dir(), &inv.run_dir(), &db.conn, &name)?
-                .filter(|i| i.image == image && i.is_up());
+            let ready =
+                views::activation(&state_dir, &run_dir, &db.conn, &name)?.filter(|i| i.image == image && i.is_up());
             if let Some(info) = ready {
+                drop(db);
+                log::debug!("activation {name}: up: answered from the database");
+                views::remember_activation(&state_dir, &run_dir, &info, before);
                 return print_activation(inv, &info);
             }
         }
@@ -150,6 +163,9 @@ pub fn deactivate(inv: &Invocation) -> Result<u8> {
     if q::activation(&env.db.conn, name)?.is_none() {
         return Err(Error::new(Kind::NoSuchImage, format!("no activation named {name}")));
     }
+    // Its kept answer no longer holds (the database changes too; this is
+    // hygiene, not correctness).
+    views::forget_activation(&inv.run_dir(), name);
     env.run(&activate::deactivate_spec(name, delete))?;
     if inv.json() {
         output::json(&json!({ "name": name, "deleted": delete }))?;

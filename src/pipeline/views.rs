@@ -27,7 +27,7 @@ use crate::journal::{Outcome, RunId, RunState};
 use crate::pool::{Pool, PoolMode, PoolStatus};
 use crate::store::ids::ChainId;
 use crate::store::images::{self as q, ActivationState, ImageState, LayerRow};
-use crate::store::Db;
+use crate::store::{Db, DbStamp};
 
 pub use crate::store::stats::Counts;
 
@@ -289,7 +289,7 @@ pub fn images(conn: &Connection) -> Result<Vec<ImageView>> {
 }
 
 /// An activation as `activate` and `activations` print it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ActivationView {
     pub name: String,
     pub image: String,
@@ -310,6 +310,65 @@ impl ActivationView {
     pub fn is_up(&self) -> bool {
         self.state == ActivationState::Active && self.minor.is_some()
     }
+}
+
+/// An idempotent `activate` answer kept under the run directory
+/// (`answers/activate-<name>.json`, gone with a reboot), so a re-run with
+/// nothing to do answers without opening the database: provisioning
+/// scripts call `activate` for every boot of a VM. It is used only while
+/// the database has not changed since it was read (same [`DbStamp`]: no
+/// commit, no restore, and so no run left to resume) and the kernel still
+/// agrees (the node is a dm device of that name). Anything else falls
+/// back to reading the database.
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct ActivateAnswer {
+    stamp: DbStamp,
+    view: ActivationView,
+}
+
+fn answer_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("answers").join(format!("activate-{name}.json"))
+}
+
+/// The kept answer for activation `name` of `image`, if it still holds.
+pub fn remembered_activation(state_dir: &Path, run_dir: &Path, name: &str, image: &str) -> Option<ActivationView> {
+    let text = std::fs::read(answer_path(run_dir, name)).ok()?;
+    let a: ActivateAnswer = serde_json::from_slice(&text).ok()?;
+    let v = a.view;
+    if v.name != name || v.image != image || !v.is_up() || crate::store::stamp(state_dir)? != a.stamp {
+        return None;
+    }
+    let (ma, mi) = crate::pool::node_numbers(Path::new(&v.path))?;
+    (Some(ma) == v.major && Some(mi) == v.minor && crate::pool::dm_name_of(ma, mi)? == v.dm_name).then_some(v)
+}
+
+/// Keep `view` (read from the database while it had stamp `before`, and
+/// answered as is) if the database is still unchanged now that the reader
+/// closed it. Best effort: not keeping it only costs the next re-run a
+/// database read.
+pub fn remember_activation(state_dir: &Path, run_dir: &Path, view: &ActivationView, before: Option<DbStamp>) {
+    let Some(stamp) = before.filter(|b| crate::store::stamp(state_dir).as_ref() == Some(b)) else {
+        return;
+    };
+    let path = answer_path(run_dir, &view.name);
+    let res = (|| -> std::io::Result<()> {
+        let dir = run_dir.join("answers");
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".activate-{}.{}", view.name, std::process::id()));
+        let text = serde_json::to_vec(&ActivateAnswer { stamp, view: view.clone() }).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    })();
+    if let Err(e) = res {
+        log::debug!("keeping the answer for activation {} in {}: {e}", view.name, path.display());
+    }
+}
+
+/// Drop the kept answer for activation `name` (it is about to change).
+pub fn forget_activation(run_dir: &Path, name: &str) {
+    let _ = std::fs::remove_file(answer_path(run_dir, name));
 }
 
 /// The activation `name`, if recorded. Read-only: needs no pool and no
@@ -428,8 +487,8 @@ pub fn status(state_dir: &Path, run_dir: &Path) -> Result<StatusView> {
         .iter()
         .filter(|r| matches!(r.state, RunState::Active | RunState::Cancelling))
         .map(|r| {
-            let done = r.steps.iter().filter(|s| s.state == "done").count();
-            let cur = r.steps.iter().find(|s| s.state != "done");
+            let done = r.steps.iter().filter(|s| s.state == crate::journal::StepState::Done).count();
+            let cur = r.steps.iter().find(|s| s.state != crate::journal::StepState::Done);
             RunInFlight {
                 id: r.id,
                 kind: r.kind.clone(),

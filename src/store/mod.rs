@@ -11,7 +11,7 @@
 macro_rules! column_enum {
     ($(#[$m:meta])* $name:ident, $what:literal { $($var:ident = $s:literal),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         #[serde(rename_all = "lowercase")]
         pub enum $name {
             $($var),+
@@ -65,6 +65,66 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, Kind, Result};
+
+/// What the database files look like on disk, without opening them: a
+/// commit always changes it (the WAL grows, or restarts with a new header,
+/// or is checkpointed into a database file whose size or mtime changes),
+/// and so does replacing or restoring the file. Equal stamps taken before
+/// and after a read mean no commit landed in between, so an answer read
+/// then still holds while the stamp is unchanged. (A checkpoint without a
+/// commit may also change it: that only costs a fresh read.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DbStamp {
+    db: FileStamp,
+    wal: Option<FileStamp>,
+    /// The WAL header (checkpoint sequence and salts), hex.
+    wal_header: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(p: &Path) -> std::io::Result<Option<FileStamp>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(p) {
+            Ok(m) => Ok(Some(FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The stamp of the database under `state_dir`; `None` when there is no
+/// database (or it cannot be looked at: the caller then reads it for real).
+pub fn stamp(state_dir: &Path) -> Option<DbStamp> {
+    use std::io::Read;
+    let db_path = state_dir.join("state.db");
+    let db = FileStamp::of(&db_path).ok()??;
+    let wal_path = state_dir.join("state.db-wal");
+    // A WAL shorter than its header holds no commit (a reader creates an
+    // empty one and deletes it on close): the database file is the content.
+    let wal = FileStamp::of(&wal_path).ok()?.filter(|w| w.size >= 32);
+    let wal_header = match &wal {
+        Some(_) => {
+            let mut h = [0u8; 32];
+            std::fs::File::open(&wal_path).and_then(|mut f| f.read_exact(&mut h)).ok()?;
+            Some(crate::ops::encode::hex(&h))
+        }
+        None => None,
+    };
+    Some(DbStamp { db, wal, wal_header })
+}
 
 /// `file:` URI path: percent-encode what a URI would misread.
 fn uri_path(p: &Path) -> String {
@@ -287,4 +347,53 @@ pub(crate) fn memory_db() -> Connection {
     c.execute_batch("PRAGMA foreign_keys=ON").expect("foreign keys on");
     schema::migrate(&mut c).expect("migrations apply");
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("thinimg-stamp-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("a scratch dir");
+        d
+    }
+
+    #[test]
+    fn a_stamp_changes_with_every_commit_and_not_with_reads() {
+        let d = tmpdir("commits");
+        assert_eq!(stamp(&d), None, "no database, no stamp");
+        let db = Db::open(&d).unwrap();
+        db.conn.execute("INSERT INTO meta (key, value) VALUES ('t', '0')", []).unwrap();
+        drop(db);
+        let s0 = stamp(&d).expect("a stamp");
+        // Readers, however many times, change nothing.
+        for _ in 0..3 {
+            let r = Db::open_read(&d).unwrap().expect("the database");
+            let _: i64 = r.conn.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get(0)).unwrap();
+            assert_eq!(stamp(&d).as_ref(), Some(&s0), "while a reader is open");
+            drop(r);
+            assert_eq!(stamp(&d).as_ref(), Some(&s0), "after a reader closed");
+        }
+        // Each commit does, with the connection open (the WAL grows or
+        // restarts) and after it closed (checkpointed into the file).
+        let mut seen = vec![s0];
+        let db = Db::open(&d).unwrap();
+        for i in 1..=3 {
+            db.conn.execute("UPDATE meta SET value = ?1 WHERE key = 't'", [i.to_string()]).unwrap();
+            let s = stamp(&d).expect("a stamp");
+            assert!(!seen.contains(&s), "commit {i} left the stamp as it was");
+            seen.push(s);
+        }
+        drop(db);
+        let s = stamp(&d).expect("a stamp");
+        assert!(!seen[..seen.len() - 1].contains(&s));
+        // A restored copy (same content, another file) is another database.
+        let copy = d.join("copy");
+        std::fs::copy(d.join("state.db"), &copy).unwrap();
+        std::fs::rename(&copy, d.join("state.db")).unwrap();
+        assert_ne!(stamp(&d), Some(s));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }
