@@ -721,7 +721,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: Some(1),
         summary: "Pull if needed, then create a writable snapshot of the image and print its device.",
-        description: "Idempotent by --name: a second call with the same name does no device-mapper work and prints the same answer.",
+        description: "Idempotent by --name: a second call with the same name does no device-mapper work and prints the same answer. Such an answer is kept under the run directory (answers/activate-NAME.json) and printed again without opening the database while the database is unchanged and the kernel still shows the device.",
         flags: &[NAME, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },

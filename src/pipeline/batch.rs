@@ -63,7 +63,7 @@ pub fn pull_images(
     let feed = catalog.map(|c| Arc::new(Feed::new(c)));
     let planned = match &feed {
         Some(f) => f.plan(&items.iter().map(|i| i.reference.clone()).collect::<Vec<_>>()),
-        None => Vec::new(),
+        None => Default::default(),
     };
     template.feed = feed.clone();
     let feed_ctx = template.fresh();

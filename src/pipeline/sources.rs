@@ -156,6 +156,14 @@ pub fn layer_digest(ctx: &mut Ctx, conn: &mut Connection, key: &str) -> Result<B
     Ok(fetched.digest.clone())
 }
 
+/// What a feed downloads: distinct layers in build order, the first
+/// `bases` of them the images' base layers.
+#[derive(Debug, Clone, Default)]
+pub struct Planned {
+    pub layers: Vec<Layer>,
+    pub bases: usize,
+}
+
 /// A failure kept to hand to whoever waits for that key.
 type Kept = std::result::Result<BlobDigest, (Kind, String)>;
 
@@ -200,28 +208,42 @@ impl Feed {
     }
 
     /// The distinct layers of `refs` (those that resolve), in the order
-    /// builds need them; marks them pending.
-    pub fn plan(&self, refs: &[String]) -> Vec<Layer> {
+    /// builds need them (every image's first layer, then every second, ...);
+    /// marks them pending.
+    pub fn plan(&self, refs: &[String]) -> Planned {
         let images: Vec<ImageRef> = refs.iter().filter_map(|r| self.catalog.resolve(r).ok()).collect();
         let depth = images.iter().map(|i| i.layers.len()).max().unwrap_or(0);
         let mut seen = HashSet::new();
-        let mut out = Vec::new();
+        let mut out = Planned::default();
         for d in 0..depth {
             for l in images.iter().filter_map(|i| i.layers.get(d)) {
                 if seen.insert(l.key.clone()) {
-                    out.push(l.clone());
+                    out.layers.push(l.clone());
                 }
             }
+            if d == 0 {
+                out.bases = out.layers.len();
+            }
         }
-        self.lock().pending.extend(out.iter().map(|l| l.key.clone()));
+        self.lock().pending.extend(out.layers.iter().map(|l| l.key.clone()));
         out
     }
 
-    /// Download `layers` (from [`Feed::plan`]), publishing each result.
-    /// Returns when every one has a result; a failure that stops the whole
-    /// download (database, store, no space for them) becomes every
-    /// remaining layer's result.
-    pub fn run(&self, ctx: &Ctx, layers: &[Layer]) {
+    /// Download the planned layers, publishing each result. Returns when
+    /// every one has a result; a failure that stops the whole download
+    /// (database, store, no space for them) becomes every remaining
+    /// layer's result.
+    ///
+    /// The base layers come first, on their own: no chain of any image can
+    /// start before its base is there, so they get the whole network and
+    /// CPU, and the first build starts as early as it can. Then the rest,
+    /// `--download-jobs` at a time, in build order. The downloading threads
+    /// run at a lower CPU priority than the builds: on a host short of CPU
+    /// (hashing and copying compete with unpacking) a chain that could build
+    /// now is not slowed down by the downloads of layers wanted later.
+    pub fn run(&self, ctx: &Ctx, planned: &Planned) {
+        crate::ops::lower_thread_priority(5);
+        let layers = &planned.layers;
         let publish = |i: usize, r: &Result<crate::fetch::LayerFetch>| {
             if let Some(l) = layers.get(i) {
                 let kept = match r {
@@ -246,7 +268,10 @@ impl Feed {
             let client = s3(ctx)?;
             let store = BlobStore::open(&ctx.state_dir)?;
             let db = Db::open(&ctx.state_dir)?;
-            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, layers, &ctx.fetch, &publish)?;
+            let (bases, rest) = layers.split_at(planned.bases.min(layers.len()));
+            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, bases, &ctx.fetch, &publish)?;
+            let later = |i: usize, r: &Result<crate::fetch::LayerFetch>| publish(i + bases.len(), r);
+            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, rest, &ctx.fetch, &later)?;
             Ok(())
         })();
         let why = match res {
@@ -382,4 +407,28 @@ pub fn gc_blobs(ctx: &mut Ctx, conn: &mut Connection, dry_run: bool) -> Result<(
         }
     }
     Ok((removed, bytes, strays))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::s3::ObjectInfo;
+
+    #[test]
+    fn a_feed_plans_bases_first_then_layers_in_build_order() {
+        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
+        let keys = ["a/1.tar", "a/2.tar", "a/3.tar", "b/1.tar", "b/2.tar", "c/1.tar"];
+        let cat = Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect());
+        let feed = Feed::new(cat);
+        let p = feed.plan(&["a".into(), "b".into(), "c".into(), "nosuch".into()]);
+        let got: Vec<&str> = p.layers.iter().map(|l| l.key.trim_start_matches("images/")).collect();
+        assert_eq!(got, ["a/1.tar", "b/1.tar", "c/1.tar", "a/2.tar", "b/2.tar", "a/3.tar"]);
+        assert_eq!(p.bases, 3, "every image's base layer is in the first group");
+        // A ref naming one layer plans that image's layers up to it.
+        let feed =
+            Feed::new(Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect()));
+        let p = feed.plan(&["a/2".into()]);
+        assert_eq!((p.layers.len(), p.bases), (2, 1));
+        assert_eq!(feed.plan(&[]).bases, 0);
+    }
 }
