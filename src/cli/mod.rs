@@ -106,9 +106,10 @@ impl Invocation {
         self.flag("json")
     }
 
-    /// Build an invocation programmatically (tests, internal re-dispatch).
-    /// Table defaults apply to the command's flags that are not given.
-    pub fn for_test(cmd: &str, args: &[&str], values: &[(&'static str, &str)]) -> Invocation {
+    /// An invocation built in a unit test: the command's table defaults,
+    /// then `values`. Not part of the library's API.
+    #[cfg(test)]
+    pub(crate) fn for_test(cmd: &str, args: &[&str], values: &[(&'static str, &str)]) -> Invocation {
         let command = table::find_command(cmd).unwrap_or(&table::COMMANDS[0]);
         let mut inv = Invocation {
             command,
