@@ -528,7 +528,18 @@ fn download_group(
     received: &AtomicU64,
 ) -> Vec<(usize, Result<LayerFetch>)> {
     let l = &layers[lead];
+    let t0 = std::time::Instant::now();
     let first = download_one(db, s3, store, l, opts, received);
+    if let Ok(f) = &first {
+        let secs = t0.elapsed().as_secs_f64();
+        log::debug!(
+            "{}: {:?} ({} bytes) in {secs:.1} s, {:.1} MB/s",
+            catalog::show_key(&l.key),
+            f.source,
+            l.size,
+            l.size as f64 / secs.max(0.001) / 1e6
+        );
+    }
     let mut out = Vec::with_capacity(1 + followers.len());
     match &first {
         Ok(f) => {

@@ -400,6 +400,7 @@ fn build(
     opts: &crate::extract::Options,
 ) -> Result<Value> {
     fault::point("chain:thin-created");
+    let t0 = std::time::Instant::now();
     let node = dev.activate(&dev.build_name(thin_id), thin_id, size)?;
     if parent_thin.is_none() {
         mkfs_ext4(&node)?;
@@ -407,6 +408,7 @@ fn build(
     let mnt = mount::mount_point(run_dir, thin_id);
     mount::mount_ext4(&node, &mnt)?;
     fault::point("chain:mounted");
+    let t_ready = t0.elapsed();
 
     let (key, digest) = (blob.key, blob.digest);
     let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
@@ -431,10 +433,19 @@ fn build(
     }
     fault::point("chain:unpacked");
     fault::fail("build:unpacked")?;
+    let t_unpacked = t0.elapsed();
     let created = mount::ensure_layout(&mnt)?;
     let missing = mount::missing_layout(&mnt);
     mount::sync_and_unmount(&mnt)?;
     fault::point("chain:unmounted");
+    log::debug!(
+        "layer {key}: device{} and mount {:.1} s, unpack {:.1} s{}, sync and unmount {:.1} s",
+        if parent_thin.is_none() { ", mkfs" } else { "" },
+        t_ready.as_secs_f64(),
+        (t_unpacked - t_ready).as_secs_f64(),
+        if blob.hash { " (hashed)" } else { "" },
+        (t0.elapsed() - t_unpacked).as_secs_f64()
+    );
     // Every write reached the pool: the filesystem recorded no error, the
     // thin device did not fail, and the pool is not out of space, read-only
     // or in needs_check. Otherwise the layer is not marked ready.

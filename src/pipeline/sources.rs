@@ -237,12 +237,10 @@ impl Feed {
     /// The base layers come first, on their own: no chain of any image can
     /// start before its base is there, so they get the whole network and
     /// CPU, and the first build starts as early as it can. Then the rest,
-    /// `--download-jobs` at a time, in build order. The downloading threads
-    /// run at a lower CPU priority than the builds: on a host short of CPU
-    /// (hashing and copying compete with unpacking) a chain that could build
-    /// now is not slowed down by the downloads of layers wanted later.
+    /// `--download-jobs` at a time, in build order. (Running these threads
+    /// at a lower CPU priority than the builds was measured and made the
+    /// real-scale pull slower: the largest layer then arrived late.)
     pub fn run(&self, ctx: &Ctx, planned: &Planned) {
-        crate::ops::lower_thread_priority(5);
         let layers = &planned.layers;
         let publish = |i: usize, r: &Result<crate::fetch::LayerFetch>| {
             if let Some(l) = layers.get(i) {
