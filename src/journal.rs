@@ -37,69 +37,14 @@ pub struct RunSpec {
     pub steps: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    Active,
-    Cancelling,
-    Done,
-    Failed,
-    Cancelled,
+column_enum! {
+    /// Where a run stands (`runs.state`).
+    RunState, "run row" { Active = "active", Cancelling = "cancelling", Done = "done", Failed = "failed", Cancelled = "cancelled" }
 }
 
-impl RunState {
-    fn parse(s: &str) -> Result<RunState> {
-        Ok(match s {
-            "active" => RunState::Active,
-            "cancelling" => RunState::Cancelling,
-            "done" => RunState::Done,
-            "failed" => RunState::Failed,
-            "cancelled" => RunState::Cancelled,
-            other => return Err(Error::software(format!("unknown run state {other:?} in database"))),
-        })
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunState::Active => "active",
-            RunState::Cancelling => "cancelling",
-            RunState::Done => "done",
-            RunState::Failed => "failed",
-            RunState::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// Where a step stands (`steps.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepState {
-    Pending,
-    Running,
-    Done,
-    Failed,
-}
-
-impl StepState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StepState::Pending => "pending",
-            StepState::Running => "running",
-            StepState::Done => "done",
-            StepState::Failed => "failed",
-        }
-    }
-}
-
-impl rusqlite::types::FromSql for StepState {
-    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        Ok(match v.as_str()? {
-            "pending" => StepState::Pending,
-            "running" => StepState::Running,
-            "done" => StepState::Done,
-            "failed" => StepState::Failed,
-            other => return Err(rusqlite::types::FromSqlError::Other(format!("unknown step state {other:?}").into())),
-        })
-    }
+column_enum! {
+    /// Where a step stands (`steps.state`).
+    StepState, "step row" { Pending = "pending", Running = "running", Done = "done", Failed = "failed" }
 }
 
 /// Does the work of one run kind. Every step must be idempotent: after a

@@ -8,6 +8,9 @@
 //! (`fetch/mod.rs`) and the pool's manager (`pool/manager.rs`). `store` and
 //! `journal` own all SQL (`tests/layering.rs` checks all of this).
 
+#[macro_use]
+mod macros;
+
 pub mod cli;
 pub mod cmd;
 pub mod dm;

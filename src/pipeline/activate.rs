@@ -35,13 +35,13 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-named_enum! {
+journal_enum! {
     /// An activate run's steps: pull the image if needed (a nested run),
     /// take the writable snapshot, create its dm device.
     ActivateStep, "activate step" { Image = "image", Snapshot = "snapshot", Device = "device" }
 }
 
-named_enum! {
+journal_enum! {
     /// A deactivate run's steps: remove the dm device, then (with
     /// `--delete`) delete the snapshot and the activation.
     DeactivateStep, "deactivate step" { Remove = "remove", Delete = "delete" }

@@ -10,38 +10,6 @@
 //! named pool step, [`Ctx::prepare_pool`], which steps call where they
 //! first need the pool.
 
-/// A name the journal stores as text (a run kind, a step), as an enum:
-/// `as_str` spells it as the journal does, `parse` refuses any other
-/// spelling with an error naming `$what` (a run written by a newer
-/// version is an error, never a default).
-macro_rules! named_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal { $($var:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name {
-            $($var),+
-        }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$var => $s),+
-                }
-            }
-
-            pub fn parse(s: &str) -> crate::error::Result<$name> {
-                match s {
-                    $($s => Ok($name::$var),)+
-                    _ => Err(crate::error::Error::software(format!(
-                        "unknown {} {s:?} in the journal (written by a newer thinimg?)",
-                        $what
-                    ))),
-                }
-            }
-        }
-    };
-}
-
 pub mod activate;
 pub mod batch;
 pub mod gc;
@@ -277,7 +245,7 @@ impl Env {
     }
 }
 
-named_enum! {
+journal_enum! {
     /// The kinds of journaled runs (`runs.kind`); each has one executor.
     RunKind, "run kind" { Pull = "pull", Activate = "activate", Deactivate = "deactivate", Rm = "rm" }
 }

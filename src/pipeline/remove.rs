@@ -25,7 +25,7 @@ pub fn rm_spec(image: &str, force: bool) -> RunSpec {
     }
 }
 
-named_enum! {
+journal_enum! {
     /// An `rm` run's steps.
     RemoveStep, "rm step" { Activations = "activations", Forget = "forget" }
 }

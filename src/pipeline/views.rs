@@ -338,8 +338,16 @@ pub fn remembered_activation(state_dir: &Path, run_dir: &Path, name: &str, image
     if v.name != name || v.image != image || !v.is_up() || crate::store::stamp(state_dir)? != a.stamp {
         return None;
     }
-    let (ma, mi) = crate::pool::node_numbers(Path::new(&v.path))?;
-    (Some(ma) == v.major && Some(mi) == v.minor && crate::pool::dm_name_of(ma, mi)? == v.dm_name).then_some(v)
+    let (ma, mi) = dm_node(Path::new(&v.path), &v.dm_name)?;
+    (Some(ma) == v.major && Some(mi) == v.minor).then_some(v)
+}
+
+/// The numbers of the node at `path` when the kernel agrees it is dm
+/// device `dm_name` (`/sys/dev/block/M:m/dm/name`): a stale node, or one
+/// whose minor was reused by another device, is `None`.
+fn dm_node(path: &Path, dm_name: &str) -> Option<(u32, u32)> {
+    let (ma, mi) = crate::pool::node_numbers(path)?;
+    (crate::pool::dm_name_of(ma, mi)? == dm_name).then_some((ma, mi))
 }
 
 /// Keep `view` (read from the database while it had stamp `before`, and
@@ -386,13 +394,8 @@ pub fn activation(state_dir: &Path, run_dir: &Path, conn: &Connection, name: &st
     };
     let dm_name = names.activation(name);
     let path = crate::pool::names::node_path(run_dir, &dm_name);
-    let (major, minor) = match crate::pool::node_numbers(&path) {
-        Some((ma, mi))
-            if a.state == ActivationState::Active
-                && crate::pool::dm_name_of(ma, mi).as_deref() == Some(dm_name.as_str()) =>
-        {
-            (Some(ma), Some(mi))
-        }
+    let (major, minor) = match dm_node(&path, &dm_name) {
+        Some((ma, mi)) if a.state == ActivationState::Active => (Some(ma), Some(mi)),
         _ => (None, None),
     };
     // The row exists (a foreign key); failing to read it is an error, not a size of 0.

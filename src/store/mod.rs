@@ -5,53 +5,6 @@
 //! timeout). Typed queries live in the submodules, one per domain table
 //! group. Nothing outside `store` and `journal` writes SQL.
 
-/// A state column as an enum: `as_str`/`parse` spell it as the schema's
-/// CHECK constraint does, serde prints the same spelling, and a row whose
-/// column this version cannot read is an error (never a default).
-macro_rules! column_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal { $($var:ident = $s:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-        #[serde(rename_all = "lowercase")]
-        pub enum $name {
-            $($var),+
-        }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$var => $s),+
-                }
-            }
-
-            pub fn parse(s: &str) -> crate::error::Result<$name> {
-                match s {
-                    $($s => Ok($name::$var),)+
-                    _ => Err(crate::error::Error::software(format!("{} has an unknown state {s:?}", $what))),
-                }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl rusqlite::types::FromSql for $name {
-            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-                $name::parse(v.as_str()?).map_err(|e| rusqlite::types::FromSqlError::Other(e.message().into()))
-            }
-        }
-
-        impl rusqlite::types::ToSql for $name {
-            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-                Ok(self.as_str().into())
-            }
-        }
-    };
-}
-
 pub mod blobs;
 pub mod ids;
 pub mod images;
