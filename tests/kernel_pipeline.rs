@@ -779,3 +779,122 @@ fn kill9_during_overlapped_pulls_then_rerun_converges() {
         assert_eq!(building, 0, "{fault}/{skip}");
     }
 }
+
+/// A proxy that corrupts one object on its way: the response to a GET of
+/// a path ending in `key_path` is sent in two halves a moment apart (so a
+/// reader is already unpacking when the rest arrives), with one byte of
+/// the second half flipped. Everything else passes through.
+fn corrupt_proxy(upstream: &str, key_path: String) -> String {
+    let up = upstream.trim_start_matches("http://").to_string();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { continue };
+            let (up, key) = (up.clone(), key_path.clone());
+            std::thread::spawn(move || corrupt_conn(client, &up, &key));
+        }
+    });
+    endpoint
+}
+
+fn read_head(r: &mut impl std::io::Read, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut b = [0u8; 8192];
+    loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(buf.drain(..p + 4).collect());
+        }
+        match r.read(&mut b) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+fn corrupt_conn(client: std::net::TcpStream, up: &str, key_path: &str) {
+    use std::io::{Read, Write};
+    let Ok(server) = std::net::TcpStream::connect(up) else { return };
+    let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(std::net::Shutdown::Both);
+    });
+    let (mut client, mut server) = (client, server);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let Some(head) = read_head(&mut client, &mut buf) else {
+            let _ = server.shutdown(std::net::Shutdown::Write);
+            return;
+        };
+        let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+        let path = line.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_string();
+        if !(line.starts_with("GET ") && path.ends_with(key_path)) {
+            if server.write_all(&head).is_err() {
+                return;
+            }
+            continue;
+        }
+        // This one on a connection of its own, answered here.
+        let Ok(mut own) = std::net::TcpStream::connect(up) else { return };
+        if own.write_all(&head).is_err() {
+            return;
+        }
+        let mut rbuf = Vec::new();
+        let Some(rhead) = read_head(&mut own, &mut rbuf) else { return };
+        let text = String::from_utf8_lossy(&rhead).to_lowercase();
+        let len: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        while rbuf.len() < len {
+            let mut b = vec![0u8; 1 << 16];
+            match own.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rbuf.extend_from_slice(&b[..n]),
+            }
+        }
+        let half = len / 2;
+        if len > 4096 {
+            rbuf[half + 1000] ^= 0x20;
+        }
+        if client.write_all(&rhead).is_err() || client.write_all(&rbuf[..half]).is_err() {
+            return;
+        }
+        let _ = client.flush();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        if client.write_all(&rbuf[half..len]).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_blob_unpacked_while_it_downloads_is_kept_only_if_the_download_verifies() {
+    // golang/1.tar arrives corrupted (its bytes no longer match its ETag),
+    // after chain 1 started unpacking it as it arrived: the pull must fail
+    // naming the object, leave no device, mount, chain or blob of it, and
+    // not hold the bytes against the object (a clean retry builds it).
+    let h = Host::new("streambad");
+    upload(S3Server::shared(), &h.prefix, &[]);
+    let proxy = corrupt_proxy(&S3Server::shared().endpoint, format!("{}golang/1.tar", h.prefix));
+    let r = h.cmd(&["pull", "golang", "-v"], &[("AWS_ENDPOINT_URL", proxy.as_str())]);
+    assert_eq!(r.code, 65, "a corrupted download is bad data:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("golang/1.tar") && r.stderr.contains("ETag"),
+        "names the object and the rule: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("unpacks as it downloads"), "chain 1 read the blob as it arrived:\n{}", r.stderr);
+    assert!(h.dm_devices().len() <= 1, "only the pool may remain: {:?}", h.dm_devices());
+    assert!(h.mounts_under_run().is_empty(), "stray mounts {:?}", h.mounts_under_run());
+    assert_eq!(h.thin_rows(), 0, "no thin device row of the failed attempt");
+    let chains: i64 = h.db().conn.query_row("SELECT COUNT(*) FROM chains", [], |r| r.get(0)).unwrap();
+    assert_eq!(chains, 0);
+    let rejected: i64 =
+        h.db().conn.query_row("SELECT COUNT(*) FROM blobs WHERE state = 'rejected'", [], |r| r.get(0)).unwrap();
+    assert_eq!(rejected, 0, "bytes that were never the object's are not held against it");
+    h.db().integrity_check().unwrap();
+    h.ok(&["pull", "golang"]);
+    assert_eq!(h.thin_rows(), 5);
+    assert_eq!(h.t.blob_files().len(), 5, "each layer's blob stored once");
+}

@@ -484,6 +484,7 @@ fn precondition_failed_restarts_from_zero() {
             resume_offset: resume,
             max_size: 1 << 30,
             counter: None,
+            tap: None,
         };
         let mut events = Vec::new();
         let d = store
@@ -1181,4 +1182,87 @@ fn sync_jitter_sleeps_before_the_first_request() {
         assert_eq!(r.code, 64, "{bad}: {}", r.stderr);
         assert_eq!(s.server.count(), asked, "nothing asked before the usage error");
     }
+}
+
+/// A reader on a download's tap gets exactly the blob's bytes, from byte 0,
+/// also when the download resumes a partial; when the object changed and
+/// the download restarts, the reader is stopped, never fed the new bytes.
+#[test]
+fn a_tap_reads_a_download_as_it_arrives() {
+    use std::io::Read;
+    use thinimg::fetch::{
+        blobstore::BlobStore,
+        download::DownloadJob,
+        tap::{Start, Tap, TapReader},
+    };
+    let srv = S3Server::shared();
+    let data = tar_layer(71, 6 << 20);
+    let key = "tap/images/t/1.tar";
+    srv.put("priv", key, &data);
+    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
+    let client = thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
+        bucket: "priv".into(),
+        prefix: "tap/images/".into(),
+        region: "us-east-1".into(),
+        endpoints: vec![srv.endpoint.clone()],
+        anonymous: false,
+        timeout: std::time::Duration::from_secs(10),
+        retries: 2,
+    })
+    .unwrap();
+    let etag = client.stat(key).unwrap().etag;
+    let state = common::tempdir("tap");
+    let store = BlobStore::open(&state).unwrap();
+    // A partial whose first MiB is durable, of this version.
+    std::fs::write(state.join("blobs/partial/1.partial"), &data[..1 << 20]).unwrap();
+    let stale = "0123456789abcdef0123456789abcdef";
+    for (partial, resume, listed_etag) in
+        [("1.partial", 1u64 << 20, etag.as_str()), ("2.partial", 0, etag.as_str()), ("3.partial", 0, stale)]
+    {
+        let tap = Tap::new(key, data.len() as u64);
+        let job = DownloadJob {
+            key,
+            etag: listed_etag,
+            size: data.len() as u64,
+            partial,
+            resume_offset: resume,
+            max_size: 1 << 30,
+            counter: None,
+            tap: Some(&tap),
+        };
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (got, d) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let start = tap.wait_start().unwrap();
+                let _ = started_tx.send(());
+                if matches!(start, Start::Ended) {
+                    return Err(std::io::Error::other("the download ended before it was read"));
+                }
+                let mut got = Vec::new();
+                let r = TapReader::open(&tap).unwrap().read_to_end(&mut got);
+                r.map(|_| got)
+            });
+            let d = store.download(&client, &job, &mut |_| Ok(()));
+            // (A restarted download never lets its reader start.)
+            let _ = started.recv_timeout(std::time::Duration::from_secs(2));
+            // The feed ends the tap once the blob is recorded.
+            tap.finish(match &d {
+                Ok(d) => Ok(d.digest.clone()),
+                Err(e) => Err((e.kind(), e.full_message())),
+            });
+            (reader.join().unwrap(), d.unwrap())
+        });
+        assert_eq!(d.digest.as_str(), sha256_hex(&data), "{partial}");
+        if listed_etag == stale {
+            // Stopped whether it was already reading or not yet.
+            got.expect_err("a restarted download stops its reader");
+            assert!(tap.restarted());
+        } else {
+            let got = got.unwrap_or_else(|e| panic!("{partial}: {e}"));
+            assert_eq!(got.len(), data.len(), "{partial}");
+            assert!(got == data, "{partial}: the reader got other bytes than the blob");
+        }
+    }
+    std::fs::remove_dir_all(&state).ok();
 }

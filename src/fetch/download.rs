@@ -63,6 +63,9 @@ pub struct DownloadJob<'a> {
     pub max_size: u64,
     /// Incremented with every byte received (progress display).
     pub counter: Option<&'a AtomicU64>,
+    /// Told where the partial is and how much of it is written, for a
+    /// reader that unpacks the blob as it arrives.
+    pub tap: Option<&'a super::tap::Tap>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,8 +124,12 @@ impl BlobStore {
         }
         let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
+        if let Some(t) = job.tap {
+            t.begin(&pp, offset);
+        }
+        let tap = job.tap;
         let outcome = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || write_loop(file, offset, md5, writer_rx, writer_tx));
+            let writer = scope.spawn(move || write_loop(file, offset, md5, writer_rx, writer_tx, tap));
             let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
             let r = self.receive(s3, job, &url, &mut w, &mut hasher, &mut head, offset, progress);
             drop(w);
@@ -224,6 +231,9 @@ impl BlobStore {
                         ));
                     }
                     log::warn!("{url} changed since it was listed (ETag no longer {etag}); restarting from byte 0");
+                    if let Some(t) = job.tap {
+                        t.restart();
+                    }
                     w.reset()?;
                     *hasher = Sha256::new();
                     checksum = None;
@@ -466,6 +476,7 @@ fn write_loop(
     mut md5: Md5,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     tx: std::sync::mpsc::Sender<FromWriter>,
+    tap: Option<&super::tap::Tap>,
 ) -> (File, Option<std::io::Error>, Md5) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
@@ -477,6 +488,9 @@ fn write_loop(
                     match file.write_all(&buf) {
                         Ok(()) => {
                             pos += buf.len() as u64;
+                            if let Some(t) = tap {
+                                t.wrote(pos);
+                            }
                             if pos - written_back >= WRITEBACK_BYTES {
                                 start_writeback(&file, written_back, pos - written_back);
                                 written_back = pos;

@@ -34,6 +34,7 @@ pub mod blobstore;
 pub mod catalog;
 pub mod download;
 pub mod s3;
+pub mod tap;
 
 use self::blobstore::{BlobDigest, BlobStore};
 use self::catalog::{Catalog, ImageRef, Layer};
@@ -257,15 +258,30 @@ pub fn fetch_layers(
     layers: &[Layer],
     opts: &FetchOptions,
 ) -> Result<Vec<Result<LayerFetch>>> {
-    fetch_layers_notify(conn, state_dir, s3, store, layers, opts, &|_, _| {})
+    let taps = Taps::new();
+    fetch_layers_notify(conn, state_dir, s3, store, layers, opts, Watch { on_done: &|_, _| {}, taps: &taps })
 }
+
+/// Who watches a [`fetch_layers_notify`]: `on_done` hears of each layer
+/// (by index) as soon as its result is known, from whichever thread learns
+/// it; a download of a key in `taps` reports its progress there.
+#[derive(Clone, Copy)]
+pub struct Watch<'a> {
+    pub on_done: &'a (dyn Fn(usize, &Result<LayerFetch>) + Sync),
+    pub taps: &'a Taps,
+}
+
+/// Taps by object key: a download of a key found here reports its
+/// progress there (see [`tap`]).
+pub type Taps = HashMap<String, std::sync::Arc<tap::Tap>>;
 
 /// One `fetch_layers` at a time in this process (see there).
 static FETCHING: Mutex<()> = Mutex::new(());
 
-/// [`fetch_layers`], telling `on_done` about each layer (by index) as soon
-/// as its result is known, from whichever thread learns it: a consumer
-/// can start on the first layers while later ones are still downloading.
+/// [`fetch_layers`], telling `watch.on_done` about each layer (by index) as
+/// soon as its result is known, from whichever thread learns it: a consumer
+/// can start on the first layers while later ones are still downloading,
+/// or read a blob as it arrives through its tap in `watch.taps`.
 /// Downloads start in the order of `layers`.
 pub fn fetch_layers_notify(
     conn: &rusqlite::Connection,
@@ -274,8 +290,9 @@ pub fn fetch_layers_notify(
     store: &BlobStore,
     layers: &[Layer],
     opts: &FetchOptions,
-    on_done: &(dyn Fn(usize, &Result<LayerFetch>) + Sync),
+    watch: Watch<'_>,
 ) -> Result<Vec<Result<LayerFetch>>> {
+    let (on_done, taps) = (watch.on_done, watch.taps);
     let _serial = FETCHING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let bucket = s3.bucket();
     let endpoint = s3.endpoint();
@@ -382,7 +399,7 @@ pub fn fetch_layers_notify(
                             Err(_) => return Err(Error::software("download queue lock poisoned")),
                         };
                         let Some((lead, followers)) = next else { return Ok(()) };
-                        let out = download_group(&mut tdb, s3, store, layers, lead, &followers, opts, &received);
+                        let out = download_group(&mut tdb, s3, store, layers, lead, &followers, opts, &received, taps);
                         for (i, r) in &out {
                             on_done(*i, r);
                         }
@@ -526,10 +543,12 @@ fn download_group(
     followers: &[usize],
     opts: &FetchOptions,
     received: &AtomicU64,
+    taps: &Taps,
 ) -> Vec<(usize, Result<LayerFetch>)> {
     let l = &layers[lead];
     let t0 = std::time::Instant::now();
-    let first = download_one(db, s3, store, l, opts, received);
+    let tap_of = |l: &Layer| taps.get(&l.key).map(|t| &**t);
+    let first = download_one(db, s3, store, l, opts, received, tap_of(l));
     if let Ok(f) = &first {
         let secs = t0.elapsed().as_secs_f64();
         log::debug!(
@@ -574,7 +593,7 @@ fn download_group(
                     })
                 } else {
                     // The leader's object changed under us: fetch this one itself.
-                    download_one(db, s3, store, fl, opts, received)
+                    download_one(db, s3, store, fl, opts, received, tap_of(fl))
                 };
                 out.push((i, r));
             }
@@ -609,6 +628,7 @@ fn download_one(
     l: &Layer,
     opts: &FetchOptions,
     received: &AtomicU64,
+    tap: Option<&tap::Tap>,
 ) -> Result<LayerFetch> {
     let bucket = s3.bucket();
     let endpoint = s3.endpoint();
@@ -664,6 +684,7 @@ fn download_one(
         resume_offset: row.offset,
         max_size: opts.max_blob_size,
         counter: Some(received),
+        tap,
     };
     let conn = &db.conn;
     let id = row.id;

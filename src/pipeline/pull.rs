@@ -26,6 +26,7 @@ use super::{mount, Ctx};
 use crate::dm::{Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
 use crate::fetch::blobstore::BlobDigest;
+use crate::fetch::tap::{Start, Tap, TapReader};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
 use crate::pool::PoolManager;
@@ -165,6 +166,20 @@ impl Pull<'_> {
         let image = cx.subject.clone();
         let layers = q::layers(cx.conn, &image)?;
         let idx = usize::try_from(pos - 1).map_err(|_| Error::software(format!("image {image}: no layer {pos}")))?;
+        let Some(layer) = layers.get(idx).cloned() else {
+            return Err(Error::software(format!("image {image}: no layer {pos}")));
+        };
+        // This layer's blob still downloading in this command: unpack it as
+        // it arrives, and learn its digest (so its chain id) at the end.
+        if layer.digest.is_none() && cx.intent().is_none() {
+            if let Some(tap) = self.ctx.feed.as_ref().and_then(|f| f.tap(&layer.key)) {
+                let parents = known_digests(&image, &layers[..idx])?;
+                let parent = ChainId::of_layers(&parents).pop();
+                if self.chain_streamed(cx, pos, &layer, parent, tap)? {
+                    return Ok(());
+                }
+            }
+        }
         // The digests of layers 1..=pos. One the fetch step could not know
         // yet (its blob was still downloading) is learned here, waiting for
         // that blob only, and recorded at once: it is a fact about the
@@ -185,14 +200,14 @@ impl Pull<'_> {
             digests.push(d);
         }
         let ids = ChainId::of_layers(&digests);
-        let (Some(layer), Some(chain_id)) = (layers.get(idx), ids.get(idx)) else {
+        let Some(chain_id) = ids.get(idx) else {
             return Err(Error::software(format!("image {image}: no layer {pos}")));
         };
         let parent = if idx == 0 { None } else { ids.get(idx - 1).cloned() };
 
         // Threads of this process pulling images that share this chain
         // build it once: the others wait here, then find it ready.
-        let _claim = ChainClaim::acquire(chain_id)?;
+        let _claim = ChainClaim::acquire(chain_id, parent.as_ref(), None)?;
 
         // A dead attempt of this step may have left work behind.
         if let Some(intent) = cx.intent().cloned() {
@@ -215,111 +230,22 @@ impl Pull<'_> {
         }
 
         if let Some(c) = q::chain(cx.conn, chain_id)? {
-            if c.state == q::ChainState::Ready {
-                let thin_ok = match c.thin_id {
-                    Some(t) => crate::store::thin_pool::thin_ready(cx.conn, t)?,
-                    None => false,
-                };
-                if !thin_ok {
-                    return Err(Error::new(
-                        Kind::Software,
-                        format!(
-                            "chain {} is marked ready but its thin device {:?} is not; refusing to share it (run `thinimg gc`)",
-                            short(chain_id),
-                            c.thin_id
-                        ),
-                    ));
-                }
-                log::debug!("image {image}: layer {pos} ({}) shares chain {}", layer.key, short(chain_id));
-                let (img, cid) = (image.clone(), chain_id.clone());
-                return cx.complete(move |tx| {
-                    q::set_layer_chain(tx, &img, pos, &cid)?;
-                    Ok(Completion::with_outcome(json!({"chain": cid, "built": false})))
-                });
-            }
-            // A 'building' row owned by no live intent: a dead run of another
-            // image. Its own resume cleans it up; we must not build twice.
-            return Err(Error::new(
-                Kind::TempFail,
-                format!("chain {} is being built by another run; retry later", short(chain_id)),
-            ));
+            return share_chain(cx, &image, pos, &layer.key, &c);
         }
-        let parent_thin = match &parent {
-            None => None,
-            Some(p) => {
-                let pc = q::chain(cx.conn, p)?.filter(|c| c.state == q::ChainState::Ready).ok_or_else(|| {
-                    Error::software(format!("image {image}: parent chain of layer {pos} is not built"))
-                })?;
-                let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
-                if !crate::store::thin_pool::thin_ready(cx.conn, t)? {
-                    return Err(Error::software(format!(
-                        "image {image}: the thin device {t} of layer {pos}'s parent chain is not ready; refusing to snapshot it"
-                    )));
-                }
-                Some(t)
-            }
-        };
+        let parent_thin = parent_thin_of(cx.conn, &image, pos, parent.as_ref())?;
 
         let blob_path = super::sources::ensure_blob(self.ctx, cx.conn, &layer.key, &digests[idx])?;
         // A blob this command downloaded was hashed as it was written;
         // one stored earlier is hashed again while it is unpacked.
         let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&layer.key, &digests[idx]));
         let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
-        let size = Sectors::from_bytes(self.ctx.opts.device_size);
-        let run_dir = self.ctx.run_dir.clone();
-        let opts = self.ctx.opts.extract.clone();
-        let dev = self.ctx.prepare_pool(cx.conn)?;
-        dev.check_usable()?;
-        // Unpacked data takes about the blob's size; metadata is gated inside.
-        dev.ensure_space(blob_size + blob_size / 4)?;
-
-        // Intent: thin id + building chain row, durably, before any kernel work.
-        let (cid, par, blob) = (chain_id.clone(), parent.clone(), digests[idx].clone());
-        let mnt_root = run_dir.clone();
-        cx.record_intent_with(|tx| {
-            let thin_id = crate::pool::manager::alloc_thin_id(tx, ThinRole::Chain, parent_thin, size)?;
-            q::insert_chain_building(tx, &cid, par.as_ref(), &blob, pos, thin_id)?;
-            crate::journal::intent_value(&BuildIntent {
-                thin_id,
-                chain_id: Some(cid),
-                dm_name: Some(dev.build_name(thin_id)),
-                mount: Some(mount::mount_point(&mnt_root, thin_id)),
-                foreign: false,
-            })
-        })?;
-        let intent = cx.intent().cloned().unwrap_or(Value::Null);
-        let thin_id =
-            BuildIntent::read(&intent)?.map(|i| i.thin_id).ok_or_else(|| Error::software("intent lost its thin id"))?;
-        fault::point("chain:intent");
-
-        let created = match parent_thin {
-            None => dev.create_thin(thin_id),
-            Some(p) => dev.snapshot(thin_id, p),
-        };
-        if let Ok(crate::pool::Created::Exists) = created {
-            // Not ours: never touched. Mark the attempt so no teardown (now
-            // or after a crash) deletes it, drop its rows, and stop.
-            let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
-            foreign.foreign = true;
-            let foreign = crate::journal::intent_value(&foreign)?;
-            cx.record_intent(foreign.clone())?;
-            teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
-            cx.record_intent(Value::Null)?;
-            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
-        }
-        let result = created.and_then(|_| {
-            let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
-            build(dev, &run_dir, thin_id, parent_thin, size, &blob, &opts)
-        });
-        let report = match result {
+        let known = Known { chain_id: chain_id.clone(), parent: parent.clone(), blob: digests[idx].clone() };
+        let (thin_id, intent) = self.begin_attempt(cx, pos, Some(&known), parent_thin, blob_size)?;
+        let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
+        let report = self.attempt(cx, &intent, thin_id, parent_thin, Input::Stored(&blob))?;
+        let report = match report {
             Ok(r) => r,
             Err(e) => {
-                // Tear down this attempt now; a permanent failure leaves nothing.
-                if let Err(te) = teardown_attempt(&run_dir, dev, cx.conn, &intent) {
-                    log::error!("cleaning up after a failed build of chain {}: {}", short(chain_id), te.full_message());
-                    return Err(e);
-                }
-                cx.record_intent(Value::Null)?;
                 if e.kind() == Kind::BadData {
                     crate::store::blobs::reject_blob(cx.conn, &digests[idx], e.message())?;
                 }
@@ -335,6 +261,247 @@ impl Pull<'_> {
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
         })
     }
+
+    /// Build layer `pos` from its blob while the blob downloads (`tap`), on
+    /// top of chain `parent`. The device is made and filled under an
+    /// intent that names no chain yet: the chain id needs the blob's
+    /// digest, known when the download verified the last byte. Only then
+    /// is the chain recorded, ready, with the step. `Ok(false)`: the
+    /// download ended before this step could read it; build from the
+    /// stored blob instead.
+    fn chain_streamed(
+        &mut self,
+        cx: &mut StepCx<'_>,
+        pos: i64,
+        layer: &q::LayerRow,
+        parent: Option<ChainId>,
+        tap: std::sync::Arc<Tap>,
+    ) -> Result<bool> {
+        let image = cx.subject.clone();
+        // One reader per download: an image sharing this key waits here,
+        // then finds the download ended and the chain built.
+        let claim = ChainClaim::stream(parent.clone(), tap.clone())?;
+        if tap.ending().is_some() || matches!(tap.wait_start()?, Start::Ended) {
+            return Ok(false);
+        }
+        let parent_thin = parent_thin_of(cx.conn, &image, pos, parent.as_ref())?;
+        let (thin_id, intent) = self.begin_attempt(cx, pos, None, parent_thin, tap.size())?;
+        log::debug!("image {image}: layer {pos} ({}) unpacks as it downloads", layer.key);
+        let key = layer.key.as_str();
+        let report = match self.attempt(cx, &intent, thin_id, parent_thin, Input::Streamed { tap: &tap, key })? {
+            Ok(r) => r,
+            Err(e) => {
+                // The bytes were judged before the download checked them:
+                // a verdict stands only for the blob the download stored.
+                let ending = match (tap.ending(), e.kind()) {
+                    (Some(end), _) => Some(end),
+                    (None, Kind::BadData) => Some(tap.wait_end()?),
+                    (None, _) => None,
+                };
+                let e = match ending {
+                    Some(Err((kind, msg))) => Error::new(kind, msg),
+                    _ if tap.restarted() => Error::new(
+                        Kind::TempFail,
+                        format!("{key} changed in the bucket while it was being unpacked; pull again"),
+                    ),
+                    Some(Ok(d)) if e.kind() == Kind::BadData => {
+                        q::set_layer_digest(cx.conn, &image, pos, &d)?;
+                        crate::store::blobs::reject_blob(cx.conn, &d, e.message())?;
+                        e
+                    }
+                    _ => e,
+                };
+                // The feed's result for this key was handed out here.
+                if let Some(feed) = self.ctx.feed.as_ref() {
+                    let _ = feed.wait(key);
+                }
+                return Err(e.context(format!("image {image}: layer {key}")));
+            }
+        };
+        let digest = match tap.ending() {
+            Some(Ok(d)) => d,
+            _ => return Err(Error::software(format!("{key}: unpacked, but its download has no digest"))),
+        };
+        q::set_layer_digest(cx.conn, &image, pos, &digest)?;
+        fault::point("chain:digest");
+        let chain_id = ChainId::child(parent.as_ref(), &digest);
+        let _chain = ChainClaim::acquire(&chain_id, parent.as_ref(), Some(&claim))?;
+        if let Some(c) = q::chain(cx.conn, &chain_id)? {
+            // The same content reached this chain another way meanwhile
+            // (another key with a multipart ETag): keep that one.
+            log::info!("image {image}: layer {key}: chain {} exists; dropping this copy", short(&chain_id));
+            let run_dir = self.ctx.run_dir.clone();
+            let dev = self.ctx.prepare_pool(cx.conn)?;
+            teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
+            cx.record_intent(Value::Null)?;
+            share_chain(cx, &image, pos, key, &c)?;
+            return Ok(true);
+        }
+        fault::point("chain:built");
+        let cid = chain_id.clone();
+        cx.complete(move |tx| {
+            q::insert_chain_building(tx, &cid, parent.as_ref(), &digest, pos, thin_id)?;
+            crate::store::thin_pool::set_thin_state(tx, thin_id, crate::store::thin_pool::ThinState::Ready)?;
+            q::set_chain_ready(tx, &cid, &report)?;
+            q::set_layer_chain(tx, &image, pos, &cid)?;
+            Ok(Completion::with_outcome(
+                json!({"chain": cid, "built": true, "streamed": true, "thin_id": thin_id, "report": report}),
+            ))
+        })?;
+        Ok(true)
+    }
+
+    /// Record the intent of a build (a thin id; with `known`, the chain's
+    /// `building` row too), durably, before any kernel work. Returns the
+    /// thin id and the intent.
+    fn begin_attempt(
+        &mut self,
+        cx: &mut StepCx<'_>,
+        pos: i64,
+        known: Option<&Known>,
+        parent_thin: Option<ThinId>,
+        blob_size: u64,
+    ) -> Result<(ThinId, Value)> {
+        let size = Sectors::from_bytes(self.ctx.opts.device_size);
+        let run_dir = self.ctx.run_dir.clone();
+        let dev = self.ctx.prepare_pool(cx.conn)?;
+        dev.check_usable()?;
+        // Unpacked data takes about the blob's size; metadata is gated inside.
+        dev.ensure_space(blob_size + blob_size / 4)?;
+        let build_name = |t: ThinId| dev.build_name(t);
+        cx.record_intent_with(|tx| {
+            let thin_id = crate::pool::manager::alloc_thin_id(tx, ThinRole::Chain, parent_thin, size)?;
+            if let Some(k) = known {
+                q::insert_chain_building(tx, &k.chain_id, k.parent.as_ref(), &k.blob, pos, thin_id)?;
+            }
+            crate::journal::intent_value(&BuildIntent {
+                thin_id,
+                chain_id: known.map(|k| k.chain_id.clone()),
+                dm_name: Some(build_name(thin_id)),
+                mount: Some(mount::mount_point(&run_dir, thin_id)),
+                foreign: false,
+            })
+        })?;
+        let intent = cx.intent().cloned().unwrap_or(Value::Null);
+        let thin_id =
+            BuildIntent::read(&intent)?.map(|i| i.thin_id).ok_or_else(|| Error::software("intent lost its thin id"))?;
+        fault::point("chain:intent");
+        Ok((thin_id, intent))
+    }
+
+    /// Create the attempt's thin device and build into it. The outer error:
+    /// the attempt could not be cleaned up, or its device id was someone
+    /// else's. The inner one: the build failed, and nothing of it is left.
+    fn attempt(
+        &mut self,
+        cx: &mut StepCx<'_>,
+        intent: &Value,
+        thin_id: ThinId,
+        parent_thin: Option<ThinId>,
+        input: Input<'_>,
+    ) -> Result<Result<Value>> {
+        let size = Sectors::from_bytes(self.ctx.opts.device_size);
+        let run_dir = self.ctx.run_dir.clone();
+        let opts = self.ctx.opts.extract.clone();
+        let dev = self.ctx.prepare_pool(cx.conn)?;
+        let created = match parent_thin {
+            None => dev.create_thin(thin_id),
+            Some(p) => dev.snapshot(thin_id, p),
+        };
+        if let Ok(crate::pool::Created::Exists) = created {
+            // Not ours: never touched. Mark the attempt so no teardown (now
+            // or after a crash) deletes it, drop its rows, and stop.
+            let mut foreign = BuildIntent::read(intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
+            foreign.foreign = true;
+            let foreign = crate::journal::intent_value(&foreign)?;
+            cx.record_intent(foreign.clone())?;
+            teardown_attempt(&run_dir, dev, cx.conn, &foreign)?;
+            cx.record_intent(Value::Null)?;
+            return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
+        }
+        let result = created.and_then(|_| build(dev, &run_dir, thin_id, parent_thin, size, input, &opts));
+        match result {
+            Ok(r) => Ok(Ok(r)),
+            Err(e) => {
+                // Tear down this attempt now; a permanent failure leaves nothing.
+                if let Err(te) = teardown_attempt(&run_dir, dev, cx.conn, intent) {
+                    log::error!("cleaning up after a failed build of thin device {thin_id}: {}", te.full_message());
+                    return Err(e);
+                }
+                cx.record_intent(Value::Null)?;
+                // A signal shows as a read error inside the unpack.
+                if crate::ops::signals::pending().is_some() {
+                    return Err(crate::ops::signals::interrupted_error());
+                }
+                Ok(Err(e))
+            }
+        }
+    }
+}
+
+/// What a chain build with a known digest records in its intent.
+struct Known {
+    chain_id: ChainId,
+    parent: Option<ChainId>,
+    blob: BlobDigest,
+}
+
+/// The digests of `layers`, every one already known (they are the lower
+/// layers of a chain step, whose own steps recorded them).
+fn known_digests(image: &str, layers: &[q::LayerRow]) -> Result<Vec<BlobDigest>> {
+    layers
+        .iter()
+        .map(|l| {
+            l.digest.clone().ok_or_else(|| {
+                Error::software(format!("image {image}: layer {} has no digest before the layers above it", l.key))
+            })
+        })
+        .collect()
+}
+
+/// The step's chain exists: share it if it is ready (and its device is).
+fn share_chain(cx: &mut StepCx<'_>, image: &str, pos: i64, key: &str, c: &q::ChainRow) -> Result<()> {
+    let chain_id = &c.chain_id;
+    if c.state == q::ChainState::Ready {
+        let thin_ok = match c.thin_id {
+            Some(t) => crate::store::thin_pool::thin_ready(cx.conn, t)?,
+            None => false,
+        };
+        if !thin_ok {
+            return Err(Error::new(
+                Kind::Software,
+                format!(
+                    "chain {} is marked ready but its thin device {:?} is not; refusing to share it (run `thinimg gc`)",
+                    short(chain_id),
+                    c.thin_id
+                ),
+            ));
+        }
+        log::debug!("image {image}: layer {pos} ({key}) shares chain {}", short(chain_id));
+        let (img, cid) = (image.to_string(), chain_id.clone());
+        return cx.complete(move |tx| {
+            q::set_layer_chain(tx, &img, pos, &cid)?;
+            Ok(Completion::with_outcome(json!({"chain": cid, "built": false})))
+        });
+    }
+    // A 'building' row owned by no live intent: a dead run of another
+    // image. Its own resume cleans it up; we must not build twice.
+    Err(Error::new(Kind::TempFail, format!("chain {} is being built by another run; retry later", short(chain_id))))
+}
+
+/// The thin device of chain `parent`, which must be built and ready.
+fn parent_thin_of(conn: &Connection, image: &str, pos: i64, parent: Option<&ChainId>) -> Result<Option<ThinId>> {
+    let Some(p) = parent else { return Ok(None) };
+    let pc = q::chain(conn, p)?
+        .filter(|c| c.state == q::ChainState::Ready)
+        .ok_or_else(|| Error::software(format!("image {image}: parent chain of layer {pos} is not built")))?;
+    let t = pc.thin_id.ok_or_else(|| Error::software("parent chain has no thin device"))?;
+    if !crate::store::thin_pool::thin_ready(conn, t)? {
+        return Err(Error::software(format!(
+            "image {image}: the thin device {t} of layer {pos}'s parent chain is not ready; refusing to snapshot it"
+        )));
+    }
+    Ok(Some(t))
 }
 
 /// A layer rejected before is not unpacked again until its content changes.
@@ -346,31 +513,75 @@ fn refuse_rejected(conn: &rusqlite::Connection, image: &str, key: &str, digest: 
 }
 
 /// An in-process claim on building one chain (the state lock already
-/// keeps other processes out).
-struct ChainClaim(ChainId);
+/// keeps other processes out), or on reading one download as it arrives
+/// (the chain it builds is known only at the end of the download).
+struct ChainClaim(u64);
 
-static CLAIMS: std::sync::Mutex<Vec<ChainId>> = std::sync::Mutex::new(Vec::new());
+enum Claimed {
+    Chain {
+        id: ChainId,
+    },
+    /// A build on `parent` reading `tap`: it claims the chain its blob
+    /// turns out to make, as soon as the download knows the digest.
+    Stream {
+        parent: Option<ChainId>,
+        tap: std::sync::Arc<Tap>,
+    },
+}
+
+struct Claims {
+    next: u64,
+    held: Vec<(u64, Claimed)>,
+}
+
+static CLAIMS: std::sync::Mutex<Claims> = std::sync::Mutex::new(Claims { next: 0, held: Vec::new() });
 static CLAIM_FREED: std::sync::Condvar = std::sync::Condvar::new();
 
 impl ChainClaim {
-    fn acquire(id: &ChainId) -> Result<ChainClaim> {
-        let mut held = CLAIMS.lock().map_err(|_| Error::software("chain claim lock poisoned"))?;
-        while held.iter().any(|h| h == id) {
+    /// Wait until nothing else in this process holds what `busy` says, then hold `what`.
+    fn take(what: Claimed, busy: impl Fn(u64, &Claimed) -> bool) -> Result<ChainClaim> {
+        let mut claims = CLAIMS.lock().map_err(|_| Error::software("chain claim lock poisoned"))?;
+        while claims.held.iter().any(|(t, c)| busy(*t, c)) {
             crate::ops::signals::check()?;
-            held = CLAIM_FREED
-                .wait_timeout(held, std::time::Duration::from_millis(200))
+            claims = CLAIM_FREED
+                .wait_timeout(claims, std::time::Duration::from_millis(200))
                 .map_err(|_| Error::software("chain claim lock poisoned"))?
                 .0;
         }
-        held.push(id.clone());
-        Ok(ChainClaim(id.clone()))
+        claims.next += 1;
+        let token = claims.next;
+        claims.held.push((token, what));
+        Ok(ChainClaim(token))
+    }
+
+    /// Claim chain `id` (on `parent`), waiting for whoever builds it, also
+    /// a streamed build whose download turned out to make it. `mine`: the
+    /// caller's own stream claim, not waited for.
+    fn acquire(id: &ChainId, parent: Option<&ChainId>, mine: Option<&ChainClaim>) -> Result<ChainClaim> {
+        let own = mine.map(|c| c.0);
+        ChainClaim::take(Claimed::Chain { id: id.clone() }, |token, c| match c {
+            _ if Some(token) == own => false,
+            Claimed::Chain { id: held } => held == id,
+            Claimed::Stream { parent: p, tap } => {
+                p.as_ref() == parent && matches!(tap.ending(), Some(Ok(d)) if &ChainId::child(parent, &d) == id)
+            }
+        })
+    }
+
+    /// Claim reading `tap` to build on `parent`, waiting for another reader of it.
+    fn stream(parent: Option<ChainId>, tap: std::sync::Arc<Tap>) -> Result<ChainClaim> {
+        let t = tap.clone();
+        ChainClaim::take(
+            Claimed::Stream { parent, tap },
+            move |_, c| matches!(c, Claimed::Stream { tap: held, .. } if std::sync::Arc::ptr_eq(held, &t)),
+        )
     }
 }
 
 impl Drop for ChainClaim {
     fn drop(&mut self) {
-        if let Ok(mut held) = CLAIMS.lock() {
-            held.retain(|h| h != &self.0);
+        if let Ok(mut claims) = CLAIMS.lock() {
+            claims.held.retain(|(t, _)| *t != self.0);
         }
         CLAIM_FREED.notify_all();
     }
@@ -396,7 +607,7 @@ fn build(
     thin_id: ThinId,
     parent_thin: Option<ThinId>,
     size: Sectors,
-    blob: &Blob<'_>,
+    input: Input<'_>,
     opts: &crate::extract::Options,
 ) -> Result<Value> {
     fault::point("chain:thin-created");
@@ -410,27 +621,22 @@ fn build(
     fault::point("chain:mounted");
     let t_ready = t0.elapsed();
 
-    let (key, digest) = (blob.key, blob.digest);
-    let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
-    let mut reader =
-        HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: blob.hash.then(Sha256::new) };
-    let unpacked = crate::extract::apply_layer(&mnt, &mut reader, key, opts);
-    // Hash the rest (end-of-archive padding) so the digest covers every byte.
-    let drained = if blob.hash { std::io::copy(&mut reader, &mut std::io::sink()).map(|_| ()) } else { Ok(()) };
-    let report = unpacked?;
-    drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
-    if let Some(h) = reader.hasher.take() {
-        let got = crate::ops::encode::hex(&h.finalize());
-        if got != digest.as_str() {
-            let _ = std::fs::remove_file(blob.path);
-            return Err(Error::new(
-                Kind::Io,
-                format!(
-                    "blob of {key} is corrupt on disk (sha256 {got}, expected {digest}); removed, it is fetched again"
-                ),
-            ));
+    let (key, hashed) = match &input {
+        Input::Stored(blob) => (blob.key, blob.hash),
+        Input::Streamed { key, .. } => (*key, false),
+    };
+    let report = match input {
+        Input::Stored(blob) => unpack_stored(&mnt, blob, opts)?,
+        Input::Streamed { tap, key } => {
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, TapReader::open(tap)?);
+            let report = crate::extract::apply_layer(&mnt, &mut reader, key, opts)?;
+            // The rest (end-of-archive padding), up to the download's verdict:
+            // the layer is kept only for the blob the download verified.
+            std::io::copy(&mut reader, &mut std::io::sink())
+                .map_err(|e| Error::io(format!("reading layer {key} as it downloads"), e))?;
+            report
         }
-    }
+    };
     fault::point("chain:unpacked");
     fault::fail("build:unpacked")?;
     let t_unpacked = t0.elapsed();
@@ -443,7 +649,7 @@ fn build(
         if parent_thin.is_none() { ", mkfs" } else { "" },
         t_ready.as_secs_f64(),
         (t_unpacked - t_ready).as_secs_f64(),
-        if blob.hash { " (hashed)" } else { "" },
+        if hashed { " (hashed)" } else { "" },
         (t0.elapsed() - t_unpacked).as_secs_f64()
     );
     // Every write reached the pool: the filesystem recorded no error, the
@@ -468,6 +674,40 @@ fn build(
         m.insert("missing".into(), json!(missing));
     }
     Ok(v)
+}
+
+/// What a chain build unpacks.
+enum Input<'a> {
+    /// A blob in the store.
+    Stored(&'a Blob<'a>),
+    /// A blob still downloading, read as it arrives.
+    Streamed { tap: &'a Tap, key: &'a str },
+}
+
+/// Unpack a stored blob, hashing it on the way if asked.
+fn unpack_stored(mnt: &Path, blob: &Blob<'_>, opts: &crate::extract::Options) -> Result<crate::extract::Report> {
+    let (key, digest) = (blob.key, blob.digest);
+    let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
+    let mut reader =
+        HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: blob.hash.then(Sha256::new) };
+    let unpacked = crate::extract::apply_layer(mnt, &mut reader, key, opts);
+    // Hash the rest (end-of-archive padding) so the digest covers every byte.
+    let drained = if blob.hash { std::io::copy(&mut reader, &mut std::io::sink()).map(|_| ()) } else { Ok(()) };
+    let report = unpacked?;
+    drained.map_err(|e| Error::io(format!("reading blob of {key}"), e))?;
+    if let Some(h) = reader.hasher.take() {
+        let got = crate::ops::encode::hex(&h.finalize());
+        if got != digest.as_str() {
+            let _ = std::fs::remove_file(blob.path);
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "blob of {key} is corrupt on disk (sha256 {got}, expected {digest}); removed, it is fetched again"
+                ),
+            ));
+        }
+    }
+    Ok(report)
 }
 
 struct HashingReader<R> {
@@ -607,6 +847,43 @@ fn finish(cx: &mut StepCx<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streamed_build_holds_the_chain_its_download_turns_out_to_make() {
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        let d = |c: &str| BlobDigest::parse(&c.repeat(64)).unwrap();
+        let parent = ChainId::of_layers(&[d("1")]).pop();
+        let made = ChainId::child(parent.as_ref(), &d("2"));
+        let other = ChainId::child(parent.as_ref(), &d("3"));
+        let tap = Arc::new(Tap::new("k", 1));
+        let stream = ChainClaim::stream(parent.clone(), tap.clone()).unwrap();
+        // Unresolved: the chains of siblings on the same parent build meanwhile.
+        drop(ChainClaim::acquire(&made, parent.as_ref(), None).unwrap());
+        tap.finish(Ok(d("2")));
+        drop(ChainClaim::acquire(&other, parent.as_ref(), None).unwrap());
+        // Resolved to `made`: whoever wants it waits for the streamed build...
+        let (tx, rx) = mpsc::channel();
+        let (m, p) = (made.clone(), parent.clone());
+        let waiter = std::thread::spawn(move || {
+            let c = ChainClaim::acquire(&m, p.as_ref(), None);
+            tx.send(c.is_ok()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(600)).is_err(), "the chain was taken from the streamed build");
+        // ...which itself claims it,
+        let own = ChainClaim::acquire(&made, parent.as_ref(), Some(&stream)).unwrap();
+        // and a second reader of the same download waits too.
+        let (tx2, rx2) = mpsc::channel();
+        let (t2, p2) = (tap.clone(), parent.clone());
+        let second = std::thread::spawn(move || tx2.send(ChainClaim::stream(p2, t2).is_ok()).unwrap());
+        assert!(rx2.recv_timeout(Duration::from_millis(600)).is_err());
+        drop(own);
+        drop(stream);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        assert_eq!(rx2.recv_timeout(Duration::from_secs(5)), Ok(true));
+        waiter.join().unwrap();
+        second.join().unwrap();
+    }
 
     #[test]
     fn pull_steps_and_requests_read_back() {

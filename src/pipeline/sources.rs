@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -20,6 +20,7 @@ use crate::fetch;
 use crate::fetch::blobstore::{BlobDigest, BlobStore};
 use crate::fetch::catalog::{Catalog, ImageRef, Layer};
 use crate::fetch::s3::S3Client;
+use crate::fetch::tap::Tap;
 use crate::store::blobs as q;
 use crate::store::Db;
 
@@ -190,6 +191,9 @@ struct FeedState {
     results: HashMap<String, Kept>,
     /// Keys whose bytes this feed downloaded and hashed just now.
     downloaded: HashSet<String>,
+    /// One tap per planned key: a chain step may unpack the blob while it
+    /// downloads.
+    taps: fetch::Taps,
 }
 
 impl Feed {
@@ -225,8 +229,19 @@ impl Feed {
                 out.bases = out.layers.len();
             }
         }
-        self.lock().pending.extend(out.layers.iter().map(|l| l.key.clone()));
+        let mut st = self.lock();
+        st.pending.extend(out.layers.iter().map(|l| l.key.clone()));
+        for l in &out.layers {
+            st.taps.entry(l.key.clone()).or_insert_with(|| Arc::new(Tap::new(&l.key, l.size)));
+        }
+        drop(st);
         out
+    }
+
+    /// The tap of a key this feed downloads (or did), to unpack its blob
+    /// while it arrives.
+    pub fn tap(&self, key: &str) -> Option<Arc<Tap>> {
+        self.lock().taps.get(key).cloned()
     }
 
     /// Download the planned layers, publishing each result. Returns when
@@ -253,6 +268,11 @@ impl Feed {
                     st.downloaded.insert(l.key.clone());
                 }
                 st.pending.remove(&l.key);
+                // A tap's reader learns the ending after the result (and
+                // the blob's row) is recorded.
+                if let Some(t) = st.taps.get(&l.key) {
+                    t.finish(kept.clone());
+                }
                 st.results.insert(l.key.clone(), kept);
                 drop(st);
                 self.arrived.notify_all();
@@ -266,10 +286,13 @@ impl Feed {
             let client = s3(ctx)?;
             let store = BlobStore::open(&ctx.state_dir)?;
             let db = Db::open(&ctx.state_dir)?;
+            let taps = self.lock().taps.clone();
             let (bases, rest) = layers.split_at(planned.bases.min(layers.len()));
-            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, bases, &ctx.fetch, &publish)?;
+            let watch = fetch::Watch { on_done: &publish, taps: &taps };
+            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, bases, &ctx.fetch, watch)?;
             let later = |i: usize, r: &Result<crate::fetch::LayerFetch>| publish(i + bases.len(), r);
-            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, rest, &ctx.fetch, &later)?;
+            let watch = fetch::Watch { on_done: &later, taps: &taps };
+            fetch::fetch_layers_notify(&db.conn, &ctx.state_dir, &client, &store, rest, &ctx.fetch, watch)?;
             Ok(())
         })();
         let why = match res {
@@ -279,6 +302,9 @@ impl Feed {
         let mut st = self.lock();
         let left: Vec<String> = st.pending.drain().collect();
         for key in left {
+            if let Some(t) = st.taps.get(&key) {
+                t.finish(Err(why.clone()));
+            }
             st.results.insert(key, Err(why.clone()));
         }
         drop(st);

@@ -34,17 +34,22 @@ impl ChainId {
     pub fn of_layers(digests: &[BlobDigest]) -> Vec<ChainId> {
         let mut out: Vec<ChainId> = Vec::with_capacity(digests.len());
         for d in digests {
-            let id = match out.last() {
-                None => ChainId(d.as_str().to_string()),
-                Some(parent) => {
-                    let mut h = Sha256::new();
-                    h.update(format!("sha256:{} sha256:{}", parent.0, d.as_str()).as_bytes());
-                    ChainId(crate::ops::encode::hex(&h.finalize()))
-                }
-            };
+            let id = ChainId::child(out.last(), d);
             out.push(id);
         }
         out
+    }
+
+    /// The chain id of layer `d` on top of chain `parent` (`None`: a base layer).
+    pub fn child(parent: Option<&ChainId>, d: &BlobDigest) -> ChainId {
+        match parent {
+            None => ChainId(d.as_str().to_string()),
+            Some(parent) => {
+                let mut h = Sha256::new();
+                h.update(format!("sha256:{} sha256:{}", parent.0, d.as_str()).as_bytes());
+                ChainId(crate::ops::encode::hex(&h.finalize()))
+            }
+        }
     }
 
     pub fn as_str(&self) -> &str {
