@@ -711,7 +711,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Fetch an image and build its layer chain of thin devices.",
-        description: "Builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Blobs download in the background while chains build: a chain starts as soon as its blob and its parent chain are ready, and the chains of several images build at the same time (--unpack-jobs). Chains shared with other images are reused. Every image is attempted; the exit code is that of the first image (in argument order) that failed.",
+        description: "Builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Blobs download in the background while chains build: a chain starts as soon as its parent chain is ready and its blob has begun to arrive, unpacking the blob as it downloads (the chain is kept only once the download verified every byte), and the chains of several images build at the same time (--unpack-jobs). Chains shared with other images are reused. Every image is attempted; the exit code is that of the first image (in argument order) that failed.",
         flags: &[BUILD, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },

@@ -14,6 +14,13 @@
 //! and mark device and chain ready together with the step. A step that
 //! finds an intent from a dead attempt tears that attempt's work down
 //! (unmount, deactivate, delete the thin id, delete its rows) and starts over.
+//!
+//! A layer whose blob is still downloading in this command (the feed's
+//! [`Tap`]) is built as it arrives: the intent names the thin id only (the
+//! chain id needs the digest), the unpack reads the growing partial, and the
+//! chain row is written, ready, with the step once the download verified
+//! the blob. A failed or restarted download fails the build like a bad
+//! layer, and its bytes are never held against the object.
 
 use std::io::Read;
 use std::path::Path;

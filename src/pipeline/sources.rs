@@ -5,7 +5,8 @@
 //! [`Feed`]: the blobs of a command's pulls, downloading in the background
 //! (one listing, `--download-jobs` threads, deduplicated) while chains
 //! build. A pull's `fetch` step records the layers (with the digests
-//! already known); each `chain:N` step waits for its own layer's blob only.
+//! already known); each `chain:N` step waits for its own layer's blob only,
+//! or reads it through the feed's tap while it downloads.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
