@@ -241,6 +241,33 @@ pub fn dead_intents(conn: &Connection, key: &str, value: &str) -> Result<Vec<(Ru
     Ok(out)
 }
 
+/// Intents (run, step index, intent) left on steps named `step_prefix`…
+/// of dead runs (failed or cancelled) of `kind`, whose JSON has no field
+/// `key`: work a dead attempt could not tear down and that names nothing a
+/// later step could look it up by.
+pub fn dead_intents_without(
+    conn: &Connection,
+    kind: &str,
+    step_prefix: &str,
+    key: &str,
+) -> Result<Vec<(RunId, i64, Value)>> {
+    let mut st = conn.prepare(
+        "SELECT s.run_id, s.idx, s.intent FROM steps s JOIN runs r ON r.id = s.run_id
+         WHERE r.state IN ('failed', 'cancelled') AND r.kind = ?1 AND s.intent IS NOT NULL
+           AND substr(s.name, 1, length(?2)) = ?2
+           AND json_type(s.intent, '$.' || ?3) IS NULL",
+    )?;
+    let rows = st.query_map(params![kind, step_prefix, key], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (run, idx, intent) = row?;
+        if let Some(v) = parse_intent(run, Some(intent))? {
+            out.push((run, idx, v));
+        }
+    }
+    Ok(out)
+}
+
 /// Drop a step's intent once its work was undone.
 pub fn clear_intent(conn: &Connection, run: RunId, idx: i64) -> Result<()> {
     conn.execute("UPDATE steps SET intent = NULL WHERE run_id = ?1 AND idx = ?2", params![run, idx])?;
@@ -819,6 +846,26 @@ mod tests {
         drive(&mut c, id, &mut ex, &fast()).unwrap();
         assert_eq!(ex.0, Some(serde_json::json!({"thin_id": 7})));
         assert!(unfinished(&c).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dead_intents_without_a_field_are_those_of_dead_runs_of_that_kind_and_step() {
+        let mut c = db();
+        let (dead, _) = start(&mut c, &spec(&["chain:1", "chain:2", "other"])).unwrap();
+        let (live, _) = start(&mut c, &RunSpec { subject: "t".into(), ..spec(&["chain:1"]) }).unwrap();
+        let set = |run: RunId, idx: i64, v: &str| {
+            c.execute("UPDATE steps SET intent = ?1 WHERE run_id = ?2 AND idx = ?3", params![v, run, idx]).unwrap();
+        };
+        set(dead, 0, r#"{"thin_id":7}"#);
+        set(dead, 1, r#"{"thin_id":8,"chain_id":"x"}"#);
+        set(dead, 2, r#"{"thin_id":9}"#);
+        set(live, 0, r#"{"thin_id":10}"#);
+        // Nothing while the run is alive.
+        assert!(dead_intents_without(&c, "test", "chain:", "chain_id").unwrap().is_empty());
+        c.execute("UPDATE runs SET state = 'failed' WHERE id = ?1", [dead]).unwrap();
+        let got = dead_intents_without(&c, "test", "chain:", "chain_id").unwrap();
+        assert_eq!(got, vec![(dead, 0, serde_json::json!({"thin_id": 7}))], "only the dead chain step naming no chain");
+        assert!(dead_intents_without(&c, "pull", "chain:", "chain_id").unwrap().is_empty(), "another kind");
     }
 
     #[test]

@@ -222,6 +222,7 @@ impl Pull<'_> {
             let dev = self.ctx.prepare_pool(cx.conn)?;
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
         }
+        self.finish_dead_streams(cx)?;
 
         // A building row whose owner is no longer running (its run failed
         // or was cancelled after its teardown failed) is finished off here,
@@ -247,9 +248,9 @@ impl Pull<'_> {
         let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&layer.key, &digests[idx]));
         let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
         let known = Known { chain_id: chain_id.clone(), parent: parent.clone(), blob: digests[idx].clone() };
-        let (thin_id, intent) = self.begin_attempt(cx, pos, Some(&known), parent_thin, blob_size)?;
+        let (thin_id, _) = self.begin_attempt(cx, pos, Some(&known), parent_thin, blob_size)?;
         let blob = Blob { path: &blob_path, key: &layer.key, digest: &digests[idx], hash: !fresh };
-        let report = self.attempt(cx, &intent, thin_id, parent_thin, Input::Stored(&blob))?;
+        let report = self.attempt(cx, thin_id, parent_thin, Source::Stored(&blob))?;
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -272,10 +273,10 @@ impl Pull<'_> {
     /// Build layer `pos` from its blob while the blob downloads (`tap`), on
     /// top of chain `parent`. The device is made and filled under an
     /// intent that names no chain yet: the chain id needs the blob's
-    /// digest, known when the download verified the last byte. Only then
-    /// is the chain recorded, ready, with the step. `Ok(false)`: the
-    /// download ended before this step could read it; build from the
-    /// stored blob instead.
+    /// digest, known when the download verified the last byte. Then the
+    /// chain is claimed and its `building` row recorded with the intent,
+    /// and it is marked ready with the step. `Ok(false)`: the download
+    /// ended before this step could read it; build from the stored blob.
     fn chain_streamed(
         &mut self,
         cx: &mut StepCx<'_>,
@@ -291,11 +292,40 @@ impl Pull<'_> {
         if tap.ending().is_some() || matches!(tap.wait_start()?, Start::Ended) {
             return Ok(false);
         }
+        self.finish_dead_streams(cx)?;
         let parent_thin = parent_thin_of(cx.conn, &image, pos, parent.as_ref())?;
-        let (thin_id, intent) = self.begin_attempt(cx, pos, None, parent_thin, tap.size())?;
+        let (thin_id, _) = self.begin_attempt(cx, pos, None, parent_thin, tap.size())?;
         log::debug!("image {image}: layer {pos} ({}) unpacks as it downloads", layer.key);
         let key = layer.key.as_str();
-        let report = match self.attempt(cx, &intent, thin_id, parent_thin, Input::Streamed { tap: &tap, key })? {
+        // Once the download verified the blob: claim its chain, and name it
+        // in the intent with a `building` row (a failed teardown then leaves
+        // what another image needing this chain finishes, as for any build).
+        let mut held: Option<ChainClaim> = None;
+        let mut existing: Option<q::ChainRow> = None;
+        let mut verified: Option<(ChainId, BlobDigest)> = None;
+        let result = {
+            let mut on_verified = |cx: &mut StepCx<'_>, d: &BlobDigest| -> Result<()> {
+                let cid = ChainId::child(parent.as_ref(), d);
+                held = Some(ChainClaim::acquire(&cid, parent.as_ref(), Some(&claim))?);
+                q::set_layer_digest(cx.conn, &image, pos, d)?;
+                fault::point("chain:digest");
+                verified = Some((cid.clone(), d.clone()));
+                if let Some(c) = q::chain(cx.conn, &cid)? {
+                    existing = Some(c);
+                    return Ok(());
+                }
+                let now = cx.intent().cloned().unwrap_or(Value::Null);
+                let mut intent = BuildIntent::read(&now)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
+                intent.chain_id = Some(cid.clone());
+                let intent = crate::journal::intent_value(&intent)?;
+                cx.record_intent_with(|tx| {
+                    q::insert_chain_building(tx, &cid, parent.as_ref(), d, pos, thin_id)?;
+                    Ok(intent)
+                })
+            };
+            self.attempt(cx, thin_id, parent_thin, Source::Streamed { tap: &tap, key, on_verified: &mut on_verified })?
+        };
+        let report = match result {
             Ok(r) => r,
             Err(e) => {
                 // The bytes were judged before the download checked them:
@@ -325,20 +355,16 @@ impl Pull<'_> {
                 return Err(e.context(format!("image {image}: layer {key}")));
             }
         };
-        let digest = match tap.ending() {
-            Some(Ok(d)) => d,
-            _ => return Err(Error::software(format!("{key}: unpacked, but its download has no digest"))),
+        let Some((chain_id, _)) = verified else {
+            return Err(Error::software(format!("{key}: unpacked, but its download has no digest")));
         };
-        q::set_layer_digest(cx.conn, &image, pos, &digest)?;
-        fault::point("chain:digest");
-        let chain_id = ChainId::child(parent.as_ref(), &digest);
-        let _chain = ChainClaim::acquire(&chain_id, parent.as_ref(), Some(&claim))?;
-        if let Some(c) = q::chain(cx.conn, &chain_id)? {
+        if let Some(c) = existing {
             // The same content reached this chain another way meanwhile
             // (another key with a multipart ETag): keep that one.
             log::info!("image {image}: layer {key}: chain {} exists; dropping this copy", short(&chain_id));
             let run_dir = self.ctx.run_dir.clone();
             let dev = self.ctx.prepare_pool(cx.conn)?;
+            let intent = cx.intent().cloned().unwrap_or(Value::Null);
             teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
             cx.record_intent(Value::Null)?;
             share_chain(cx, &image, pos, key, &c)?;
@@ -347,7 +373,6 @@ impl Pull<'_> {
         fault::point("chain:built");
         let cid = chain_id.clone();
         cx.complete(move |tx| {
-            q::insert_chain_building(tx, &cid, parent.as_ref(), &digest, pos, thin_id)?;
             crate::store::thin_pool::set_thin_state(tx, thin_id, crate::store::thin_pool::ThinState::Ready)?;
             q::set_chain_ready(tx, &cid, &report)?;
             q::set_layer_chain(tx, &image, pos, &cid)?;
@@ -355,7 +380,25 @@ impl Pull<'_> {
                 json!({"chain": cid, "built": true, "streamed": true, "thin_id": thin_id, "report": report}),
             ))
         })?;
+        drop(held);
         Ok(true)
+    }
+
+    /// Tear down what dead streamed builds left (their teardown failed and
+    /// their intent names no chain, so no step would find it by chain).
+    fn finish_dead_streams(&mut self, cx: &mut StepCx<'_>) -> Result<()> {
+        let kind = super::RunKind::Pull.as_str();
+        for (run, idx, intent) in crate::journal::dead_intents_without(cx.conn, kind, "chain:", "chain_id")? {
+            if BuildIntent::read(&intent)?.is_none() {
+                continue;
+            }
+            log::info!("finishing the teardown of run {run}'s failed build (step {idx})");
+            let run_dir = self.ctx.run_dir.clone();
+            let dev = self.ctx.prepare_pool(cx.conn)?;
+            teardown_attempt(&run_dir, dev, cx.conn, &intent)?;
+            crate::journal::clear_intent(cx.conn, run, idx)?;
+        }
+        Ok(())
     }
 
     /// Record the intent of a build (a thin id; with `known`, the chain's
@@ -402,10 +445,9 @@ impl Pull<'_> {
     fn attempt(
         &mut self,
         cx: &mut StepCx<'_>,
-        intent: &Value,
         thin_id: ThinId,
         parent_thin: Option<ThinId>,
-        input: Input<'_>,
+        source: Source<'_>,
     ) -> Result<Result<Value>> {
         let size = Sectors::from_bytes(self.ctx.opts.device_size);
         let run_dir = self.ctx.run_dir.clone();
@@ -418,7 +460,8 @@ impl Pull<'_> {
         if let Ok(crate::pool::Created::Exists) = created {
             // Not ours: never touched. Mark the attempt so no teardown (now
             // or after a crash) deletes it, drop its rows, and stop.
-            let mut foreign = BuildIntent::read(intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
+            let intent = cx.intent().cloned().unwrap_or(Value::Null);
+            let mut foreign = BuildIntent::read(&intent)?.ok_or_else(|| Error::software("intent lost its thin id"))?;
             foreign.foreign = true;
             let foreign = crate::journal::intent_value(&foreign)?;
             cx.record_intent(foreign.clone())?;
@@ -426,12 +469,22 @@ impl Pull<'_> {
             cx.record_intent(Value::Null)?;
             return Err(crate::pool::manager::diverged(&dev.pool_name(), thin_id));
         }
-        let result = created.and_then(|_| build(dev, &run_dir, thin_id, parent_thin, size, input, &opts));
+        let result = created.and_then(|_| match source {
+            Source::Stored(blob) => build(dev, &run_dir, thin_id, parent_thin, size, Input::Stored(blob), &opts),
+            Source::Streamed { tap, key, on_verified } => {
+                let mut hook = |d: &BlobDigest| on_verified(&mut *cx, d);
+                let input = Input::Streamed { tap, key, on_verified: &mut hook };
+                build(dev, &run_dir, thin_id, parent_thin, size, input, &opts)
+            }
+        });
         match result {
             Ok(r) => Ok(Ok(r)),
             Err(e) => {
-                // Tear down this attempt now; a permanent failure leaves nothing.
-                if let Err(te) = teardown_attempt(&run_dir, dev, cx.conn, intent) {
+                // Tear down this attempt now (as its intent stands: a
+                // streamed build may have named its chain meanwhile); a
+                // permanent failure leaves nothing.
+                let intent = cx.intent().cloned().unwrap_or(Value::Null);
+                if let Err(te) = teardown_attempt(&run_dir, dev, cx.conn, &intent) {
                     log::error!("cleaning up after a failed build of thin device {thin_id}: {}", te.full_message());
                     return Err(e);
                 }
@@ -444,6 +497,18 @@ impl Pull<'_> {
             }
         }
     }
+}
+
+/// What a chain step builds from.
+enum Source<'a> {
+    Stored(&'a Blob<'a>),
+    /// `on_verified` runs once the download verified the blob, before the
+    /// build goes on (sync, checks).
+    Streamed {
+        tap: &'a Tap,
+        key: &'a str,
+        on_verified: &'a mut dyn FnMut(&mut StepCx<'_>, &BlobDigest) -> Result<()>,
+    },
 }
 
 /// What a chain build with a known digest records in its intent.
@@ -634,13 +699,17 @@ fn build(
     };
     let report = match input {
         Input::Stored(blob) => unpack_stored(&mnt, blob, opts)?,
-        Input::Streamed { tap, key } => {
+        Input::Streamed { tap, key, on_verified } => {
             let mut reader = std::io::BufReader::with_capacity(1 << 20, TapReader::open(tap)?);
             let report = crate::extract::apply_layer(&mnt, &mut reader, key, opts)?;
             // The rest (end-of-archive padding), up to the download's verdict:
             // the layer is kept only for the blob the download verified.
             std::io::copy(&mut reader, &mut std::io::sink())
                 .map_err(|e| Error::io(format!("reading layer {key} as it downloads"), e))?;
+            match tap.ending() {
+                Some(Ok(d)) => on_verified(&d)?,
+                _ => return Err(Error::software(format!("{key}: read to the end, but its download has no digest"))),
+            }
             report
         }
     };
@@ -687,8 +756,9 @@ fn build(
 enum Input<'a> {
     /// A blob in the store.
     Stored(&'a Blob<'a>),
-    /// A blob still downloading, read as it arrives.
-    Streamed { tap: &'a Tap, key: &'a str },
+    /// A blob still downloading, read as it arrives; `on_verified` is told
+    /// its digest once the download verified it.
+    Streamed { tap: &'a Tap, key: &'a str, on_verified: &'a mut dyn FnMut(&BlobDigest) -> Result<()> },
 }
 
 /// Unpack a stored blob, hashing it on the way if asked.
