@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::blobstore::BlobDigest;
@@ -38,8 +38,13 @@ pub struct Tap {
 
 #[derive(Default)]
 struct TapState {
-    /// The partial being written (set once the download opened it).
+    /// The partial being written (set once the download opened it), and
+    /// a handle on it: the download may rename it into the store, or drop
+    /// it, at any moment, and a reader reads the same file regardless.
+    /// (Kept while the tap lives, the command's feed: a reader may come
+    /// after the end. A dropped partial's space is freed with it.)
     path: Option<PathBuf>,
+    file: Option<Arc<File>>,
     /// Bytes [0, written) of the partial hold the object's bytes.
     written: u64,
     /// The object changed mid-download: the partial was restarted.
@@ -76,11 +81,12 @@ impl Tap {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The download opened `path`, whose first `offset` bytes are already
-    /// the object's (a resumed partial).
-    pub fn begin(&self, path: &Path, offset: u64) {
+    /// The download opened `path` (`file` is a handle on it), whose first
+    /// `offset` bytes are already the object's (a resumed partial).
+    pub fn begin(&self, path: &Path, file: File, offset: u64) {
         let mut st = self.lock();
         st.path = Some(path.to_path_buf());
+        st.file = Some(Arc::new(file));
         st.written = offset;
         drop(st);
         self.changed.notify_all();
@@ -116,6 +122,7 @@ impl Tap {
         if st.end.is_none() {
             st.end = Some(end);
         }
+
         drop(st);
         self.changed.notify_all();
     }
@@ -159,18 +166,15 @@ impl Tap {
 /// error (never a short blob).
 pub struct TapReader<'a> {
     tap: &'a Tap,
-    file: File,
+    file: Arc<File>,
     pos: u64,
 }
 
 impl<'a> TapReader<'a> {
     /// Open the tap's partial ([`Tap::wait_start`] said it is streaming).
     pub fn open(tap: &'a Tap) -> Result<TapReader<'a>> {
-        let path = tap.lock().path.clone().ok_or_else(|| Error::software(format!("{}: tap not begun", tap.key)))?;
-        // The download may rename it into the store at any moment; the
-        // open file stays the same inode either way.
-        let file = File::open(&path)
-            .map_err(|e| Error::io(format!("opening {} to read it while it downloads", path.display()), e))?;
+        let st = tap.lock();
+        let file = st.file.clone().ok_or_else(|| Error::software(format!("{}: tap not begun", tap.key)))?;
         Ok(TapReader { tap, file, pos: 0 })
     }
 
@@ -252,7 +256,7 @@ mod tests {
     fn writer(tap: Arc<Tap>, path: PathBuf, data: Vec<u8>, end: Ending) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(&path).expect("partial");
-            tap.begin(&path, 0);
+            tap.begin(&path, std::fs::File::open(&path).expect("a reading handle"), 0);
             let mut pos = 0u64;
             for chunk in data.chunks(1000) {
                 f.write_all(chunk).expect("write");
@@ -278,6 +282,12 @@ mod tests {
         assert_eq!(got, data, "every byte, in order, and nothing before the ending");
         assert!(tap.ending().is_some(), "end of file only after the download ended");
         w.join().unwrap();
+        // A reader that comes after the end (the partial renamed into the
+        // store, or dropped) reads the same file.
+        std::fs::remove_file(d.join("p")).unwrap();
+        let mut again = Vec::new();
+        TapReader::open(&tap).unwrap().read_to_end(&mut again).unwrap();
+        assert!(again == data, "a late reader got other bytes");
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -300,7 +310,7 @@ mod tests {
         let d = scratch("restart");
         let tap = Tap::new("k", 100);
         std::fs::write(d.join("p"), [7u8; 10]).unwrap();
-        tap.begin(&d.join("p"), 0);
+        tap.begin(&d.join("p"), std::fs::File::open(d.join("p")).unwrap(), 0);
         tap.wrote(10);
         let mut r = TapReader::open(&tap).unwrap();
         let mut buf = [0u8; 4];
