@@ -131,14 +131,14 @@ _thinimg() {
         "unpack") opts="--dest --apply-on-top --keep-privileges --devices --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size $opts" ;;
         "pool create") opts="--data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "pool destroy") opts="--force --dry-run $opts" ;;
-        "pull") opts="--unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "pull") opts="--unpack-jobs --stream-unpack --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "activate") opts="--name --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "deactivate") opts="--delete --dry-run $opts" ;;
         "rm") opts="--force --dry-run $opts" ;;
         "images") opts="--no-headings $opts" ;;
         "activations") opts="--no-headings $opts" ;;
         "gc") opts="--dry-run $opts" ;;
-        "sync") opts="--all --from --prune --force --dry-run --jitter --unpack-jobs --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
+        "sync") opts="--all --from --prune --force --dry-run --jitter --unpack-jobs --stream-unpack --download-jobs --max-blob-size --min-free --jobs --max-entries --max-file-size --max-total-size --max-path-len --max-depth --max-header-size --data-dev --meta-dev --data-size --block-size --device-size $opts" ;;
         "status") opts="--watch $opts" ;;
         "doctor") opts="--min-free $opts" ;;
         "config show") opts="--no-headings $opts" ;;

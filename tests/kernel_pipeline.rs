@@ -759,7 +759,10 @@ fn kill9_during_overlapped_pulls_then_rerun_converges() {
     for (i, (fault, skip)) in BATCH_FAULTS.iter().enumerate() {
         let h = Host::new(&format!("k9b-{i}"));
         upload(S3Server::shared(), &h.prefix, &[]);
-        let r = h.cmd(&["pull", "golang", "node", "python"], &[("THINIMG_FAULT", fault), ("THINIMG_FAULT_SKIP", skip)]);
+        // Half the cases unpack layers while they download (--stream-unpack).
+        let stream = if i % 2 == 0 { "1" } else { "0" };
+        let env = [("THINIMG_FAULT", *fault), ("THINIMG_FAULT_SKIP", *skip), ("THINIMG_STREAM_UNPACK", stream)];
+        let r = h.cmd(&["pull", "golang", "node", "python"], &env);
         assert_eq!(r.code, -1, "{fault}/{skip}: expected death by SIGKILL, got exit {}:\n{}", r.code, r.stderr);
         let before = done_steps(&h);
         h.ok(&["pull", "golang", "node", "python"]);
@@ -877,7 +880,7 @@ fn a_blob_unpacked_while_it_downloads_is_kept_only_if_the_download_verifies() {
     let h = Host::new("streambad");
     upload(S3Server::shared(), &h.prefix, &[]);
     let proxy = corrupt_proxy(&S3Server::shared().endpoint, format!("{}golang/1.tar", h.prefix));
-    let r = h.cmd(&["pull", "golang", "-v"], &[("AWS_ENDPOINT_URL", proxy.as_str())]);
+    let r = h.cmd(&["pull", "golang", "-v", "--stream-unpack"], &[("AWS_ENDPOINT_URL", proxy.as_str())]);
     assert_eq!(r.code, 65, "a corrupted download is bad data:\n{}", r.stderr);
     assert!(
         r.stderr.contains("golang/1.tar") && r.stderr.contains("ETag"),

@@ -145,6 +145,7 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
         max_blob_size,
         unpack_jobs: usize::try_from(number_or_default(inv, "unpack-jobs")?)
             .map_err(|_| Error::usage("--unpack-jobs is too large"))?,
+        stream_unpack: flags.contains(&"stream-unpack") && inv.flag("stream-unpack"),
     })
 }
 

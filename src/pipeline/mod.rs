@@ -46,6 +46,8 @@ pub struct Opts {
     pub max_blob_size: u64,
     /// `--unpack-jobs`: images whose chains build at the same time.
     pub unpack_jobs: usize,
+    /// `--stream-unpack`: unpack a layer while its blob downloads.
+    pub stream_unpack: bool,
 }
 
 /// Everything the pipeline takes from the command line, typed once by the

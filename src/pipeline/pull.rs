@@ -15,8 +15,8 @@
 //! finds an intent from a dead attempt tears that attempt's work down
 //! (unmount, deactivate, delete the thin id, delete its rows) and starts over.
 //!
-//! A layer whose blob is still downloading in this command (the feed's
-//! [`Tap`]) is built as it arrives: the intent names the thin id only (the
+//! With `--stream-unpack`, a layer whose blob is still downloading in this
+//! command (the feed's [`Tap`]) is built as it arrives: the intent names the thin id only (the
 //! chain id needs the digest), the unpack reads the growing partial, and the
 //! chain row is written, ready, with the step once the download verified
 //! the blob. A failed or restarted download fails the build like a bad
@@ -176,9 +176,10 @@ impl Pull<'_> {
         let Some(layer) = layers.get(idx).cloned() else {
             return Err(Error::software(format!("image {image}: no layer {pos}")));
         };
-        // This layer's blob still downloading in this command: unpack it as
-        // it arrives, and learn its digest (so its chain id) at the end.
-        if layer.digest.is_none() && cx.intent().is_none() {
+        // This layer's blob still downloading in this command
+        // (--stream-unpack): unpack it as it arrives, and learn its digest
+        // (so its chain id) at the end.
+        if self.ctx.opts.stream_unpack && layer.digest.is_none() && cx.intent().is_none() {
             if let Some(tap) = self.ctx.feed.as_ref().and_then(|f| f.tap(&layer.key)) {
                 let parents = known_digests(&image, &layers[..idx])?;
                 let parent = ChainId::of_layers(&parents).pop();
