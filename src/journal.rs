@@ -230,15 +230,7 @@ pub fn dead_intents(conn: &Connection, key: &str, value: &str) -> Result<Vec<(Ru
          WHERE r.state IN ('failed', 'cancelled') AND s.intent IS NOT NULL
            AND json_extract(s.intent, '$.' || ?1) = ?2",
     )?;
-    let rows = st.query_map(params![key, value], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (run, idx, intent) = row?;
-        if let Some(v) = parse_intent(run, Some(intent))? {
-            out.push((run, idx, v));
-        }
-    }
-    Ok(out)
+    intents_of(&mut st, params![key, value])
 }
 
 /// Intents (run, step index, intent) left on steps named `step_prefix`…
@@ -257,7 +249,12 @@ pub fn dead_intents_without(
            AND substr(s.name, 1, length(?2)) = ?2
            AND json_type(s.intent, '$.' || ?3) IS NULL",
     )?;
-    let rows = st.query_map(params![kind, step_prefix, key], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
+    intents_of(&mut st, params![kind, step_prefix, key])
+}
+
+/// The (run, step index, intent) rows a `SELECT run_id, idx, intent` returns.
+fn intents_of(st: &mut rusqlite::Statement<'_>, p: impl rusqlite::Params) -> Result<Vec<(RunId, i64, Value)>> {
+    let rows = st.query_map(p, |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?)))?;
     let mut out = Vec::new();
     for row in rows {
         let (run, idx, intent) = row?;

@@ -644,7 +644,7 @@ fn hold_conn(
     release: &std::sync::atomic::AtomicBool,
     held: &std::sync::atomic::AtomicU32,
 ) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::sync::atomic::Ordering;
     let Ok(server) = std::net::TcpStream::connect(up) else { return };
     let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
@@ -654,21 +654,11 @@ fn hold_conn(
     });
     let (mut client, mut server) = (client, server);
     let mut buf: Vec<u8> = Vec::new();
-    let mut b = [0u8; 8192];
     loop {
-        let end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            match client.read(&mut b) {
-                Ok(0) | Err(_) => {
-                    let _ = server.shutdown(std::net::Shutdown::Write);
-                    return;
-                }
-                Ok(n) => buf.extend_from_slice(&b[..n]),
-            }
+        let Some(head) = read_head(&mut client, &mut buf) else {
+            let _ = server.shutdown(std::net::Shutdown::Write);
+            return;
         };
-        let head: Vec<u8> = buf.drain(..end).collect();
         let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
         let path = line.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_string();
         if line.starts_with("GET ") && path.ends_with(key_path) {

@@ -447,6 +447,22 @@ fn dropped_connections_and_slowdown_are_retried() {
 /// The object changed between the listing and the GET: If-Match fails
 /// (412) and the download restarts cleanly from byte 0, also when it was
 /// resuming a partial of the old version.
+/// A signed client of bucket `priv` under `prefix` on the test server.
+fn signed_client(srv: &S3Server, prefix: &str) -> thinimg::fetch::s3::S3Client {
+    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
+    thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
+        bucket: "priv".into(),
+        prefix: prefix.into(),
+        region: "us-east-1".into(),
+        endpoints: vec![srv.endpoint.clone()],
+        anonymous: false,
+        timeout: std::time::Duration::from_secs(10),
+        retries: 2,
+    })
+    .unwrap()
+}
+
 #[test]
 fn precondition_failed_restarts_from_zero() {
     use thinimg::fetch::{
@@ -457,18 +473,7 @@ fn precondition_failed_restarts_from_zero() {
     let data = tar_layer(51, 3 << 20);
     let key = "precond/images/p/1.tar";
     srv.put("priv", key, &data);
-    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
-        bucket: "priv".into(),
-        prefix: "precond/images/".into(),
-        region: "us-east-1".into(),
-        endpoints: vec![srv.endpoint.clone()],
-        anonymous: false,
-        timeout: std::time::Duration::from_secs(10),
-        retries: 2,
-    })
-    .unwrap();
+    let client = signed_client(srv, "precond/images/");
     let real_etag = client.stat(key).unwrap().etag;
     let state = common::tempdir("precond");
     let store = BlobStore::open(&state).unwrap();
@@ -1199,18 +1204,7 @@ fn a_tap_reads_a_download_as_it_arrives() {
     let data = tar_layer(71, 6 << 20);
     let key = "tap/images/t/1.tar";
     srv.put("priv", key, &data);
-    std::env::set_var("AWS_ACCESS_KEY_ID", common::ACCESS_KEY);
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", common::SECRET_KEY);
-    let client = thinimg::fetch::s3::S3Client::new(thinimg::fetch::s3::S3Config {
-        bucket: "priv".into(),
-        prefix: "tap/images/".into(),
-        region: "us-east-1".into(),
-        endpoints: vec![srv.endpoint.clone()],
-        anonymous: false,
-        timeout: std::time::Duration::from_secs(10),
-        retries: 2,
-    })
-    .unwrap();
+    let client = signed_client(srv, "tap/images/");
     let etag = client.stat(key).unwrap().etag;
     let state = common::tempdir("tap");
     let store = BlobStore::open(&state).unwrap();
