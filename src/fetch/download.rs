@@ -125,7 +125,7 @@ impl BlobStore {
         let (to_writer, writer_rx) = std::sync::mpsc::sync_channel::<ToWriter>(WRITE_QUEUE);
         let (writer_tx, from_writer) = std::sync::mpsc::channel::<FromWriter>();
         if let Some(t) = job.tap {
-            t.begin(&pp, file.try_clone().ctx(|| format!("a second handle on {}", pp.display()))?, offset);
+            t.begin(file.try_clone().ctx(|| format!("a second handle on {}", pp.display()))?, offset);
         }
         let tap = job.tap;
         let outcome = std::thread::scope(|scope| {

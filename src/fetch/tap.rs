@@ -13,12 +13,11 @@
 //! gets an error, never the new bytes.
 //!
 //! Nothing here opens the database. Memory: the reader's caller chooses its
-//! buffer; the tap holds a path and a few counters.
+//! buffer; the tap holds a file handle and a few counters.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,12 +37,11 @@ pub struct Tap {
 
 #[derive(Default)]
 struct TapState {
-    /// The partial being written (set once the download opened it), and
-    /// a handle on it: the download may rename it into the store, or drop
-    /// it, at any moment, and a reader reads the same file regardless.
-    /// (Kept while the tap lives, the command's feed: a reader may come
-    /// after the end. A dropped partial's space is freed with it.)
-    path: Option<PathBuf>,
+    /// A handle on the partial being written (set once the download opened
+    /// it): the download may rename it into the store, or drop it, at any
+    /// moment, and a reader reads the same file regardless. (Kept while the
+    /// tap lives, the command's feed: a reader may come after the end. A
+    /// dropped partial's space is freed with it.)
     file: Option<Arc<File>>,
     /// Bytes [0, written) of the partial hold the object's bytes.
     written: u64,
@@ -81,11 +79,10 @@ impl Tap {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The download opened `path` (`file` is a handle on it), whose first
-    /// `offset` bytes are already the object's (a resumed partial).
-    pub fn begin(&self, path: &Path, file: File, offset: u64) {
+    /// The download opened its partial (`file` is a handle on it), whose
+    /// first `offset` bytes are already the object's (a resumed partial).
+    pub fn begin(&self, file: File, offset: u64) {
         let mut st = self.lock();
-        st.path = Some(path.to_path_buf());
         st.file = Some(Arc::new(file));
         st.written = offset;
         drop(st);
@@ -139,7 +136,7 @@ impl Tap {
             if st.end.is_some() {
                 return Ok(Start::Ended);
             }
-            if st.path.is_some() && !st.broken {
+            if st.file.is_some() && !st.broken {
                 return Ok(Start::Streaming);
             }
             crate::ops::signals::check()?;
@@ -239,6 +236,7 @@ impl Read for TapReader<'_> {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::PathBuf;
     use std::sync::Arc;
 
     fn scratch(tag: &str) -> PathBuf {
@@ -256,7 +254,7 @@ mod tests {
     fn writer(tap: Arc<Tap>, path: PathBuf, data: Vec<u8>, end: Ending) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
             let mut f = std::fs::File::create(&path).expect("partial");
-            tap.begin(&path, std::fs::File::open(&path).expect("a reading handle"), 0);
+            tap.begin(std::fs::File::open(&path).expect("a reading handle"), 0);
             let mut pos = 0u64;
             for chunk in data.chunks(1000) {
                 f.write_all(chunk).expect("write");
@@ -310,7 +308,7 @@ mod tests {
         let d = scratch("restart");
         let tap = Tap::new("k", 100);
         std::fs::write(d.join("p"), [7u8; 10]).unwrap();
-        tap.begin(&d.join("p"), std::fs::File::open(d.join("p")).unwrap(), 0);
+        tap.begin(std::fs::File::open(d.join("p")).unwrap(), 0);
         tap.wrote(10);
         let mut r = TapReader::open(&tap).unwrap();
         let mut buf = [0u8; 4];
