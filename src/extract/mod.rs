@@ -739,19 +739,24 @@ impl Applier<'_> {
         stream: &mut TarStream<'_>,
     ) -> Result<(), Fail> {
         use std::io::Write;
+        // Kept at its largest length: only growth is zero-filled.
         let mut buf = std::mem::take(&mut self.small_buf);
-        buf.resize(m.data_size as usize, 0);
+        let size = m.data_size as usize;
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
+        let data = &mut buf[..size];
         let mut got = 0;
-        while got < buf.len() {
-            let n = stream.read_data(&mut buf[got..])?;
+        while got < data.len() {
+            let n = stream.read_data(&mut data[got..])?;
             if n == 0 {
                 return Err(r("truncated", "entry data ends before its declared size"));
             }
             got += n;
         }
         let name = m.display();
-        (&file).write_all(&buf).map_err(|e| Fail::Err(target_error(format!("writing {name}"), e)))?;
-        self.inline_bytes += buf.len() as u64;
+        (&file).write_all(data).map_err(|e| Fail::Err(target_error(format!("writing {name}"), e)))?;
+        self.inline_bytes += size as u64;
         self.small_buf = buf;
         root::apply_meta_fd(file.as_fd(), &meta).map_err(|(op, e)| meta_fail(op, e, &format!("file {name:?}")))
     }
@@ -768,7 +773,9 @@ impl Applier<'_> {
                 crate::ops::signals::check()?;
                 let mut buf = self.writers.buffer();
                 let want = (len - done).min(CHUNK as u64) as usize;
-                buf.resize(want, 0);
+                if buf.len() < want {
+                    buf.resize(want, 0);
+                }
                 let mut got = 0;
                 while got < want {
                     let n = stream.read_data(&mut buf[got..])?;
@@ -777,7 +784,7 @@ impl Applier<'_> {
                     }
                     got += n;
                 }
-                self.writers.write(pf, off + done, buf)?;
+                self.writers.write(pf, off + done, buf, want)?;
                 done += want as u64;
             }
         }
