@@ -34,6 +34,7 @@ _thinimg_value_kind() {
         "pool create --block-size") echo "none" ;;
         "pool create --device-size") echo "none" ;;
         "pull --unpack-jobs") echo "none" ;;
+        "pull --stream-unpack") echo "none" ;;
         "pull --download-jobs") echo "none" ;;
         "pull --max-blob-size") echo "none" ;;
         "pull --min-free") echo "none" ;;
@@ -68,6 +69,7 @@ _thinimg_value_kind() {
         "sync --from") echo "file" ;;
         "sync --jitter") echo "none" ;;
         "sync --unpack-jobs") echo "none" ;;
+        "sync --stream-unpack") echo "none" ;;
         "sync --download-jobs") echo "none" ;;
         "sync --max-blob-size") echo "none" ;;
         "sync --min-free") echo "none" ;;

@@ -682,8 +682,10 @@ fn pull_builds_chains_while_later_blobs_download() {
     upload(S3Server::shared(), &h.prefix, &[]);
     let proxy = HoldProxy::start(&S3Server::shared().endpoint, format!("{}golang/5.tar", h.prefix));
     // The held request must outlast the builds: no per-request deadline.
-    let mut c =
-        h.t.command(&["pull", "golang"], &[("AWS_ENDPOINT_URL", proxy.endpoint.as_str()), ("THINIMG_TIMEOUT", "3600")]);
+    let mut c = h.t.command(
+        &["pull", "golang", "-vv"],
+        &[("AWS_ENDPOINT_URL", proxy.endpoint.as_str()), ("THINIMG_TIMEOUT", "3600")],
+    );
     c.env("THINIMG_RUN_DIR", &h.run).env("THINIMG_CONFIG", &h.conf);
     c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
@@ -715,7 +717,15 @@ fn pull_builds_chains_while_later_blobs_download() {
     );
     proxy.release();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "pull failed after the release:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pull failed after the release:\n{stderr}");
+    // By default (--stream-unpack last) only the download left once every
+    // other had ended unpacked as it arrived: layer 5, not 1-4.
+    let streamed: Vec<&str> = stderr.lines().filter(|l| l.contains("unpacks as it downloads")).collect();
+    assert!(
+        streamed.len() == 1 && streamed[0].contains("layer 5 (") && streamed[0].contains("golang/5.tar"),
+        "only the last download streams: {streamed:?}\n{stderr}"
+    );
     let images = h.json(&["images"]);
     let golang = images["images"].as_array().unwrap().iter().find(|i| i["name"] == "golang").cloned().unwrap();
     assert_eq!(golang["state"], "ready", "{images}");
@@ -749,8 +759,10 @@ fn kill9_during_overlapped_pulls_then_rerun_converges() {
     for (i, (fault, skip)) in BATCH_FAULTS.iter().enumerate() {
         let h = Host::new(&format!("k9b-{i}"));
         upload(S3Server::shared(), &h.prefix, &[]);
-        // Half the cases unpack layers while they download (--stream-unpack).
-        let stream = if i % 2 == 0 { "1" } else { "0" };
+        // Every --stream-unpack policy takes its turn: layers unpack while
+        // they download (always), only the last download does (last, the
+        // default), or none (never).
+        let stream = ["always", "last", "never"][i % 3];
         let env = [("THINIMG_FAULT", *fault), ("THINIMG_FAULT_SKIP", *skip), ("THINIMG_STREAM_UNPACK", stream)];
         let r = h.cmd(&["pull", "golang", "node", "python"], &env);
         assert_eq!(r.code, -1, "{fault}/{skip}: expected death by SIGKILL, got exit {}:\n{}", r.code, r.stderr);
@@ -870,7 +882,7 @@ fn a_blob_unpacked_while_it_downloads_is_kept_only_if_the_download_verifies() {
     let h = Host::new("streambad");
     upload(S3Server::shared(), &h.prefix, &[]);
     let proxy = corrupt_proxy(&S3Server::shared().endpoint, format!("{}golang/1.tar", h.prefix));
-    let r = h.cmd(&["pull", "golang", "-v", "--stream-unpack"], &[("AWS_ENDPOINT_URL", proxy.as_str())]);
+    let r = h.cmd(&["pull", "golang", "-v", "--stream-unpack", "always"], &[("AWS_ENDPOINT_URL", proxy.as_str())]);
     assert_eq!(r.code, 65, "a corrupted download is bad data:\n{}", r.stderr);
     assert!(
         r.stderr.contains("golang/1.tar") && r.stderr.contains("ETag"),

@@ -145,8 +145,21 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
         max_blob_size,
         unpack_jobs: usize::try_from(number_or_default(inv, "unpack-jobs")?)
             .map_err(|_| Error::usage("--unpack-jobs is too large"))?,
-        stream_unpack: flags.contains(&"stream-unpack") && inv.flag("stream-unpack"),
+        stream_unpack: stream_unpack(inv, &flags)?,
     })
+}
+
+/// `--stream-unpack WHEN` (its table default for commands without the flag).
+fn stream_unpack(inv: &Invocation, flags: &[&str]) -> Result<crate::pipeline::StreamUnpack> {
+    let word = if flags.contains(&"stream-unpack") { inv.get("stream-unpack") } else { None };
+    let word = match word {
+        Some(w) => w,
+        None => crate::cli::table::find_flag("stream-unpack")
+            .and_then(|f| f.default)
+            .ok_or_else(|| Error::software("--stream-unpack has no default"))?,
+    };
+    crate::pipeline::StreamUnpack::parse(word)
+        .ok_or_else(|| Error::usage(format!("--stream-unpack {word:?}: expected never, last or always")))
 }
 
 /// A flag's table default as a number, for commands that do not take the flag.
@@ -291,6 +304,22 @@ mod tests {
         let pull = pipeline(&Invocation::for_test("pull", &["golang"], &[("download-jobs", "7")])).unwrap();
         assert_eq!(pull.fetch.jobs, 7);
         assert!(!pull.fetch.verify && !pull.fetch.retain);
+    }
+
+    #[test]
+    fn stream_unpack_is_a_policy_word_defaulting_to_the_last_download() {
+        use crate::pipeline::StreamUnpack;
+        let opts = |cmd: &str, v: &[(&'static str, &str)]| pipeline_opts(&Invocation::for_test(cmd, &["golang"], v));
+        assert_eq!(opts("pull", &[]).unwrap().stream_unpack, StreamUnpack::Last);
+        assert_eq!(opts("rm", &[]).unwrap().stream_unpack, StreamUnpack::Last, "table default without the flag");
+        for (word, want) in
+            [("never", StreamUnpack::Never), ("last", StreamUnpack::Last), ("always", StreamUnpack::Always)]
+        {
+            assert_eq!(opts("sync", &[("stream-unpack", word)]).unwrap().stream_unpack, want);
+        }
+        let e = opts("pull", &[("stream-unpack", "1")]).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Usage);
+        assert!(e.message().contains("never, last or always"), "{}", e.message());
     }
 
     #[test]

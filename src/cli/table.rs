@@ -568,12 +568,12 @@ pub static BUILD: &[Flag] = &[Flag {
 }, Flag {
     long: "stream-unpack",
     short: None,
-    value: None,
+    value: Some("WHEN"),
     env: Some("THINIMG_STREAM_UNPACK"),
     config: true,
-    default: None,
-    help: "Unpack a layer while its blob downloads, instead of after: its chain is recorded only once the download verified every byte, and a failed download leaves nothing. On a network-bound host this saves about the last layer's unpack time; on a CPU-bound one (measured under emulation) the concurrent unpacking slowed the downloads and the whole pull, so it is off by default.",
-    kind: ValueKind::Switch,
+    default: Some("last"),
+    help: "Which layers unpack while their blobs download, instead of after: never; last, the blob still downloading once every other download of the command has ended; always, every layer whose blob is still downloading when its chain is due. A chain built this way is recorded only once the download verified every byte, and a failed download leaves nothing. Unpacking beside other downloads competes with them for CPU: measured under emulation, always made the pull slower.",
+    kind: ValueKind::Choice(&["never", "last", "always"]),
 }];
 
 pub static SYNC: &[Flag] = &[
@@ -720,7 +720,7 @@ pub static COMMANDS: &[Command] = &[
         min_args: 1,
         max_args: None,
         summary: "Fetch an image and build its layer chain of thin devices.",
-        description: "Builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Blobs download in the background while chains build: a chain starts as soon as its blob and its parent chain are ready (with --stream-unpack, as soon as its blob begins to arrive), and the chains of several images build at the same time (--unpack-jobs). Chains shared with other images are reused. Every image is attempted; the exit code is that of the first image (in argument order) that failed.",
+        description: "Builds one thin device per layer chain: the first layer on a new ext4, each later layer on a snapshot of its parent. Blobs download in the background while chains build: a chain starts as soon as its blob and its parent chain are ready (or, for the last download still running, as its blob arrives: --stream-unpack), and the chains of several images build at the same time (--unpack-jobs). Chains shared with other images are reused. Every image is attempted; the exit code is that of the first image (in argument order) that failed.",
         flags: &[BUILD, DOWNLOAD, SPACE, EXTRACT, POOL_SIZE],
         writes: true,
     },

@@ -46,8 +46,34 @@ pub struct Opts {
     pub max_blob_size: u64,
     /// `--unpack-jobs`: images whose chains build at the same time.
     pub unpack_jobs: usize,
-    /// `--stream-unpack`: unpack a layer while its blob downloads.
-    pub stream_unpack: bool,
+    /// `--stream-unpack`: which layers unpack while their blobs download.
+    pub stream_unpack: StreamUnpack,
+}
+
+/// `--stream-unpack WHEN`: which layers a pull unpacks while their blobs
+/// still download (the rest wait for their blob to be stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUnpack {
+    /// None: every chain builds from a stored, verified blob.
+    Never,
+    /// Only the last blob still downloading, once every other download of
+    /// the command has ended: its unpack then overlaps the download tail
+    /// without competing with other downloads for CPU.
+    Last,
+    /// Every layer whose blob is still downloading when its chain is due.
+    Always,
+}
+
+impl StreamUnpack {
+    /// The setting's spelling in the flag table.
+    pub fn parse(word: &str) -> Option<StreamUnpack> {
+        match word {
+            "never" => Some(StreamUnpack::Never),
+            "last" => Some(StreamUnpack::Last),
+            "always" => Some(StreamUnpack::Always),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the pipeline takes from the command line, typed once by the

@@ -29,7 +29,7 @@ use rusqlite::Connection;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{mount, Ctx};
+use super::{mount, Ctx, StreamUnpack};
 use crate::dm::{Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
 use crate::fetch::blobstore::BlobDigest;
@@ -178,8 +178,9 @@ impl Pull<'_> {
         };
         // This layer's blob still downloading in this command
         // (--stream-unpack): unpack it as it arrives, and learn its digest
-        // (so its chain id) at the end.
-        if self.ctx.opts.stream_unpack && layer.digest.is_none() && cx.intent().is_none() {
+        // (so its chain id) at the end. By default only the last download
+        // is: wait until every other one has ended, or this one has.
+        if layer.digest.is_none() && cx.intent().is_none() && self.streams(&layer.key)? {
             if let Some(tap) = self.ctx.feed.as_ref().and_then(|f| f.tap(&layer.key)) {
                 let parents = known_digests(&image, &layers[..idx])?;
                 let parent = ChainId::of_layers(&parents).pop();
@@ -246,7 +247,7 @@ impl Pull<'_> {
         let blob_path = super::sources::ensure_blob(self.ctx, cx.conn, &layer.key, &digests[idx])?;
         // A blob this command downloaded was hashed as it was written;
         // one stored earlier is hashed again while it is unpacked.
-        let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&layer.key, &digests[idx]));
+        let fresh = self.ctx.feed.as_ref().is_some_and(|f| f.downloaded_now(&digests[idx]));
         let blob_size = std::fs::metadata(&blob_path).map(|m| m.len()).unwrap_or(0);
         let known = Known { chain_id: chain_id.clone(), parent: parent.clone(), blob: digests[idx].clone() };
         let (thin_id, _) = self.begin_attempt(cx, pos, Some(&known), parent_thin, blob_size)?;
@@ -269,6 +270,19 @@ impl Pull<'_> {
             q::set_layer_chain(tx, &img, pos, &cid)?;
             Ok(Completion::with_outcome(json!({"chain": cid, "built": true, "thin_id": thin_id, "report": report})))
         })
+    }
+
+    /// Whether the chain of `key`, whose blob this command is still
+    /// downloading, unpacks it as it arrives (`--stream-unpack`). With
+    /// `last`, this waits until the blob is in (`false`: build from the
+    /// store) or is the only one still to come (`true`).
+    fn streams(&self, key: &str) -> Result<bool> {
+        let Some(feed) = self.ctx.feed.as_ref() else { return Ok(false) };
+        match self.ctx.opts.stream_unpack {
+            StreamUnpack::Never => Ok(false),
+            StreamUnpack::Always => Ok(true),
+            StreamUnpack::Last => feed.wait_until_last(key),
+        }
     }
 
     /// Build layer `pos` from its blob while the blob downloads (`tap`), on

@@ -190,8 +190,9 @@ struct FeedState {
     /// Keys planned and not yet published.
     pending: HashSet<String>,
     results: HashMap<String, Kept>,
-    /// Keys whose bytes this feed downloaded and hashed just now.
-    downloaded: HashSet<String>,
+    /// Blobs whose bytes this feed downloaded and hashed just now (under
+    /// whichever key: another key with the same content is the same file).
+    downloaded: HashSet<BlobDigest>,
     /// One tap per planned key: a chain step may unpack the blob while it
     /// downloads.
     taps: fetch::Taps,
@@ -264,19 +265,8 @@ impl Feed {
                     Ok(f) => Ok(f.digest.clone()),
                     Err(e) => Err((e.kind(), e.full_message())),
                 };
-                let mut st = self.lock();
-                if matches!(r, Ok(f) if f.source == crate::fetch::Source::Downloaded) {
-                    st.downloaded.insert(l.key.clone());
-                }
-                st.pending.remove(&l.key);
-                // A tap's reader learns the ending after the result (and
-                // the blob's row) is recorded.
-                if let Some(t) = st.taps.get(&l.key) {
-                    t.finish(kept.clone());
-                }
-                st.results.insert(l.key.clone(), kept);
-                drop(st);
-                self.arrived.notify_all();
+                let downloaded = matches!(r, Ok(f) if f.source == crate::fetch::Source::Downloaded);
+                self.publish(&l.key, kept, downloaded);
                 crate::ops::fault::point("feed:published");
             }
         };
@@ -312,6 +302,42 @@ impl Feed {
         self.arrived.notify_all();
     }
 
+    /// Record `key`'s result and wake whoever waits for it (or for the
+    /// set of downloads still running to change).
+    fn publish(&self, key: &str, kept: Kept, downloaded: bool) {
+        let mut st = self.lock();
+        if let (true, Ok(d)) = (downloaded, &kept) {
+            st.downloaded.insert(d.clone());
+        }
+        st.pending.remove(key);
+        // A tap's reader learns the ending after the result (and the
+        // blob's row) is recorded.
+        if let Some(t) = st.taps.get(key) {
+            t.finish(kept.clone());
+        }
+        st.results.insert(key.to_string(), kept);
+        drop(st);
+        self.arrived.notify_all();
+    }
+
+    /// Wait until `key`'s blob is in (`false`), or until it is the only
+    /// blob of this command still to come (`true`: every other download
+    /// has ended, so unpacking this one as it arrives takes CPU from no
+    /// other download). `false` too when this feed does not fetch `key`.
+    pub fn wait_until_last(&self, key: &str) -> Result<bool> {
+        let mut st = self.lock();
+        loop {
+            if !st.pending.contains(key) {
+                return Ok(false);
+            }
+            if st.pending.len() == 1 {
+                return Ok(true);
+            }
+            crate::ops::signals::check()?;
+            st = self.arrived.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
     /// The digest of a layer the feed has already fetched.
     pub fn known(&self, key: &str) -> Option<BlobDigest> {
         match self.lock().results.get(key) {
@@ -320,12 +346,12 @@ impl Feed {
         }
     }
 
-    /// Whether this feed downloaded `key` as `digest` in this command: its
-    /// bytes were hashed as they were written, moments ago, so the build
-    /// need not hash them again (a blob stored by an earlier command is).
-    pub fn downloaded_now(&self, key: &str, digest: &BlobDigest) -> bool {
-        let st = self.lock();
-        st.downloaded.contains(key) && matches!(st.results.get(key), Some(Ok(d)) if d == digest)
+    /// Whether this feed downloaded blob `digest` in this command, for any
+    /// key: its bytes were hashed as they were written, moments ago, so the
+    /// build need not hash them again (a blob stored by an earlier command
+    /// is).
+    pub fn downloaded_now(&self, digest: &BlobDigest) -> bool {
+        self.lock().downloaded.contains(digest)
     }
 
     /// Wait for `key`'s blob. `Ok(None)`: this feed does not fetch it. A
@@ -455,5 +481,52 @@ mod tests {
         let p = feed.plan(&["a/2".into()]);
         assert_eq!((p.layers.len(), p.bases), (2, 1));
         assert_eq!(feed.plan(&[]).bases, 0);
+    }
+
+    #[test]
+    fn a_layer_is_last_once_every_other_download_has_ended() {
+        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
+        let keys = ["a/1.tar", "a/2.tar", "b/1.tar"];
+        let feed = Arc::new(Feed::new(Catalog::build(
+            "b",
+            "images/",
+            keys.iter().map(|k| obj(&format!("images/{k}"))).collect(),
+        )));
+        feed.plan(&["a".into(), "b".into()]);
+        let d = |c: char| BlobDigest::parse(&c.to_string().repeat(64)).unwrap();
+        // Not planned: nothing to wait for.
+        assert!(!feed.wait_until_last("images/c/1.tar").unwrap());
+        // a/2 waits while a/1 and b/1 still download ...
+        let waiter = {
+            let feed = feed.clone();
+            std::thread::spawn(move || feed.wait_until_last("images/a/2.tar"))
+        };
+        feed.publish("images/a/1.tar", Ok(d('a')), true);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "b/1 is still downloading");
+        // ... and is last once they have ended, failed ones included.
+        feed.publish("images/b/1.tar", Err((Kind::TempFail, "stalled".into())), false);
+        assert!(waiter.join().unwrap().unwrap(), "a/2 is the only download left");
+        // Once its own blob is in, it is no longer waiting for anything.
+        feed.publish("images/a/2.tar", Ok(d('b')), true);
+        assert!(!feed.wait_until_last("images/a/2.tar").unwrap());
+        assert_eq!(feed.wait("images/a/2.tar").unwrap(), Some(d('b')));
+    }
+
+    #[test]
+    fn a_blob_downloaded_under_one_key_is_fresh_for_every_key_holding_it() {
+        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
+        let keys = ["a/1.tar", "b/1.tar", "c/1.tar"];
+        let feed =
+            Feed::new(Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect()));
+        feed.plan(&["a".into(), "b".into(), "c".into()]);
+        let d = |c: char| BlobDigest::parse(&c.to_string().repeat(64)).unwrap();
+        // a/1 downloaded; b/1 holds the same content (reused by ETag); c/1
+        // was in the store before this command.
+        feed.publish("images/a/1.tar", Ok(d('a')), true);
+        feed.publish("images/b/1.tar", Ok(d('a')), false);
+        feed.publish("images/c/1.tar", Ok(d('c')), false);
+        assert!(feed.downloaded_now(&d('a')), "hashed as it was written, whichever key builds from it");
+        assert!(!feed.downloaded_now(&d('c')), "stored earlier: hashed again while unpacked");
     }
 }
