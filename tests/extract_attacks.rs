@@ -340,6 +340,12 @@ fn a_million_empty_entries() {
 }
 
 fn gnu_sparse(name: &str, real: u64, segs: &[(u64, u64)]) -> Vec<u8> {
+    let stored: u64 = segs.iter().map(|s| s.1).sum();
+    gnu_sparse_data(name, real, segs, &vec![b'x'; stored as usize])
+}
+
+/// A GNU old-style sparse file whose stored segments hold `data`, in order.
+fn gnu_sparse_data(name: &str, real: u64, segs: &[(u64, u64)], data: &[u8]) -> Vec<u8> {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
     // Octal when it fits, GNU base-256 otherwise (a terabyte does not).
@@ -367,10 +373,43 @@ fn gnu_sparse(name: &str, real: u64, segs: &[(u64, u64)]) -> Vec<u8> {
         oct(&mut h[398 + i * 24..410 + i * 24], l);
     }
     oct(&mut h[483..495], real);
+    assert_eq!(stored, data.len() as u64);
     let mut t = TarW::new();
     t.block(h);
-    t.data(&vec![b'x'; stored as usize]);
+    t.data(data);
     t.finish()
+}
+
+#[test]
+fn sparse_segments_land_at_their_offsets() {
+    // Segments larger than a writer chunk (256 KiB), and small ones after
+    // them: each must be read to its own length, no further, and land at
+    // its own offset (a reader that filled whole buffers took the next
+    // segment's bytes and failed as truncated).
+    require_root();
+    let sb = Sandbox::new("sparse-segs");
+    let segs: [(u64, u64, u8); 4] =
+        [(0, 300_000, b'a'), (1 << 20, 7, b'b'), (3 << 20, 600_000, b'c'), (5 << 20, 3, b'd')];
+    let real = (5 << 20) + 4096;
+    let mut data = Vec::new();
+    for &(_, len, fill) in &segs {
+        data.extend(std::iter::repeat_n(fill, len as usize));
+    }
+    let map: Vec<(u64, u64)> = segs.iter().map(|&(o, l, _)| (o, l)).collect();
+    let l = sb.layer("segs.tar", &gnu_sparse_data("holes", real, &map, &data));
+    let (code, err) = sb.run(&[&l], &[]);
+    assert_eq!(code, 0, "{err}");
+    let got = std::fs::read(sb.root.join("holes")).unwrap();
+    assert_eq!(got.len() as u64, real);
+    let mut want = vec![0u8; real as usize];
+    for &(off, len, fill) in &segs {
+        want[off as usize..(off + len) as usize].fill(fill);
+    }
+    assert!(
+        got == want,
+        "the file's bytes differ from its segments at {:?}",
+        got.iter().zip(&want).position(|(a, b)| a != b)
+    );
 }
 
 #[test]

@@ -778,7 +778,7 @@ impl Applier<'_> {
                 }
                 let mut got = 0;
                 while got < want {
-                    let n = stream.read_data(&mut buf[got..])?;
+                    let n = stream.read_data(&mut buf[got..want])?;
                     if n == 0 {
                         return Err(r("truncated", "entry data ends before its declared size"));
                     }
