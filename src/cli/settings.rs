@@ -151,21 +151,24 @@ pub fn pipeline_opts(inv: &Invocation) -> Result<crate::pipeline::Opts> {
 
 /// `--stream-unpack WHEN` (its table default for commands without the flag).
 fn stream_unpack(inv: &Invocation, flags: &[&str]) -> Result<crate::pipeline::StreamUnpack> {
-    let word = if flags.contains(&"stream-unpack") { inv.get("stream-unpack") } else { None };
-    let word = match word {
+    let word = match inv.get("stream-unpack").filter(|_| flags.contains(&"stream-unpack")) {
         Some(w) => w,
-        None => crate::cli::table::find_flag("stream-unpack")
-            .and_then(|f| f.default)
-            .ok_or_else(|| Error::software("--stream-unpack has no default"))?,
+        None => default_text("stream-unpack")?,
     };
     crate::pipeline::StreamUnpack::parse(word)
         .ok_or_else(|| Error::usage(format!("--stream-unpack {word:?}: expected never, last or always")))
 }
 
+/// A flag's table default as written there, for commands that do not take the flag.
+fn default_text(long: &str) -> Result<&'static str> {
+    let f = crate::cli::table::find_flag(long).ok_or_else(|| Error::software(format!("no flag --{long}")))?;
+    f.default.ok_or_else(|| Error::software(format!("--{long} has no default")))
+}
+
 /// A flag's table default as a number, for commands that do not take the flag.
 fn default_u64(long: &str) -> Result<u64> {
+    let d = default_text(long)?;
     let f = crate::cli::table::find_flag(long).ok_or_else(|| Error::software(format!("no flag --{long}")))?;
-    let d = f.default.ok_or_else(|| Error::software(format!("--{long} has no default")))?;
     f.kind
         .check(d)
         .ok()

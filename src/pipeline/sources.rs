@@ -325,13 +325,20 @@ impl Feed {
     /// has ended, so unpacking this one as it arrives takes CPU from no
     /// other download). `false` too when this feed does not fetch `key`.
     pub fn wait_until_last(&self, key: &str) -> Result<bool> {
+        self.wait_until(|st| match (st.pending.contains(key), st.pending.len()) {
+            (false, _) => Some(Ok(false)),
+            (true, 1) => Some(Ok(true)),
+            (true, _) => None,
+        })
+    }
+
+    /// Block until `ready` answers (it sees the state after every
+    /// publication), checking for signals meanwhile.
+    fn wait_until<T>(&self, mut ready: impl FnMut(&mut FeedState) -> Option<Result<T>>) -> Result<T> {
         let mut st = self.lock();
         loop {
-            if !st.pending.contains(key) {
-                return Ok(false);
-            }
-            if st.pending.len() == 1 {
-                return Ok(true);
+            if let Some(answer) = ready(&mut st) {
+                return answer;
             }
             crate::ops::signals::check()?;
             st = self.arrived.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
@@ -358,22 +365,15 @@ impl Feed {
     /// failure is handed out once: a retry of the step fetches the layer
     /// itself.
     pub fn wait(&self, key: &str) -> Result<Option<BlobDigest>> {
-        let mut st = self.lock();
-        loop {
-            match st.results.get(key) {
-                Some(Ok(d)) => return Ok(Some(d.clone())),
-                Some(Err(_)) => {
-                    let Some(Err((kind, msg))) = st.results.remove(key) else {
-                        return Err(Error::software("feed result vanished"));
-                    };
-                    return Err(Error::new(kind, msg));
-                }
-                None if !st.pending.contains(key) => return Ok(None),
-                None => {}
-            }
-            crate::ops::signals::check()?;
-            st = self.arrived.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
-        }
+        self.wait_until(|st| match st.results.get(key) {
+            Some(Ok(d)) => Some(Ok(Some(d.clone()))),
+            Some(Err(_)) => match st.results.remove(key) {
+                Some(Err((kind, msg))) => Some(Err(Error::new(kind, msg))),
+                _ => Some(Err(Error::software("feed result vanished"))),
+            },
+            None if !st.pending.contains(key) => Some(Ok(None)),
+            None => None,
+        })
     }
 }
 
@@ -483,17 +483,22 @@ mod tests {
         assert_eq!(feed.plan(&[]).bases, 0);
     }
 
+    /// A feed over a listing of `keys` (under `images/`).
+    fn feed_of(keys: &[&str]) -> Feed {
+        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
+        Feed::new(Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect()))
+    }
+
+    /// A made-up digest: `c` 64 times.
+    fn digest(c: char) -> BlobDigest {
+        BlobDigest::parse(&c.to_string().repeat(64)).unwrap()
+    }
+
     #[test]
     fn a_layer_is_last_once_every_other_download_has_ended() {
-        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
-        let keys = ["a/1.tar", "a/2.tar", "b/1.tar"];
-        let feed = Arc::new(Feed::new(Catalog::build(
-            "b",
-            "images/",
-            keys.iter().map(|k| obj(&format!("images/{k}"))).collect(),
-        )));
+        let feed = Arc::new(feed_of(&["a/1.tar", "a/2.tar", "b/1.tar"]));
         feed.plan(&["a".into(), "b".into()]);
-        let d = |c: char| BlobDigest::parse(&c.to_string().repeat(64)).unwrap();
+        let d = digest;
         // Not planned: nothing to wait for.
         assert!(!feed.wait_until_last("images/c/1.tar").unwrap());
         // a/2 waits while a/1 and b/1 still download ...
@@ -515,12 +520,9 @@ mod tests {
 
     #[test]
     fn a_blob_downloaded_under_one_key_is_fresh_for_every_key_holding_it() {
-        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
-        let keys = ["a/1.tar", "b/1.tar", "c/1.tar"];
-        let feed =
-            Feed::new(Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect()));
+        let feed = feed_of(&["a/1.tar", "b/1.tar", "c/1.tar"]);
         feed.plan(&["a".into(), "b".into(), "c".into()]);
-        let d = |c: char| BlobDigest::parse(&c.to_string().repeat(64)).unwrap();
+        let d = digest;
         // a/1 downloaded; b/1 holds the same content (reused by ETag); c/1
         // was in the store before this command.
         feed.publish("images/a/1.tar", Ok(d('a')), true);
