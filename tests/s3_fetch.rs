@@ -1260,3 +1260,55 @@ fn a_tap_reads_a_download_as_it_arrives() {
     }
     std::fs::remove_dir_all(&state).ok();
 }
+
+/// Bytes of `path` resident in the page cache (util-linux `fincore`).
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) is required");
+    assert!(out.status.success(), "fincore {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("fincore prints a byte count")
+}
+
+/// A blob is written once and read once, by its chain's build: it goes to
+/// disk past the page cache (fetch::direct), not through a blob's worth of
+/// zeroed, copied cache pages left behind, both when it downloads in one go
+/// and when it resumes (the durable prefix is re-read the same way). Only
+/// the tail that is not a whole 4 KiB block goes through the cache.
+#[test]
+fn a_downloaded_blob_leaves_no_page_cache_behind() {
+    let srv = S3Server::shared();
+    let big = tar_layer(31, (24 << 20) + 1234);
+    srv.put("priv", "direct/images/big/1.tar", &big);
+    let t = Thinimg::new(srv, "priv", "direct/images/");
+    // The state dir must be on a filesystem with direct I/O (not a tmpfs):
+    // fail here, naming it, rather than measure the wrong thing.
+    let probe = t.state.parent().expect("the state dir's parent").join("direct-probe");
+    std::fs::write(&probe, b"x").unwrap();
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&probe).unwrap_or_else(|e| {
+            panic!("{} has no O_DIRECT ({e}): run the tests with TMPDIR on a disk filesystem", probe.display())
+        });
+    }
+    std::fs::remove_file(&probe).unwrap();
+    let j = t.ok(&["fetch", "--json", "big"]).json();
+    assert_eq!(j["downloaded"], 1, "{j:#}");
+    let blob = t.state.join("blobs/sha256").join(sha256_hex(&big));
+    let cached = cached_bytes(&blob);
+    assert!(cached <= 64 << 10, "{cached} bytes of a {} byte blob are in the page cache", big.len());
+    assert!(std::fs::read(&blob).unwrap() == big, "the blob's bytes differ");
+
+    // Killed after the first checkpoint, then resumed.
+    let t = Thinimg::new(srv, "priv", "direct/images/");
+    let r = t.run(&["fetch", "--json", "big"], &[("THINIMG_FAULT", "download:chunk")]);
+    assert_eq!(r.code, -1, "expected SIGKILL: {}", r.stderr);
+    let j = t.ok(&["fetch", "--json", "big"]).json();
+    assert!(j["images"][0]["layers"][0]["resumed_from"].as_u64().unwrap() > 0, "{j:#}");
+    let blob = t.state.join("blobs/sha256").join(sha256_hex(&big));
+    let cached = cached_bytes(&blob);
+    assert!(cached <= 64 << 10, "resumed: {cached} bytes of a {} byte blob are in the page cache", big.len());
+    assert!(std::fs::read(&blob).unwrap() == big, "resumed: the blob's bytes differ");
+}

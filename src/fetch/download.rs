@@ -17,7 +17,7 @@
 //! partial: it is not kept for a resume that would fill the disk again.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +25,7 @@ use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use super::blobstore::{remove_if_exists, BlobDigest, BlobStore};
+use super::direct::{AlignedBuf, BlockReader, DirectFile};
 use super::s3::{etag_is_plain_md5, Got, S3Client};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::magic::{classify, Magic};
@@ -97,7 +98,7 @@ impl BlobStore {
         let url = s3.url_of(job.key);
         check_size(&url, job.size, job.max_size)?;
         let pp = self.partial_path(job.partial)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -108,10 +109,10 @@ impl BlobStore {
         // Only bytes a checkpoint declared durable are trusted.
         let offset = job.resume_offset.min(have).min(job.size);
         file.set_len(offset).ctx(|| format!("truncating {}", pp.display()))?;
-        file.seek(SeekFrom::Start(0)).ctx(|| format!("seeking {}", pp.display()))?;
         let mut head = Vec::with_capacity(512);
-        let (mut hasher, md5, n) =
-            reread(&mut file, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
+        // Read like the blob will be written: past the page cache.
+        let prefix = file.try_clone().and_then(BlockReader::whole).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (mut hasher, md5, n) = reread(prefix, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -274,7 +275,11 @@ impl BlobStore {
                 checked_type = check_head(url, head, offset, size)?;
             }
             loop {
-                let want = (size - offset).min(BUF as u64) as usize;
+                // Buffers end on BUF boundaries of the file, so each is one
+                // aligned, direct write (only a blob's tail, and the rest of
+                // a buffer a failed read cut short, go through the cache).
+                let room = BUF as u64 - offset % BUF as u64;
+                let want = (size - offset).min(room) as usize;
                 if want == 0 {
                     break 'request;
                 }
@@ -289,8 +294,42 @@ impl BlobStore {
                 // Full-length buffers, reused as they are: no zero-filling
                 // of 256 KiB per read (measured: 7% of a pull's CPU).
                 let mut buf = w.buffer();
-                let n = match body.read(&mut buf[..want]) {
-                    Ok(0) => {
+                let (n, stop) = fill(&mut body, &mut buf[..want]);
+                if n == 0 {
+                    w.pool.push(buf);
+                } else {
+                    if !checked_type {
+                        let take = (512 - head.len()).min(n);
+                        head.extend_from_slice(&buf[..take]);
+                        if head.len() == 512 || offset + n as u64 == size {
+                            check_head(url, head, 512, size)?;
+                            checked_type = true;
+                        }
+                    }
+                    // Hashing here and writing on the writer thread overlap.
+                    hasher.update(&buf[..n]);
+                    w.write(buf, n)?;
+                    offset += n as u64;
+                    transferred += n as u64;
+                    since_checkpoint += n as u64;
+                    failures = 0;
+                    if let Some(c) = job.counter {
+                        c.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
+                // Checkpoints are asynchronous: the writer fsyncs while
+                // this thread keeps receiving, and the offset is reported
+                // durable when the fsync has answered.
+                if since_checkpoint >= CHECKPOINT_BYTES && offset < size && w.request_sync(offset)? {
+                    since_checkpoint = 0;
+                }
+                if let Some(durable) = w.poll()? {
+                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
+                    fault::point("download:chunk");
+                }
+                match stop {
+                    Stop::Full | Stop::Interrupted => {}
+                    Stop::Early => {
                         failures += 1;
                         if failures >= retry.attempts {
                             return Err(Error::new(
@@ -302,9 +341,7 @@ impl BlobStore {
                         retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
+                    Stop::Failed(e) => {
                         failures += 1;
                         if failures >= retry.attempts {
                             return Err(Error::new(
@@ -317,34 +354,6 @@ impl BlobStore {
                         retry.sleep_jittered(failures)?;
                         continue 'request;
                     }
-                };
-                if !checked_type {
-                    let take = (512 - head.len()).min(n);
-                    head.extend_from_slice(&buf[..take]);
-                    if head.len() == 512 || offset + n as u64 == size {
-                        check_head(url, head, 512, size)?;
-                        checked_type = true;
-                    }
-                }
-                // Hashing here and writing on the writer thread overlap.
-                hasher.update(&buf[..n]);
-                w.write(buf, n)?;
-                offset += n as u64;
-                transferred += n as u64;
-                since_checkpoint += n as u64;
-                failures = 0;
-                if let Some(c) = job.counter {
-                    c.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                // Checkpoints are asynchronous: the writer fsyncs while
-                // this thread keeps receiving, and the offset is reported
-                // durable when the fsync has answered.
-                if since_checkpoint >= CHECKPOINT_BYTES && offset < size && w.request_sync(offset)? {
-                    since_checkpoint = 0;
-                }
-                if let Some(durable) = w.poll()? {
-                    progress(Progress::Durable { offset: durable, etag: &etag, size })?;
-                    fault::point("download:chunk");
                 }
             }
         }
@@ -352,9 +361,40 @@ impl BlobStore {
     }
 }
 
+/// Why [`fill`] stopped.
+enum Stop {
+    /// The buffer is full.
+    Full,
+    /// A signal interrupted the read (the caller checks for it).
+    Interrupted,
+    /// The body ended first.
+    Early,
+    /// The read failed.
+    Failed(std::io::Error),
+}
+
+/// Read from `body` until `buf` is full or the body stops; the bytes read
+/// count whatever stopped it.
+fn fill(body: &mut impl Read, buf: &mut [u8]) -> (usize, Stop) {
+    let mut n = 0;
+    while n < buf.len() {
+        match body.read(&mut buf[n..]) {
+            Ok(0) => return (n, Stop::Early),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                if crate::ops::signals::pending().is_some() {
+                    return (n, Stop::Interrupted);
+                }
+            }
+            Err(e) => return (n, Stop::Failed(e)),
+        }
+    }
+    (n, Stop::Full)
+}
+
 enum ToWriter {
     /// A buffer and how many of its first bytes to write.
-    Data(Vec<u8>, usize),
+    Data(AlignedBuf, usize),
     /// fsync what was written (up to the offset given), then answer `Synced`.
     Sync(u64),
     /// Truncate to 0, then answer `Synced(0)`.
@@ -363,7 +403,7 @@ enum ToWriter {
 
 enum FromWriter {
     /// A written buffer, for reuse.
-    Buf(Vec<u8>),
+    Buf(AlignedBuf),
     /// Bytes up to this offset are durable (or the error that prevented it).
     Synced(std::result::Result<u64, std::io::Error>),
 }
@@ -372,7 +412,7 @@ enum FromWriter {
 struct WriterLink<'a> {
     tx: std::sync::mpsc::SyncSender<ToWriter>,
     rx: std::sync::mpsc::Receiver<FromWriter>,
-    pool: Vec<Vec<u8>>,
+    pool: Vec<AlignedBuf>,
     path: &'a Path,
     /// A Sync was sent and not yet answered.
     syncing: bool,
@@ -380,9 +420,9 @@ struct WriterLink<'a> {
 
 impl WriterLink<'_> {
     /// A buffer of [`BUF`] bytes: a written one back from the writer, or a
-    /// new (zeroed) one.
-    fn buffer(&mut self) -> Vec<u8> {
-        self.pool.pop().unwrap_or_else(|| vec![0; BUF])
+    /// new (zeroed) one, aligned for direct I/O.
+    fn buffer(&mut self) -> AlignedBuf {
+        self.pool.pop().unwrap_or_else(|| AlignedBuf::new(BUF))
     }
 
     fn gone(&self) -> Error {
@@ -394,7 +434,7 @@ impl WriterLink<'_> {
     }
 
     /// Write `buf[..len]`; the buffer comes back whole, for reuse.
-    fn write(&mut self, buf: Vec<u8>, len: usize) -> Result<()> {
+    fn write(&mut self, buf: AlignedBuf, len: usize) -> Result<()> {
         self.tx.send(ToWriter::Data(buf, len)).map_err(|_| self.gone())
     }
 
@@ -475,7 +515,7 @@ impl WriterLink<'_> {
 /// it costs the receiving thread nothing. Returns the file, the first write
 /// error and the MD5.
 fn write_loop(
-    mut file: File,
+    file: File,
     mut pos: u64,
     mut md5: Md5,
     rx: std::sync::mpsc::Receiver<ToWriter>,
@@ -484,20 +524,22 @@ fn write_loop(
 ) -> (File, Option<std::io::Error>, Md5) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
+    // Whole aligned buffers go past the page cache (fetch::direct).
+    let mut file = DirectFile::new(file, true);
     for m in rx {
         match m {
             ToWriter::Data(buf, len) => {
                 let data = buf.get(..len).unwrap_or(&buf[..]);
                 if err.is_none() {
                     md5.update(data);
-                    match file.write_all(data) {
+                    match file.write_all_at(data, pos) {
                         Ok(()) => {
                             pos += data.len() as u64;
                             if let Some(t) = tap {
                                 t.wrote(pos);
                             }
                             if pos - written_back >= WRITEBACK_BYTES {
-                                start_writeback(&file, written_back, pos - written_back);
+                                start_writeback(file.file(), written_back, pos - written_back);
                                 written_back = pos;
                             }
                         }
@@ -509,7 +551,7 @@ fn write_loop(
             ToWriter::Sync(offset) => {
                 let r = match &err {
                     Some(e) => Err(copy_io_error(e)),
-                    None => file.sync_data().map(|()| offset),
+                    None => file.file().sync_data().map(|()| offset),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
@@ -519,17 +561,16 @@ fn write_loop(
                 md5 = Md5::new();
                 let r = match &err {
                     Some(e) => Err(copy_io_error(e)),
-                    None => file
-                        .set_len(0)
-                        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
-                        .and_then(|()| file.sync_data())
-                        .map(|()| 0),
+                    None => file.file().set_len(0).and_then(|()| file.file().sync_data()).map(|()| 0),
                 };
                 let _ = tx.send(FromWriter::Synced(r));
             }
         }
     }
-    (file, err, md5)
+    if file.direct_bytes() > 0 {
+        log::trace!("{} bytes written past the page cache", file.direct_bytes());
+    }
+    (file.into_file(), err, md5)
 }
 
 /// The same error again (errno kept), for a second report of it.

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 pub mod blobstore;
 pub mod catalog;
+pub mod direct;
 pub mod download;
 pub mod s3;
 pub mod tap;

@@ -17,11 +17,11 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::blobstore::BlobDigest;
+use super::direct::{BlockReader, Extent};
 use crate::error::{Error, Kind, Result};
 
 /// How a download ended, as its reader is told.
@@ -161,35 +161,40 @@ impl Tap {
 /// file only once the download verified and stored the blob and every byte
 /// of it was read; a failed, restarted or interrupted download is an
 /// error (never a short blob).
-pub struct TapReader<'a> {
+pub struct TapReader<'a>(BlockReader<TapExtent<'a>, Arc<File>>);
+
+/// What a [`TapReader`] may read: what the download has written.
+struct TapExtent<'a> {
     tap: &'a Tap,
-    file: Arc<File>,
-    pos: u64,
 }
 
 impl<'a> TapReader<'a> {
     /// Open the tap's partial ([`Tap::wait_start`] said it is streaming).
+    /// It is read in aligned blocks, directly where the filesystem allows
+    /// (the download writes it directly too: `super::direct`).
     pub fn open(tap: &'a Tap) -> Result<TapReader<'a>> {
         let st = tap.lock();
         let file = st.file.clone().ok_or_else(|| Error::software(format!("{}: tap not begun", tap.key)))?;
-        Ok(TapReader { tap, file, pos: 0 })
+        drop(st);
+        Ok(TapReader(BlockReader::new(TapExtent { tap }, file)))
     }
+}
 
-    /// Bytes read so far.
-    pub fn position(&self) -> u64 {
-        self.pos
+#[cfg(test)]
+impl TapReader<'_> {
+    fn direct_bytes(&self) -> u64 {
+        self.0.direct_bytes()
     }
+}
 
+impl TapExtent<'_> {
     fn failure(&self, why: String) -> std::io::Error {
         std::io::Error::other(why)
     }
 }
 
-impl Read for TapReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
+impl Extent for TapExtent<'_> {
+    fn ready(&mut self, pos: u64) -> std::io::Result<Option<u64>> {
         let mut st = self.tap.lock();
         loop {
             if st.broken {
@@ -198,30 +203,16 @@ impl Read for TapReader<'_> {
                     self.tap.key
                 )));
             }
-            if self.pos < st.written {
-                let want = (st.written - self.pos).min(buf.len() as u64) as usize;
-                drop(st);
-                let n = self.file.read_at(&mut buf[..want], self.pos)?;
-                // A restart that truncated the partial under this read is
-                // seen here: it is marked broken before the truncation.
-                if self.tap.lock().broken {
-                    st = self.tap.lock();
-                    continue;
-                }
-                if n == 0 {
-                    return Err(self.failure(format!(
-                        "{}: the partial download is shorter than the bytes reported written",
-                        self.tap.key
-                    )));
-                }
-                self.pos += n as u64;
-                return Ok(n);
+            if pos < st.written {
+                return Ok(Some(st.written));
             }
             match &st.end {
                 // Verified and stored, and every byte written was read
                 // (the writer finished before the blob was verified).
-                Some(Ok(_)) => return Ok(0),
-                Some(Err((_, msg))) => return Err(self.failure(format!("downloading {}: {msg}", self.tap.key))),
+                Some(Ok(_)) => return Ok(None),
+                Some(Err((_, msg))) => {
+                    return Err(self.failure(format!("downloading {}: {msg}", self.tap.key)));
+                }
                 None => {}
             }
             if let Some(sig) = crate::ops::signals::pending() {
@@ -229,6 +220,27 @@ impl Read for TapReader<'_> {
             }
             st = self.tap.changed.wait_timeout(st, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
         }
+    }
+
+    /// A restart truncates the partial: what was read, and whatever a read
+    /// racing with the truncation returned, belongs to the old version.
+    fn check(&mut self) -> std::io::Result<()> {
+        if self.tap.lock().broken {
+            return Err(
+                self.failure(format!("{} changed in the bucket while being unpacked from its download", self.tap.key))
+            );
+        }
+        Ok(())
+    }
+
+    fn short(&self, _pos: u64) -> std::io::Error {
+        self.failure(format!("{}: the partial download is shorter than the bytes reported written", self.tap.key))
+    }
+}
+
+impl Read for TapReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
     }
 }
 
@@ -286,6 +298,56 @@ mod tests {
         let mut again = Vec::new();
         TapReader::open(&tap).unwrap().read_to_end(&mut again).unwrap();
         assert!(again == data, "a late reader got other bytes");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A download writes whole aligned buffers (directly) and sometimes a
+    /// piece that is not one (a read cut short, the tail): the reader reads
+    /// the aligned blocks directly too, and every byte in order.
+    #[test]
+    fn a_reader_reads_aligned_blocks_directly_as_they_are_written() {
+        use crate::fetch::direct::{AlignedBuf, DirectFile, ALIGN};
+        let d = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(format!("tap-direct-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("p");
+        let pieces = [256 << 10, 1000, (256 << 10) - 1000, 3 * ALIGN, 256 << 10, 77];
+        let total: usize = pieces.iter().sum();
+        let data: Vec<u8> = (0..total).map(|i| (i * 13 + i / 4096) as u8).collect();
+        let tap = Arc::new(Tap::new("k", total as u64));
+        let (t2, p2, data2) = (tap.clone(), p.clone(), data.clone());
+        let w = std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p2).unwrap();
+            t2.begin(f.try_clone().unwrap(), 0);
+            let mut f = DirectFile::new(f, true);
+            let mut pos = 0usize;
+            for n in pieces {
+                let mut b = AlignedBuf::new(n);
+                b.copy_from_slice(&data2[pos..pos + n]);
+                f.write_all_at(&b, pos as u64).unwrap();
+                pos += n;
+                t2.wrote(pos as u64);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(f.direct_bytes() > 0, "the writer never went direct");
+            t2.finish(Ok(digest()));
+        });
+        assert!(matches!(tap.wait_start().unwrap(), Start::Streaming));
+        let mut r = TapReader::open(&tap).unwrap();
+        let mut got = Vec::new();
+        let mut piece = vec![0u8; 512];
+        loop {
+            let n = r.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+        }
+        w.join().unwrap();
+        assert!(got == data, "bytes differ");
+        assert!(r.direct_bytes() >= 512 << 10, "only {} bytes were read directly", r.direct_bytes());
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -33,6 +33,7 @@ use super::{mount, Ctx, StreamUnpack};
 use crate::dm::{Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
 use crate::fetch::blobstore::BlobDigest;
+use crate::fetch::direct::BlockReader;
 use crate::fetch::tap::{Start, Tap, TapReader};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
 use crate::ops::fault;
@@ -715,7 +716,7 @@ fn build(
     let report = match input {
         Input::Stored(blob) => unpack_stored(&mnt, blob, opts)?,
         Input::Streamed { tap, key, on_verified } => {
-            let mut reader = std::io::BufReader::with_capacity(1 << 20, TapReader::open(tap)?);
+            let mut reader = TapReader::open(tap)?;
             let report = crate::extract::apply_layer(&mnt, &mut reader, key, opts)?;
             // The rest (end-of-archive padding), up to the download's verdict:
             // the layer is kept only for the blob the download verified.
@@ -780,8 +781,10 @@ enum Input<'a> {
 fn unpack_stored(mnt: &Path, blob: &Blob<'_>, opts: &crate::extract::Options) -> Result<crate::extract::Report> {
     let (key, digest) = (blob.key, blob.digest);
     let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
-    let mut reader =
-        HashingReader { inner: std::io::BufReader::with_capacity(1 << 20, file), hasher: blob.hash.then(Sha256::new) };
+    // Read past the page cache where the filesystem allows (the download
+    // wrote it that way too): see fetch::direct.
+    let inner = BlockReader::whole(file).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
+    let mut reader = HashingReader { inner, hasher: blob.hash.then(Sha256::new) };
     let unpacked = crate::extract::apply_layer(mnt, &mut reader, key, opts);
     // Hash the rest (end-of-archive padding) so the digest covers every byte.
     let drained = if blob.hash { std::io::copy(&mut reader, &mut std::io::sink()).map(|_| ()) } else { Ok(()) };
