@@ -1273,7 +1273,7 @@ fn cached_bytes(path: &std::path::Path) -> u64 {
 }
 
 /// A blob is written once and read once, by its chain's build: it goes to
-/// disk past the page cache (fetch::direct), not through a blob's worth of
+/// disk past the page cache (ops::direct), not through a blob's worth of
 /// zeroed, copied cache pages left behind, both when it downloads in one go
 /// and when it resumes (the durable prefix is re-read the same way). Only
 /// the tail that is not a whole 4 KiB block goes through the cache.

@@ -15,14 +15,14 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use super::root::{apply_meta_fd, Meta};
 use crate::error::{Error, Result};
+use crate::ops::direct::{AlignedBuf, DirectFile};
 
 pub const CHUNK: usize = 256 * 1024;
 
@@ -31,7 +31,10 @@ pub const MAX_BUFFERS: usize = 64;
 
 /// A file whose data is being written.
 pub struct PendingFile {
-    file: File,
+    /// Whole aligned blocks of a chunk go past the page cache
+    /// (`ops::direct`): the unpacked bytes are not read back by this
+    /// process, and a page-cache write costs a zeroed page and a copy.
+    file: DirectFile<File>,
     meta: Meta,
     name: String,
     /// Chunks not yet written, plus one while the reader may still send.
@@ -40,10 +43,11 @@ pub struct PendingFile {
 
 impl PendingFile {
     pub fn new(file: File, meta: Meta, name: String) -> Arc<PendingFile> {
+        let file = DirectFile::new(file, true);
         Arc::new(PendingFile { file, meta, name, outstanding: AtomicUsize::new(1) })
     }
     pub fn file(&self) -> &File {
-        &self.file
+        self.file.file()
     }
 }
 
@@ -51,7 +55,7 @@ struct Chunk {
     file: Arc<PendingFile>,
     offset: u64,
     /// A whole [`CHUNK`]-byte buffer, of which the first `len` bytes are written.
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     len: usize,
 }
 
@@ -59,9 +63,11 @@ struct Shared {
     failed: AtomicBool,
     error: Mutex<Option<Error>>,
     /// Recycled buffers, and how many exist in all.
-    free: Mutex<(Vec<Vec<u8>>, usize)>,
+    free: Mutex<(Vec<AlignedBuf>, usize)>,
     freed: Condvar,
     bytes: AtomicUsize,
+    /// Of `bytes`, those written past the page cache.
+    direct: AtomicU64,
 }
 
 impl Shared {
@@ -82,7 +88,7 @@ pub struct Writers {
 }
 
 fn finalize(f: &PendingFile) -> Result<()> {
-    apply_meta_fd(f.file.as_fd(), &f.meta)
+    apply_meta_fd(f.file().as_fd(), &f.meta)
         .map_err(|(op, e)| super::root::meta_error(op, e, &format!("file {:?}", f.name)))
 }
 
@@ -90,6 +96,7 @@ fn finalize(f: &PendingFile) -> Result<()> {
 /// the metadata.
 fn release(f: &PendingFile, shared: &Shared) {
     if f.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 && !shared.failed.load(Ordering::SeqCst) {
+        shared.direct.fetch_add(f.file.direct_bytes(), Ordering::Relaxed);
         if let Err(e) = finalize(f) {
             shared.fail(e);
         }
@@ -105,7 +112,18 @@ fn worker(rx: Arc<Mutex<Receiver<Chunk>>>, shared: Arc<Shared>) {
         let Ok(chunk) = job else { return };
         if !shared.failed.load(Ordering::SeqCst) {
             let data = chunk.buf.get(..chunk.len).unwrap_or(&chunk.buf[..]);
-            if let Err(e) = chunk.file.file.write_all_at(data, chunk.offset) {
+            // Whole chunks only go past the page cache: written directly,
+            // a file's shorter last chunk (and a whole file under a chunk)
+            // would be allocated by ext4 at write time, in pieces, where
+            // delayed allocation packs it with its neighbours. Measured
+            // (fixture bucket, pool blocks against tar's): +6% with every
+            // aligned block direct, +0.6% with whole chunks only.
+            let r = if chunk.len == CHUNK {
+                chunk.file.file.write_all_at(data, chunk.offset)
+            } else {
+                std::os::unix::fs::FileExt::write_all_at(chunk.file.file(), data, chunk.offset)
+            };
+            if let Err(e) = r {
                 shared.fail(super::target_error(format!("writing {}", chunk.file.name), e));
             } else {
                 shared.bytes.fetch_add(data.len(), Ordering::Relaxed);
@@ -133,6 +151,7 @@ impl Writers {
             free: Mutex::new((Vec::new(), 0)),
             freed: Condvar::new(),
             bytes: AtomicUsize::new(0),
+            direct: AtomicU64::new(0),
         });
         let mut workers = Vec::with_capacity(jobs);
         for i in 0..jobs {
@@ -150,19 +169,19 @@ impl Writers {
     /// while fewer than [`MAX_BUFFERS`] exist, else the next one a worker
     /// frees (every queued chunk is written and its buffer returned, so the
     /// wait ends).
-    pub fn buffer(&self) -> Vec<u8> {
-        let Ok(mut free) = self.shared.free.lock() else { return vec![0; CHUNK] };
+    pub fn buffer(&self) -> AlignedBuf {
+        let Ok(mut free) = self.shared.free.lock() else { return AlignedBuf::new(CHUNK) };
         loop {
             if let Some(b) = free.0.pop() {
                 return b;
             }
             if free.1 < MAX_BUFFERS {
                 free.1 += 1;
-                return vec![0; CHUNK];
+                return AlignedBuf::new(CHUNK);
             }
             free = match self.shared.freed.wait(free) {
                 Ok(f) => f,
-                Err(_) => return vec![0; CHUNK],
+                Err(_) => return AlignedBuf::new(CHUNK),
             };
         }
     }
@@ -184,7 +203,7 @@ impl Writers {
 
     /// Queue `buf` to be written at `offset` (blocks while the queue is full).
     /// Queue `buf[..len]` for writing at `offset` (`buf` from [`Writers::buffer`]).
-    pub fn write(&self, file: &Arc<PendingFile>, offset: u64, buf: Vec<u8>, len: usize) -> Result<()> {
+    pub fn write(&self, file: &Arc<PendingFile>, offset: u64, buf: AlignedBuf, len: usize) -> Result<()> {
         self.check()?;
         file.outstanding.fetch_add(1, Ordering::AcqRel);
         let tx = self.tx.as_ref().ok_or_else(|| Error::software("file-writer pool already finished"))?;
@@ -200,8 +219,9 @@ impl Writers {
         release(file, &self.shared);
     }
 
-    /// Wait for every queued write; the first error wins.
-    pub fn finish(mut self) -> Result<u64> {
+    /// Wait for every queued write; the first error wins. Returns the
+    /// bytes written, and how many of them went past the page cache.
+    pub fn finish(mut self) -> Result<(u64, u64)> {
         self.tx = None;
         for h in self.workers.drain(..) {
             if h.join().is_err() {
@@ -209,7 +229,7 @@ impl Writers {
             }
         }
         self.check()?;
-        Ok(self.shared.bytes.load(Ordering::Relaxed) as u64)
+        Ok((self.shared.bytes.load(Ordering::Relaxed) as u64, self.shared.direct.load(Ordering::Relaxed)))
     }
 }
 
@@ -230,7 +250,7 @@ mod tests {
     #[test]
     fn buffers_are_bounded_whatever_the_job_count() {
         let writers = Writers::new(256).unwrap();
-        let held: Vec<Vec<u8>> = (0..MAX_BUFFERS).map(|_| writers.buffer()).collect();
+        let held: Vec<AlignedBuf> = (0..MAX_BUFFERS).map(|_| writers.buffer()).collect();
         let path = std::env::temp_dir().join(format!("thinimg-writers-test-{}", std::process::id()));
         let file = File::create(&path).unwrap();
         let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());

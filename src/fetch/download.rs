@@ -25,10 +25,10 @@ use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use super::blobstore::{remove_if_exists, BlobDigest, BlobStore};
-use super::direct::{AlignedBuf, BlockReader, DirectFile};
 use super::s3::{etag_is_plain_md5, Got, S3Client};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::magic::{classify, Magic};
+use crate::ops::direct::{AlignedBuf, BlockReader, DirectFile};
 use crate::ops::fault;
 
 /// Durable progress is reported every this many bytes.
@@ -524,8 +524,8 @@ fn write_loop(
 ) -> (File, Option<std::io::Error>, Md5) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
-    // Whole aligned buffers go past the page cache (fetch::direct).
-    let mut file = DirectFile::new(file, true);
+    // Whole aligned buffers go past the page cache (ops::direct).
+    let file = DirectFile::new(file, true);
     for m in rx {
         match m {
             ToWriter::Data(buf, len) => {

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 
 pub mod blobstore;
 pub mod catalog;
-pub mod direct;
 pub mod download;
 pub mod s3;
 pub mod tap;

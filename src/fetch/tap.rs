@@ -21,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::blobstore::BlobDigest;
-use super::direct::{BlockReader, Extent};
 use crate::error::{Error, Kind, Result};
+use crate::ops::direct::{BlockReader, Extent};
 
 /// How a download ended, as its reader is told.
 pub type Ending = std::result::Result<BlobDigest, (Kind, String)>;
@@ -171,7 +171,7 @@ struct TapExtent<'a> {
 impl<'a> TapReader<'a> {
     /// Open the tap's partial ([`Tap::wait_start`] said it is streaming).
     /// It is read in aligned blocks, directly where the filesystem allows
-    /// (the download writes it directly too: `super::direct`).
+    /// (the download writes it directly too: `crate::ops::direct`).
     pub fn open(tap: &'a Tap) -> Result<TapReader<'a>> {
         let st = tap.lock();
         let file = st.file.clone().ok_or_else(|| Error::software(format!("{}: tap not begun", tap.key)))?;
@@ -306,7 +306,7 @@ mod tests {
     /// the aligned blocks directly too, and every byte in order.
     #[test]
     fn a_reader_reads_aligned_blocks_directly_as_they_are_written() {
-        use crate::fetch::direct::{AlignedBuf, DirectFile, ALIGN};
+        use crate::ops::direct::{AlignedBuf, DirectFile, ALIGN};
         let d = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("target")
             .join(format!("tap-direct-{}", std::process::id()));
@@ -321,7 +321,7 @@ mod tests {
         let w = std::thread::spawn(move || {
             let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p2).unwrap();
             t2.begin(f.try_clone().unwrap(), 0);
-            let mut f = DirectFile::new(f, true);
+            let f = DirectFile::new(f, true);
             let mut pos = 0usize;
             for n in pieces {
                 let mut b = AlignedBuf::new(n);

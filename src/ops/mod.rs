@@ -1,7 +1,9 @@
 //! Operational plumbing: logging, the state-dir lock, signals, fault
-//! injection, the retry policy, output helpers, hex and base64. Nothing
+//! injection, the retry policy, output helpers, hex and base64, direct
+//! I/O for bulk bytes. Nothing
 //! here knows about images or devices.
 
+pub mod direct;
 pub mod encode;
 pub mod fault;
 pub mod lock;

@@ -33,9 +33,9 @@ use super::{mount, Ctx, StreamUnpack};
 use crate::dm::{Sectors, ThinId};
 use crate::error::{Error, Kind, Result};
 use crate::fetch::blobstore::BlobDigest;
-use crate::fetch::direct::BlockReader;
 use crate::fetch::tap::{Start, Tap, TapReader};
 use crate::journal::{Completion, Executor, RunSpec, StepCx};
+use crate::ops::direct::BlockReader;
 use crate::ops::fault;
 use crate::pool::PoolManager;
 use crate::store::ids::ChainId;
@@ -782,7 +782,7 @@ fn unpack_stored(mnt: &Path, blob: &Blob<'_>, opts: &crate::extract::Options) ->
     let (key, digest) = (blob.key, blob.digest);
     let file = std::fs::File::open(blob.path).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
     // Read past the page cache where the filesystem allows (the download
-    // wrote it that way too): see fetch::direct.
+    // wrote it that way too): see ops::direct.
     let inner = BlockReader::whole(file).map_err(|e| Error::io(format!("opening blob of {key}"), e))?;
     let mut reader = HashingReader { inner, hasher: blob.hash.then(Sha256::new) };
     let unpacked = crate::extract::apply_layer(mnt, &mut reader, key, opts);

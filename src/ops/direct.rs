@@ -31,6 +31,7 @@ use std::io::Read;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The alignment of direct transfers: offsets, lengths and addresses.
 pub const ALIGN: usize = 4096;
@@ -75,11 +76,15 @@ fn aligned(pos: u64, buf: &[u8]) -> bool {
 }
 
 /// A file with a second, `O_DIRECT` description for aligned transfers.
-/// `F` is the ordinary handle (`File`, or a shared `Arc<File>`).
+/// `F` is the ordinary handle (`File`, or a shared `Arc<File>`). Shareable:
+/// threads may write different ranges at once (the extract writers do).
 pub struct DirectFile<F: Borrow<File>> {
     file: F,
     direct: Option<File>,
-    direct_bytes: u64,
+    /// The filesystem refused a direct transfer: the ordinary description
+    /// serves from now on.
+    refused: AtomicBool,
+    direct_bytes: AtomicU64,
 }
 
 impl<F: Borrow<File>> DirectFile<F> {
@@ -87,7 +92,7 @@ impl<F: Borrow<File>> DirectFile<F> {
     /// Never fails: without direct I/O the ordinary description serves.
     pub fn new(file: F, write: bool) -> DirectFile<F> {
         let direct = reopen_direct(file.borrow(), write);
-        DirectFile { file, direct, direct_bytes: 0 }
+        DirectFile { file, direct, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
     }
 
     /// The ordinary handle.
@@ -101,33 +106,40 @@ impl<F: Borrow<File>> DirectFile<F> {
 
     /// Bytes moved through the direct description so far.
     pub fn direct_bytes(&self) -> u64 {
-        self.direct_bytes
+        self.direct_bytes.load(Ordering::Relaxed)
     }
 
     /// Whether aligned transfers still go direct.
     pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
+        self.direct().is_some()
+    }
+
+    fn direct(&self) -> Option<&File> {
+        self.direct.as_ref().filter(|_| !self.refused.load(Ordering::Relaxed))
     }
 
     /// The filesystem refused a direct transfer it had accepted to open:
     /// use the ordinary description from now on.
-    fn refused(&mut self, e: &std::io::Error) -> bool {
+    fn refused(&self, e: &std::io::Error) -> bool {
         if e.raw_os_error() == Some(libc::EINVAL) && self.direct.is_some() {
-            log::debug!("direct I/O refused ({e}); using the page cache for this file");
-            self.direct = None;
+            if !self.refused.swap(true, Ordering::Relaxed) {
+                log::debug!("direct I/O refused ({e}); using the page cache for this file");
+            }
             return true;
         }
         false
     }
 
-    /// Write all of `data` at `pos`.
-    pub fn write_all_at(&mut self, data: &[u8], pos: u64) -> std::io::Result<()> {
-        if aligned(pos, data) {
-            if let Some(d) = &self.direct {
-                match d.write_all_at(data, pos) {
+    /// Write all of `data` at `pos`: its whole aligned blocks directly when
+    /// `pos` and `data` start aligned, the rest through the cache.
+    pub fn write_all_at(&self, data: &[u8], pos: u64) -> std::io::Result<()> {
+        let head = data.len() - data.len() % ALIGN;
+        if head > 0 && aligned(pos, &data[..head]) {
+            if let Some(d) = self.direct() {
+                match d.write_all_at(&data[..head], pos) {
                     Ok(()) => {
-                        self.direct_bytes += data.len() as u64;
-                        return Ok(());
+                        self.direct_bytes.fetch_add(head as u64, Ordering::Relaxed);
+                        return self.file.borrow().write_all_at(&data[head..], pos + head as u64);
                     }
                     // A short direct write left an unaligned rest: the
                     // ordinary description rewrites the whole span.
@@ -144,19 +156,19 @@ impl<F: Borrow<File>> DirectFile<F> {
     /// aligned only up to the next boundary, and a rest shorter than a
     /// block, through the ordinary description. Returns the bytes read (0:
     /// the file ends before `end`).
-    pub fn read_span(&mut self, buf: &mut [u8], pos: u64, end: u64) -> std::io::Result<usize> {
+    pub fn read_span(&self, buf: &mut [u8], pos: u64, end: u64) -> std::io::Result<usize> {
         let avail = end.saturating_sub(pos).min(buf.len() as u64) as usize;
         if avail == 0 {
             return Ok(0);
         }
         let a = ALIGN as u64;
-        if pos % a == 0 && avail >= ALIGN && self.direct.is_some() {
+        if pos % a == 0 && avail >= ALIGN {
             let want = avail - avail % ALIGN;
             if aligned(pos, &buf[..want]) {
-                if let Some(d) = &self.direct {
+                if let Some(d) = self.direct() {
                     match read_retrying(d, &mut buf[..want], pos) {
                         Ok(n) => {
-                            self.direct_bytes += n as u64;
+                            self.direct_bytes.fetch_add(n as u64, Ordering::Relaxed);
                             return Ok(n);
                         }
                         Err(e) if self.refused(&e) => {}
@@ -350,15 +362,15 @@ mod tests {
         let data = bytes(5 * ALIGN + 123);
         let mut buf = AlignedBuf::new(5 * ALIGN + 123);
         buf.copy_from_slice(&data);
-        let mut f = DirectFile::new(open_rw(&p), true);
+        let f = DirectFile::new(open_rw(&p), true);
         assert!(f.is_direct(), "no O_DIRECT on {}: the direct path is untested", d.display());
-        // Aligned: two blocks at 0; an unaligned piece; a realigning piece;
-        // aligned again; the tail.
+        // Aligned: two blocks at 0; a piece shorter than a block; a
+        // realigning piece; two blocks and the tail in one write (the
+        // blocks direct, the tail through the cache).
         f.write_all_at(&buf[..2 * ALIGN], 0).unwrap();
         f.write_all_at(&buf[2 * ALIGN..2 * ALIGN + 100], 2 * ALIGN as u64).unwrap();
         f.write_all_at(&buf[2 * ALIGN + 100..3 * ALIGN], (2 * ALIGN + 100) as u64).unwrap();
-        f.write_all_at(&buf[3 * ALIGN..5 * ALIGN], 3 * ALIGN as u64).unwrap();
-        f.write_all_at(&buf[5 * ALIGN..], 5 * ALIGN as u64).unwrap();
+        f.write_all_at(&buf[3 * ALIGN..], 3 * ALIGN as u64).unwrap();
         assert_eq!(f.direct_bytes(), 4 * ALIGN as u64);
         drop(f);
         assert!(std::fs::read(&p).unwrap() == data, "the file differs from what was written");
@@ -399,7 +411,7 @@ mod tests {
         let d = if std::fs::create_dir_all(&shm).is_ok() { shm } else { scratch("shm") };
         let p = d.join("blob");
         let data = bytes(3 * ALIGN + 5);
-        let mut f = DirectFile::new(open_rw(&p), true);
+        let f = DirectFile::new(open_rw(&p), true);
         // An unaligned source never goes direct, wherever the file is.
         let unaligned = &data[1..];
         f.write_all_at(unaligned, 0).unwrap();
