@@ -730,7 +730,8 @@ impl Applier<'_> {
             None if m.data_size <= INLINE_MAX => return self.small_file(file, meta, m, stream),
             None => vec![(0, m.data_size)],
         };
-        let pf = PendingFile::new(file, meta, m.display());
+        let whole_chunks = segments.iter().any(|&(_, len)| len >= CHUNK as u64);
+        let pf = PendingFile::new(file, meta, m.display(), whole_chunks);
         let res = self.stream_data(&pf, &segments, stream);
         self.writers.done(&pf);
         res

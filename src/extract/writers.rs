@@ -42,8 +42,10 @@ pub struct PendingFile {
 }
 
 impl PendingFile {
-    pub fn new(file: File, meta: Meta, name: String) -> Arc<PendingFile> {
-        let file = DirectFile::new(file, true);
+    /// `whole_chunks`: some of its data will come as whole [`CHUNK`]s (the
+    /// ones written directly), worth a second open of the file.
+    pub fn new(file: File, meta: Meta, name: String, whole_chunks: bool) -> Arc<PendingFile> {
+        let file = if whole_chunks { DirectFile::new(file, true) } else { DirectFile::cached(file) };
         Arc::new(PendingFile { file, meta, name, outstanding: AtomicUsize::new(1) })
     }
     pub fn file(&self) -> &File {
@@ -255,7 +257,7 @@ mod tests {
         let file = File::create(&path).unwrap();
         let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
         let meta = Meta { uid, gid, mode: 0o600, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() };
-        let pf = PendingFile::new(file, meta, "t".into());
+        let pf = PendingFile::new(file, meta, "t".into(), true);
         std::thread::scope(|s| {
             let waiter = s.spawn(|| writers.buffer());
             std::thread::sleep(std::time::Duration::from_millis(200));

@@ -95,6 +95,12 @@ impl<F: Borrow<File>> DirectFile<F> {
         DirectFile { file, direct, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
     }
 
+    /// Everything through the ordinary description (nothing to gain from
+    /// a second open: no transfer will be a whole aligned block).
+    pub fn cached(file: F) -> DirectFile<F> {
+        DirectFile { file, direct: None, refused: AtomicBool::new(false), direct_bytes: AtomicU64::new(0) }
+    }
+
     /// The ordinary handle.
     pub fn file(&self) -> &File {
         self.file.borrow()
