@@ -1312,3 +1312,48 @@ fn a_downloaded_blob_leaves_no_page_cache_behind() {
     assert!(cached <= 64 << 10, "resumed: {cached} bytes of a {} byte blob are in the page cache", big.len());
     assert!(std::fs::read(&blob).unwrap() == big, "resumed: the blob's bytes differ");
 }
+
+/// SIGINT reaches a download whose server trickles at once, not when a
+/// 256 KiB buffer is full (downloads fill whole buffers, for direct I/O):
+/// the bytes received so far are kept and the command exits 130.
+#[test]
+fn sigint_stops_a_trickled_download_at_once() {
+    let data = tar_layer(96, 200_000);
+    let etag = common::md5_hex(&data);
+    let (d2, e2) = (data.clone(), etag.clone());
+    let srv = ScriptedServer::start(move |head, conn| {
+        if head.contains("list-type=2") {
+            let x = format!(
+                "<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>images/slow/1.tar</Key><ETag>\"{e2}\"</ETag><Size>{}</Size></Contents></ListBucketResult>",
+                d2.len()
+            );
+            reply(conn, "200 OK", x.as_bytes());
+            return;
+        }
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nETag: \"{e2}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            d2.len()
+        );
+        for chunk in d2.chunks(700) {
+            if conn.write_all(chunk).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let t = against(&srv.endpoint);
+    let mut child =
+        t.command(&["fetch", "--timeout", "60", "slow"], &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(child.try_wait().unwrap().is_none(), "fetch ended before it could be interrupted");
+    let t0 = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    // The body would take 28 s; a full buffer never comes.
+    assert!(took < Duration::from_secs(5), "SIGINT took {took:?} to stop the download: {stderr}");
+    assert!(stderr.contains("stopped at byte"), "{stderr}");
+}

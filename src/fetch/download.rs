@@ -86,8 +86,9 @@ impl BlobStore {
     /// `progress` is called after every checkpoint and before the final
     /// rename; an error from it aborts the download (the partial stays).
     ///
-    /// The network is read on the calling thread while a writer thread
-    /// hashes, writes and fsyncs, so a checkpoint's fsync or a slow disk
+    /// The network is read and hashed (SHA-256, MD5) on the calling thread
+    /// while a writer thread writes and fsyncs, so a checkpoint's fsync or a
+    /// slow disk
     /// does not stall the connection. Memory: a few 256 KiB buffers.
     pub fn download(
         &self,
@@ -112,7 +113,8 @@ impl BlobStore {
         let mut head = Vec::with_capacity(512);
         // Read like the blob will be written: past the page cache.
         let prefix = file.try_clone().and_then(BlockReader::whole).ctx(|| format!("re-reading {}", pp.display()))?;
-        let (mut hasher, md5, n) = reread(prefix, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
+        let (sha, md5, n) = reread(prefix, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
+        let mut sums = Sums { sha, md5 };
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -130,11 +132,11 @@ impl BlobStore {
         }
         let tap = job.tap;
         let outcome = std::thread::scope(|scope| {
-            let writer = scope.spawn(move || write_loop(file, offset, md5, writer_rx, writer_tx, tap));
+            let writer = scope.spawn(move || write_loop(file, offset, writer_rx, writer_tx, tap));
             let mut w = WriterLink { tx: to_writer, rx: from_writer, pool: Vec::new(), path: &pp, syncing: false };
-            let r = self.receive(s3, job, &url, &mut w, &mut hasher, &mut head, offset, progress);
+            let r = self.receive(s3, job, &url, &mut w, &mut sums, &mut head, offset, progress);
             drop(w);
-            let (file, werr, md5) = match writer.join() {
+            let (file, werr) = match writer.join() {
                 Ok(v) => v,
                 Err(_) => return Err(Error::software(format!("writer thread for {} panicked", pp.display()))),
             };
@@ -142,9 +144,9 @@ impl BlobStore {
                 return Err(write_error(&pp, e));
             }
             let r = r?;
-            Ok((r, file, hasher, md5))
+            Ok((r, file))
         });
-        let ((etag, size, transferred, restarted, checksum), file, hasher, md5) = match outcome {
+        let ((etag, size, transferred, restarted, checksum), file) = match outcome {
             Ok(v) => v,
             Err(e) => {
                 if e.kind() == Kind::BadData || is_disk_full(&e) {
@@ -165,7 +167,8 @@ impl BlobStore {
         if len != size {
             return Err(Error::new(Kind::Io, format!("{}: wrote {len} bytes, expected {size}", pp.display())));
         }
-        let digest = BlobDigest::from_hasher(hasher);
+        let Sums { sha, md5 } = sums;
+        let digest = BlobDigest::from_hasher(sha);
         if let Err(e) = check_claims(&url, &etag, md5, checksum.as_deref(), &digest) {
             remove_if_exists(&pp)?;
             return Err(e);
@@ -188,7 +191,7 @@ impl BlobStore {
         job: &DownloadJob<'_>,
         url: &str,
         w: &mut WriterLink<'_>,
-        hasher: &mut Sha256,
+        sums: &mut Sums,
         head: &mut Vec<u8>,
         mut offset: u64,
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
@@ -236,7 +239,7 @@ impl BlobStore {
                         t.restart();
                     }
                     w.reset()?;
-                    *hasher = Sha256::new();
+                    *sums = Sums { sha: Sha256::new(), md5: Md5::new() };
                     checksum = None;
                     offset = 0;
                     head.clear();
@@ -306,8 +309,12 @@ impl BlobStore {
                             checked_type = true;
                         }
                     }
-                    // Hashing here and writing on the writer thread overlap.
-                    hasher.update(&buf[..n]);
+                    // Hashing here and writing on the writer thread overlap
+                    // (a direct write waits for the device: measured on the
+                    // host, MD5 on the writer thread cost a third of a
+                    // download's speed).
+                    sums.sha.update(&buf[..n]);
+                    sums.md5.update(&buf[..n]);
                     w.write(buf, n)?;
                     offset += n as u64;
                     transferred += n as u64;
@@ -361,6 +368,13 @@ impl BlobStore {
     }
 }
 
+/// The digests of every byte of the blob so far (the resumed prefix
+/// included), computed on the receiving thread.
+struct Sums {
+    sha: Sha256,
+    md5: Md5,
+}
+
 /// Why [`fill`] stopped.
 enum Stop {
     /// The buffer is full.
@@ -374,13 +388,21 @@ enum Stop {
 }
 
 /// Read from `body` until `buf` is full or the body stops; the bytes read
-/// count whatever stopped it.
+/// count whatever stopped it. A signal stops it after the read it arrived
+/// in (ureq retries interrupted reads itself), as it did when every read
+/// was written out on its own: a slow server cannot delay the answer to a
+/// signal until a buffer is full.
 fn fill(body: &mut impl Read, buf: &mut [u8]) -> (usize, Stop) {
     let mut n = 0;
     while n < buf.len() {
         match body.read(&mut buf[n..]) {
             Ok(0) => return (n, Stop::Early),
-            Ok(k) => n += k,
+            Ok(k) => {
+                n += k;
+                if n < buf.len() && crate::ops::signals::pending().is_some() {
+                    return (n, Stop::Interrupted);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
                 if crate::ops::signals::pending().is_some() {
                     return (n, Stop::Interrupted);
@@ -510,18 +532,15 @@ impl WriterLink<'_> {
     }
 }
 
-/// The writer thread: write, start writeback, fsync on request, and keep
-/// the MD5 of the whole file (started from the re-read prefix's `md5`), so
-/// it costs the receiving thread nothing. Returns the file, the first write
-/// error and the MD5.
+/// The writer thread: write, start writeback, fsync on request. Returns
+/// the file and the first write error.
 fn write_loop(
     file: File,
     mut pos: u64,
-    mut md5: Md5,
     rx: std::sync::mpsc::Receiver<ToWriter>,
     tx: std::sync::mpsc::Sender<FromWriter>,
     tap: Option<&super::tap::Tap>,
-) -> (File, Option<std::io::Error>, Md5) {
+) -> (File, Option<std::io::Error>) {
     let mut err: Option<std::io::Error> = None;
     let mut written_back = pos;
     // Whole aligned buffers go past the page cache (ops::direct).
@@ -531,7 +550,6 @@ fn write_loop(
             ToWriter::Data(buf, len) => {
                 let data = buf.get(..len).unwrap_or(&buf[..]);
                 if err.is_none() {
-                    md5.update(data);
                     match file.write_all_at(data, pos) {
                         Ok(()) => {
                             pos += data.len() as u64;
@@ -558,7 +576,6 @@ fn write_loop(
             ToWriter::Reset => {
                 pos = 0;
                 written_back = 0;
-                md5 = Md5::new();
                 let r = match &err {
                     Some(e) => Err(copy_io_error(e)),
                     None => file.file().set_len(0).and_then(|()| file.file().sync_data()).map(|()| 0),
@@ -570,7 +587,7 @@ fn write_loop(
     if file.direct_bytes() > 0 {
         log::trace!("{} bytes written past the page cache", file.direct_bytes());
     }
-    (file.into_file(), err, md5)
+    (file.into_file(), err)
 }
 
 /// The same error again (errno kept), for a second report of it.
