@@ -189,6 +189,10 @@ pub struct Feed {
 struct FeedState {
     /// Keys planned and not yet published.
     pending: HashSet<String>,
+    /// The listing's ETag and size of each planned key with an ETag: keys
+    /// that agree on both hold the same bytes, fetched once (the others
+    /// reuse that download), so they are one download still to come.
+    content: HashMap<String, (String, u64)>,
     results: HashMap<String, Kept>,
     /// Blobs whose bytes this feed downloaded and hashed just now (under
     /// whichever key: another key with the same content is the same file).
@@ -233,6 +237,9 @@ impl Feed {
         }
         let mut st = self.lock();
         st.pending.extend(out.layers.iter().map(|l| l.key.clone()));
+        for l in out.layers.iter().filter(|l| !l.etag.is_empty()) {
+            st.content.insert(l.key.clone(), (l.etag.clone(), l.size));
+        }
         for l in &out.layers {
             st.taps.entry(l.key.clone()).or_insert_with(|| Arc::new(Tap::new(&l.key, l.size)));
         }
@@ -324,11 +331,20 @@ impl Feed {
     /// blob of this command still to come (`true`: every other download
     /// has ended, so unpacking this one as it arrives takes CPU from no
     /// other download). `false` too when this feed does not fetch `key`.
+    /// Keys that hold the same bytes by the listing (another node/4 for
+    /// node/4: python/4) stay pending until that one download ends, and
+    /// do not count as other downloads.
     pub fn wait_until_last(&self, key: &str) -> Result<bool> {
-        self.wait_until(|st| match (st.pending.contains(key), st.pending.len()) {
-            (false, _) => Some(Ok(false)),
-            (true, 1) => Some(Ok(true)),
-            (true, _) => None,
+        self.wait_until(|st| {
+            if !st.pending.contains(key) {
+                return Some(Ok(false));
+            }
+            let mine = st.content.get(key);
+            let others = st.pending.iter().filter(|k| *k != key && (mine.is_none() || st.content.get(*k) != mine));
+            match others.count() {
+                0 => Some(Ok(true)),
+                _ => None,
+            }
         })
     }
 
@@ -485,8 +501,14 @@ mod tests {
 
     /// A feed over a listing of `keys` (under `images/`).
     fn feed_of(keys: &[&str]) -> Feed {
-        let obj = |k: &str| ObjectInfo { key: k.into(), etag: String::new(), size: 10, last_modified: String::new() };
-        Feed::new(Catalog::build("b", "images/", keys.iter().map(|k| obj(&format!("images/{k}"))).collect()))
+        feed_with_etags(&keys.iter().map(|k| (*k, "")).collect::<Vec<_>>())
+    }
+
+    /// A feed over keys with the ETags given ("" for none), all of size 10.
+    fn feed_with_etags(keys: &[(&str, &str)]) -> Feed {
+        let obj =
+            |k: &str, e: &str| ObjectInfo { key: k.into(), etag: e.into(), size: 10, last_modified: String::new() };
+        Feed::new(Catalog::build("b", "images/", keys.iter().map(|(k, e)| obj(&format!("images/{k}"), e)).collect()))
     }
 
     /// A made-up digest: `c` 64 times.
@@ -516,6 +538,40 @@ mod tests {
         feed.publish("images/a/2.tar", Ok(d('b')), true);
         assert!(!feed.wait_until_last("images/a/2.tar").unwrap());
         assert_eq!(feed.wait("images/a/2.tar").unwrap(), Some(d('b')));
+    }
+
+    /// A key with another key's bytes (same ETag and size: one download,
+    /// reused) is not another download to wait for: on the real bucket,
+    /// python/4 is node/4, and with it pending node/4 was never last.
+    #[test]
+    fn keys_with_the_same_content_are_one_download_for_last() {
+        let feed = Arc::new(feed_with_etags(&[
+            ("node/1.tar", "e1"),
+            ("node/2.tar", "e4"),
+            ("python/1.tar", "e1"),
+            ("python/2.tar", "e4"),
+            ("golang/1.tar", "e1"),
+            ("golang/2.tar", "e5"),
+        ]));
+        feed.plan(&["golang".into(), "node".into(), "python".into()]);
+        let d = digest;
+        let waiter = {
+            let feed = feed.clone();
+            std::thread::spawn(move || feed.wait_until_last("images/node/2.tar"))
+        };
+        for k in ["golang/1.tar", "node/1.tar", "python/1.tar"] {
+            feed.publish(&format!("images/{k}"), Ok(d('a')), k == "golang/1.tar");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "golang/2 is still downloading");
+        feed.publish("images/golang/2.tar", Ok(d('c')), true);
+        // python/2 is still pending, but it is node/2's bytes.
+        let t0 = std::time::Instant::now();
+        while !waiter.is_finished() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(waiter.is_finished(), "node/2 still waits for python/2, which is its own bytes");
+        assert!(waiter.join().unwrap().unwrap(), "node/2 is the only download left");
     }
 
     #[test]
