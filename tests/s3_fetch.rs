@@ -1017,16 +1017,15 @@ fn disk_space_is_checked_and_partials_are_collected() {
 /// A server that trickles an object (a byte at a time, each read within
 /// the per-read timeout) cannot hold a download, and so the state lock:
 /// the whole download has a budget, and the bytes received are kept.
-#[test]
-fn a_trickled_download_is_abandoned_in_bounded_time() {
-    let data = tar_layer(95, 200_000);
+/// A server listing one object, images/slow/1.tar, with `data`, whose GETs
+/// (ranged or not) send it 700 bytes at a time, `pause` apart.
+fn trickle_server(data: Vec<u8>, pause: Duration) -> ScriptedServer {
     let etag = common::md5_hex(&data);
-    let (d2, e2) = (data.clone(), etag.clone());
-    let srv = ScriptedServer::start(move |head, conn| {
+    ScriptedServer::start(move |head, conn| {
         if head.contains("list-type=2") {
             let x = format!(
-                "<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>images/slow/1.tar</Key><ETag>\"{e2}\"</ETag><Size>{}</Size></Contents></ListBucketResult>",
-                d2.len()
+                "<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>images/slow/1.tar</Key><ETag>\"{etag}\"</ETag><Size>{}</Size></Contents></ListBucketResult>",
+                data.len()
             );
             reply(conn, "200 OK", x.as_bytes());
             return;
@@ -1040,21 +1039,26 @@ fn a_trickled_download_is_abandoned_in_bounded_time() {
             .unwrap_or(0);
         let _ = write!(
             conn,
-            "HTTP/1.1 {}\r\nETag: \"{e2}\"\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {}\r\nETag: \"{etag}\"\r\nContent-Length: {}\r\n",
             if start > 0 { "206 Partial Content" } else { "200 OK" },
-            d2.len() - start
+            data.len() - start
         );
         if start > 0 {
-            let _ = write!(conn, "Content-Range: bytes {start}-{}/{}\r\n", d2.len() - 1, d2.len());
+            let _ = write!(conn, "Content-Range: bytes {start}-{}/{}\r\n", data.len() - 1, data.len());
         }
         let _ = write!(conn, "Connection: close\r\n\r\n");
-        for chunk in d2[start..].chunks(700) {
+        for chunk in data[start..].chunks(700) {
             if conn.write_all(chunk).is_err() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(pause);
         }
-    });
+    })
+}
+
+#[test]
+fn a_trickled_download_is_abandoned_in_bounded_time() {
+    let srv = trickle_server(tar_layer(95, 200_000), Duration::from_millis(300));
     let t = against(&srv.endpoint);
     let t0 = Instant::now();
     let r = t.run(&["fetch", "--timeout", "1", "--retries", "1", "slow"], &[]);
@@ -1318,30 +1322,7 @@ fn a_downloaded_blob_leaves_no_page_cache_behind() {
 /// the bytes received so far are kept and the command exits 130.
 #[test]
 fn sigint_stops_a_trickled_download_at_once() {
-    let data = tar_layer(96, 200_000);
-    let etag = common::md5_hex(&data);
-    let (d2, e2) = (data.clone(), etag.clone());
-    let srv = ScriptedServer::start(move |head, conn| {
-        if head.contains("list-type=2") {
-            let x = format!(
-                "<ListBucketResult><IsTruncated>false</IsTruncated><Contents><Key>images/slow/1.tar</Key><ETag>\"{e2}\"</ETag><Size>{}</Size></Contents></ListBucketResult>",
-                d2.len()
-            );
-            reply(conn, "200 OK", x.as_bytes());
-            return;
-        }
-        let _ = write!(
-            conn,
-            "HTTP/1.1 200 OK\r\nETag: \"{e2}\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            d2.len()
-        );
-        for chunk in d2.chunks(700) {
-            if conn.write_all(chunk).is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let srv = trickle_server(tar_layer(96, 200_000), Duration::from_millis(100));
     let t = against(&srv.endpoint);
     let mut child =
         t.command(&["fetch", "--timeout", "60", "slow"], &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();

@@ -88,8 +88,8 @@ impl BlobStore {
     ///
     /// The network is read and hashed (SHA-256, MD5) on the calling thread
     /// while a writer thread writes and fsyncs, so a checkpoint's fsync or a
-    /// slow disk
-    /// does not stall the connection. Memory: a few 256 KiB buffers.
+    /// slow disk does not stall the connection. Memory: a few 256 KiB
+    /// buffers.
     pub fn download(
         &self,
         s3: &S3Client,
@@ -113,8 +113,7 @@ impl BlobStore {
         let mut head = Vec::with_capacity(512);
         // Read like the blob will be written: past the page cache.
         let prefix = file.try_clone().and_then(BlockReader::whole).ctx(|| format!("re-reading {}", pp.display()))?;
-        let (sha, md5, n) = reread(prefix, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
-        let mut sums = Sums { sha, md5 };
+        let (mut sums, n) = reread(prefix, offset, &mut head).ctx(|| format!("re-reading {}", pp.display()))?;
         if n != offset {
             return Err(Error::new(Kind::Io, format!("{} shrank while being re-read", pp.display())));
         }
@@ -239,7 +238,7 @@ impl BlobStore {
                         t.restart();
                     }
                     w.reset()?;
-                    *sums = Sums { sha: Sha256::new(), md5: Md5::new() };
+                    *sums = Sums::default();
                     checksum = None;
                     offset = 0;
                     head.clear();
@@ -313,8 +312,7 @@ impl BlobStore {
                     // (a direct write waits for the device: measured on the
                     // host, MD5 on the writer thread cost a third of a
                     // download's speed).
-                    sums.sha.update(&buf[..n]);
-                    sums.md5.update(&buf[..n]);
+                    sums.update(&buf[..n]);
                     w.write(buf, n)?;
                     offset += n as u64;
                     transferred += n as u64;
@@ -370,9 +368,17 @@ impl BlobStore {
 
 /// The digests of every byte of the blob so far (the resumed prefix
 /// included), computed on the receiving thread.
+#[derive(Default)]
 struct Sums {
     sha: Sha256,
     md5: Md5,
+}
+
+impl Sums {
+    fn update(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.md5.update(data);
+    }
 }
 
 /// Why [`fill`] stopped.
@@ -612,13 +618,10 @@ fn start_writeback(f: &File, start: u64, len: u64) {
 /// Re-read the durable prefix of a partial: its SHA-256 and MD5 (so the
 /// final digests cover every byte of the blob, old and new), and its first
 /// 512 bytes into `head`.
-fn reread(r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sha256, Md5, u64)> {
-    let (mut sha, mut md5) = (Sha256::new(), Md5::new());
-    let n = super::blobstore::read_prefix(r, limit, Some(head), |b| {
-        sha.update(b);
-        md5.update(b);
-    })?;
-    Ok((sha, md5, n))
+fn reread(r: impl Read, limit: u64, head: &mut Vec<u8>) -> std::io::Result<(Sums, u64)> {
+    let mut sums = Sums::default();
+    let n = super::blobstore::read_prefix(r, limit, Some(head), |b| sums.update(b))?;
+    Ok((sums, n))
 }
 
 /// The object's claims about its content, checked against the bytes

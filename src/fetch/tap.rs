@@ -191,6 +191,11 @@ impl TapExtent<'_> {
     fn failure(&self, why: String) -> std::io::Error {
         std::io::Error::other(why)
     }
+
+    /// The download restarted: the object changed in the bucket.
+    fn changed(&self) -> std::io::Error {
+        self.failure(format!("{} changed in the bucket while being unpacked from its download", self.tap.key))
+    }
 }
 
 impl Extent for TapExtent<'_> {
@@ -198,10 +203,7 @@ impl Extent for TapExtent<'_> {
         let mut st = self.tap.lock();
         loop {
             if st.broken {
-                return Err(self.failure(format!(
-                    "{} changed in the bucket while being unpacked from its download",
-                    self.tap.key
-                )));
+                return Err(self.changed());
             }
             if pos < st.written {
                 return Ok(Some(st.written));
@@ -226,9 +228,7 @@ impl Extent for TapExtent<'_> {
     /// racing with the truncation returned, belongs to the old version.
     fn check(&mut self) -> std::io::Result<()> {
         if self.tap.lock().broken {
-            return Err(
-                self.failure(format!("{} changed in the bucket while being unpacked from its download", self.tap.key))
-            );
+            return Err(self.changed());
         }
         Ok(())
     }

@@ -288,10 +288,6 @@ impl<E: Extent, F: Borrow<File>> BlockReader<E, F> {
         }
     }
 
-    pub fn extent(&self) -> &E {
-        &self.extent
-    }
-
     /// Bytes read from the file directly so far.
     pub fn direct_bytes(&self) -> u64 {
         self.file.direct_bytes()
